@@ -1,0 +1,1 @@
+"""fedlite.demo."""

@@ -1,0 +1,48 @@
+"""The `fedlite` command: subcommands that import only what they need."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("fedlite.model_export.cli", "export a trainable TFLite model and its int8 inference model"),
+    "agent": ("fedlite.agent.cli", "run the device agent"),
+    "aggregator": ("fedlite.aggregator.cli", "run the aggregator for one federation"),
+    "broker": ("fedlite.broker_config.cli", "broker configuration: init, enrol devices, make test certificates"),
+    "demo": ("fedlite.demo.cli", "a complete federated training run on this machine"),
+    "simulate": ("fedlite.demo.simulate_cli", "load-test rounds with many virtual agents"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fedlite <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from fedlite import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"fedlite: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"fedlite {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""fedlite.model_export."""

@@ -1,0 +1,72 @@
+"""MQTT topic layout of a federation; the one place both sides build topic names."""
+
+from __future__ import annotations
+
+import re
+
+ROOT = "fl"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_id(value: str, what: str = "identifier") -> str:
+    """Return `value` if it is a valid federation or client id, else raise ValueError."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def round_topic(federation: str) -> str:
+    """Retained round announcement, written by the aggregator only."""
+    return f"{ROOT}/{federation}/round"
+
+
+def model_topic(federation: str, model_hash: str) -> str:
+    """Retained trainable model (train.tflite) by hash, written by the aggregator only."""
+    return f"{ROOT}/{federation}/model/{model_hash}"
+
+
+def weights_topic(federation: str, round_number: int) -> str:
+    """Retained global weights for a round, written by the aggregator only."""
+    return f"{ROOT}/{federation}/weights/{round_number}"
+
+
+def deploy_topic(federation: str) -> str:
+    """Retained deployment instruction (inference model rollout), written by the aggregator only."""
+    return f"{ROOT}/{federation}/deploy"
+
+
+def update_topic(federation: str, client_id: str) -> str:
+    """A device's model update; only that device may write it."""
+    return f"{ROOT}/{federation}/updates/{client_id}"
+
+
+def status_topic(federation: str, client_id: str) -> str:
+    """A device's retained status (online, eligibility, last will); only that device may write it."""
+    return f"{ROOT}/{federation}/status/{client_id}"
+
+
+def report_topic(federation: str, client_id: str) -> str:
+    """A device's reports (declines, evaluations); only that device may write it."""
+    return f"{ROOT}/{federation}/reports/{client_id}"
+
+
+def all_updates(federation: str, share_group: str | None = None) -> str:
+    """Subscription for every update of a federation; an MQTT v5 shared subscription if a group is given."""
+    topic = f"{ROOT}/{federation}/updates/+"
+    return f"$share/{share_group}/{topic}" if share_group else topic
+
+
+def all_statuses(federation: str) -> str:
+    return f"{ROOT}/{federation}/status/+"
+
+
+def all_reports(federation: str, share_group: str | None = None) -> str:
+    topic = f"{ROOT}/{federation}/reports/+"
+    return f"$share/{share_group}/{topic}" if share_group else topic
+
+
+def client_of(topic: str) -> str:
+    """The client id at the end of a per-device topic."""
+    return topic.rsplit("/", 1)[-1]
