@@ -1,0 +1,158 @@
+"""JSON control messages: round announcements, device status and device reports.
+
+Every message is one UTF-8 JSON object with ``"type"`` and ``"protocol"`` fields. Unknown fields are
+ignored (forward compatible); missing or mistyped fields raise `MessageError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fedlite.protocol import PROTOCOL_VERSION
+from fedlite.protocol.errors import ProtocolError
+
+MAX_CONTROL_BYTES = 1024 * 1024
+
+
+class MessageError(ProtocolError):
+    """A control message that is not valid JSON of the expected shape."""
+
+
+@dataclass
+class TrainingPlan:
+    """What the selected devices run this round."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    proximal_mu: float = 0.0
+    stochastic_rounding: bool = False
+    max_examples: int = 0
+
+
+@dataclass
+class RoundAnnouncement:
+    """Retained on the round topic: the current round and who takes part."""
+
+    federation: str
+    round: int
+    model_hash: str
+    model_topic: str
+    weights_topic: str
+    selected: list[str]
+    deadline: float
+    plan: TrainingPlan = field(default_factory=TrainingPlan)
+    state: str = "open"  # open | closed | done
+    issued_at: float = 0.0
+    type: str = "round"
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass
+class DeviceStatus:
+    """Retained on a device's status topic; the broker publishes the offline last will."""
+
+    client_id: str
+    state: str  # online | training | offline
+    eligible: bool = False
+    failed_gates: dict[str, str] = field(default_factory=dict)
+    num_examples: int = 0
+    runtime: str = ""
+    agent_version: str = ""
+    cached_models: list[str] = field(default_factory=list)
+    deployed_model: str = ""
+    updated_at: float = 0.0
+    type: str = "status"
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass
+class DeviceReport:
+    """A device's answer that is not an update: a decline, an abort, or evaluation numbers."""
+
+    client_id: str
+    round: int
+    kind: str  # declined | aborted | evaluation | deployed
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    sent_at: float = 0.0
+    type: str = "report"
+    protocol: int = PROTOCOL_VERSION
+
+
+M = TypeVar("M")
+
+
+def to_json(message: Any) -> bytes:
+    return json.dumps(dataclasses.asdict(message), separators=(",", ":"), allow_nan=False).encode()
+
+
+def from_json(cls: type[M], payload: bytes) -> M:
+    """Parse `payload` into `cls`, checking every field's type; raises MessageError."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise MessageError("too_large", f"control message of {len(payload)} B exceeds {MAX_CONTROL_BYTES} B")
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError("malformed", f"not JSON: {exc}") from None
+    message = _build(cls, raw, cls.__name__)
+    expected_type = next(f.default for f in dataclasses.fields(cls) if f.name == "type")
+    if getattr(message, "type", None) != expected_type:
+        raise MessageError("malformed", f"expected a {expected_type!r} message")
+    if getattr(message, "protocol", None) != PROTOCOL_VERSION:
+        raise MessageError("version", f"protocol {message.protocol} is not {PROTOCOL_VERSION}")
+    return message
+
+
+def _build(cls: type[M], raw: Any, where: str) -> M:
+    if not isinstance(raw, dict):
+        raise MessageError("malformed", f"{where} must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MessageError("malformed", f"{where}.{f.name} is missing")
+            continue
+        values[f.name] = _check(hints[f.name], raw[f.name], f"{where}.{f.name}")
+    return cls(**values)
+
+
+def _check(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise MessageError("malformed", f"{where} must be a list")
+        return [_check(item, v, f"{where}[]") for v in value]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise MessageError("malformed", f"{where} must be an object")
+        return {str(k): _check(item, v, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{where}: unions are not used in control messages")
+    return _check_scalar(hint, value, where)
+
+
+def _check_scalar(hint: Any, value: Any, where: str) -> Any:
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise MessageError("malformed", f"{where} must be {getattr(hint, '__name__', hint)}")
+    return value

@@ -1,0 +1,179 @@
+"""The wire codec: accuracy of int8 updates, size on the wire, and refusal of anything malformed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_digits
+
+from fedlite.protocol.codec import (
+    CodecError,
+    Header,
+    Limits,
+    decode,
+    encode_model,
+    encode_update,
+    encode_weights,
+)
+
+SHAPES = {"dense_0/kernel": (64, 256), "dense_0/bias": (256,), "dense_1/kernel": (256, 320),
+          "dense_1/bias": (320,), "dense_2/kernel": (320, 10), "dense_2/bias": (10,)}
+
+
+def _header(**kw) -> Header:
+    values = dict(kind="update", federation="digits", round=3, model_hash="ab" * 32, client_id="dev-1",
+                  num_examples=120, metrics={"loss": 0.5})
+    return Header(**(values | kw))
+
+
+def _real_client_delta() -> dict[str, np.ndarray]:
+    """One real local training delta: a numpy MLP trained for a few steps on a non-IID digits shard."""
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target
+    x, y = x[y < 3], y[y < 3]  # a client that only sees three labels
+    rng = np.random.default_rng(0)
+    w = {name: (rng.normal(0, np.sqrt(2 / shape[0]), shape) if len(shape) == 2 else np.zeros(shape))
+         .astype(np.float32) for name, shape in SHAPES.items()}
+    start = {k: v.copy() for k, v in w.items()}
+    onehot = np.eye(10, dtype=np.float32)[y]
+    for _ in range(20):
+        h1 = np.maximum(x @ w["dense_0/kernel"] + w["dense_0/bias"], 0)
+        h2 = np.maximum(h1 @ w["dense_1/kernel"] + w["dense_1/bias"], 0)
+        logits = h2 @ w["dense_2/kernel"] + w["dense_2/bias"]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        g = (p - onehot) / len(x)
+        g2 = (g @ w["dense_2/kernel"].T) * (h2 > 0)
+        g1 = (g2 @ w["dense_1/kernel"].T) * (h1 > 0)
+        grads = {"dense_2/kernel": h2.T @ g, "dense_2/bias": g.sum(0), "dense_1/kernel": h1.T @ g2,
+                 "dense_1/bias": g2.sum(0), "dense_0/kernel": x.T @ g1, "dense_0/bias": g1.sum(0)}
+        for k in w:
+            w[k] -= 0.1 * grads[k]
+    return {k: w[k] - start[k] for k in w}
+
+
+def _rel_l2(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    num = sum(float(np.sum((a[k] - b[k]) ** 2)) for k in a)
+    den = sum(float(np.sum(a[k] ** 2)) for k in a)
+    return (num / den) ** 0.5
+
+
+def test_int8_update_round_trip_error_is_under_one_percent_on_a_real_delta():
+    delta = _real_client_delta()
+    message = decode(encode_update(delta, _header()))
+    assert set(message.tensors) == set(delta)
+    assert _rel_l2(delta, message.tensors) <= 0.01
+    assert message.header.num_examples == 120 and message.header.encoding == "int8"
+
+
+def test_stochastic_rounding_is_unbiased_and_still_accurate():
+    delta = _real_client_delta()
+    rng = np.random.default_rng(1)
+    decoded = [decode(encode_update(delta, _header(), stochastic=True, rng=rng)).tensors for _ in range(8)]
+    mean = {k: np.mean([d[k] for d in decoded], axis=0) for k in delta}
+    assert _rel_l2(delta, decoded[0]) <= 0.02
+    assert _rel_l2(delta, mean) < _rel_l2(delta, decoded[0])  # averaging removes rounding noise
+
+
+def test_int8_update_of_a_large_model_is_at_most_27_percent_of_float32():
+    delta = _real_client_delta()
+    params = sum(v.size for v in delta.values())
+    assert params >= 100_000
+    for compress in (False, True):
+        size = len(encode_update(delta, _header(), compress=compress))
+        assert size <= 0.27 * params * 4, (compress, size / (params * 4))
+    assert len(encode_update(delta, _header())) < len(encode_update(delta, _header(), compress=False))
+
+
+def test_weights_float16_and_float32_round_trip():
+    rng = np.random.default_rng(0)
+    weights = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    exact = decode(encode_weights(weights, _header(kind="weights"), dtype="float32")).tensors
+    half = decode(encode_weights(weights, _header(kind="weights"), dtype="float16")).tensors
+    for k in weights:
+        np.testing.assert_array_equal(exact[k], weights[k])
+        np.testing.assert_allclose(half[k], weights[k], rtol=1e-3, atol=1e-3)
+
+
+def test_model_frame_carries_the_file_and_manifest():
+    blob = bytes(range(256)) * 10
+    msg = decode(encode_model(blob, _header(extra={"manifest": {"classes": 10}})))
+    assert msg.header.kind == "model" and msg.tensors["blob"].tobytes() == blob
+    assert msg.header.extra["manifest"]["classes"] == 10
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda p: p[:3], "truncated"),
+        (lambda p: b"XYZ" + p[3:], "bad_magic"),
+        (lambda p: p[:3] + bytes([9]) + p[4:], "version"),
+        (lambda p: p[:4] + bytes([0x80]) + p[5:], "flags"),
+        (lambda p: p[:5] + b"\x00" * 8 + p[13:], "compression"),
+    ],
+)
+def test_malformed_frames_get_a_reason(mutate, reason):
+    payload = encode_update({"w": np.ones((4, 4), np.float32)}, _header())
+    with pytest.raises(CodecError) as err:
+        decode(mutate(payload))
+    assert err.value.reason == reason
+
+
+def test_nan_is_refused_and_oversize_is_refused_before_parsing():
+    nan = encode_weights({"w": np.array([1.0, np.nan], np.float32)}, _header(kind="weights"))
+    with pytest.raises(CodecError, match="nonfinite"):
+        decode(nan)
+    big = encode_weights({"w": np.zeros(100_000, np.float32)}, _header(kind="weights"), compress=False)
+    with pytest.raises(CodecError) as err:
+        decode(big, limits=Limits(max_payload_bytes=10_000))
+    assert err.value.reason == "too_large"
+    zipped = encode_weights({"w": np.zeros(1_000_000, np.float32)}, _header(kind="weights"))
+    assert len(zipped) < 10_000  # a zip bomb: tiny on the wire, large when inflated
+    with pytest.raises(CodecError, match="too_large"):
+        decode(zipped, limits=Limits(max_decoded_bytes=100_000))
+
+
+def test_header_with_wrong_types_or_unknown_fields_is_refused():
+    from safetensors.numpy import save
+
+    for bad in ['{"kind": "update"}', '{"kind":"update","federation":"f","round":"1","model_hash":"h",'
+                '"encoding":"int8","protocol":1}', "[1, 2]", "not json"]:
+        body = save({"w": np.zeros(2, np.float32)}, metadata={"fedlite": bad})
+        with pytest.raises(CodecError, match="header"):
+            decode(b"FLT\x01\x00" + body)
+
+
+_payload = encode_update({"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(3, np.float32)},
+                         _header())
+_raw = encode_update({"a": np.arange(12, dtype=np.float32).reshape(3, 4)}, _header(), compress=False)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_garbage_bytes_always_raise_codec_error(data):
+    for candidate in (data, b"FLT\x01\x00" + data, b"FLT\x01\x01" + data):
+        with pytest.raises(CodecError):
+            decode(candidate)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=len(_payload) - 1))
+def test_truncated_payloads_always_raise_codec_error(cut):
+    with pytest.raises(CodecError):
+        decode(_payload[:cut])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(min_value=5, max_value=len(_raw) - 1), st.integers(min_value=1, max_value=255))
+def test_flipped_bytes_raise_or_decode_to_the_declared_shapes(position, xor):
+    """A corrupted byte either is refused or yields finite float32 tensors, never a crash."""
+    mutated = bytearray(_raw)
+    mutated[position] ^= xor
+    try:
+        message = decode(bytes(mutated))
+    except CodecError:
+        return
+    assert all(t.dtype == np.float32 and np.all(np.isfinite(t)) for t in message.tensors.values())

@@ -1,0 +1,51 @@
+"""Control messages: round trip, and clear refusal of malformed JSON."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlite.protocol.messages import (
+    DeviceReport,
+    DeviceStatus,
+    MessageError,
+    RoundAnnouncement,
+    TrainingPlan,
+    from_json,
+    to_json,
+)
+
+
+def _announcement() -> RoundAnnouncement:
+    return RoundAnnouncement(federation="f", round=2, model_hash="h", model_topic="fl/f/model/h",
+                             weights_topic="fl/f/weights/2", selected=["a", "b"], deadline=12.5,
+                             plan=TrainingPlan(epochs=2, learning_rate=0.1))
+
+
+def test_round_trip_keeps_every_field():
+    message = _announcement()
+    assert from_json(RoundAnnouncement, to_json(message)) == message
+    status = DeviceStatus(client_id="a", state="online", eligible=False, failed_gates={"idle": "cpu 90%"})
+    assert from_json(DeviceStatus, to_json(status)) == status
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[]", "must be a JSON object"),
+        (b'{"type":"round"}', "is missing"),
+        (to_json(_announcement()).replace(b'"round":2', b'"round":"2"'), "round must be int"),
+        (to_json(_announcement()).replace(b'"epochs":2', b'"epochs":true'), "epochs must be int"),
+        (to_json(_announcement()).replace(b'"protocol":1', b'"protocol":7'), "protocol 7"),
+        (to_json(DeviceReport(client_id="a", round=1, kind="declined")), "is missing"),
+        (b" " * (2 * 1024 * 1024), "exceeds"),
+    ],
+)
+def test_malformed_messages_raise_message_error(payload, match):
+    with pytest.raises(MessageError, match=match):
+        from_json(RoundAnnouncement, payload)
+
+
+def test_non_finite_numbers_are_refused():
+    with pytest.raises(MessageError):
+        from_json(RoundAnnouncement, to_json(_announcement()).replace(b"12.5", b"NaN"))
