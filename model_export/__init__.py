@@ -1,1 +1,16 @@
-"""fedlite.model_export."""
+"""fedlite.model_export: architectures, trainable TFLite export and the model manifest (TensorFlow loaded lazily)."""
+
+from fedlite.protocol.manifest import ManifestError, flatten, load_manifest, unflatten
+
+from .architectures import ModelDef, available, build, register_architecture
+
+__all__ = ["ModelDef", "ManifestError", "available", "build", "export_model", "flatten", "load_manifest",
+           "register_architecture", "unflatten"]
+
+
+def __getattr__(name: str):
+    if name == "export_model":
+        from .convert import export_model
+
+        return export_model
+    raise AttributeError(name)

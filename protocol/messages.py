@@ -48,7 +48,8 @@ class RoundAnnouncement:
     selected: list[str]
     deadline: float
     plan: TrainingPlan = field(default_factory=TrainingPlan)
-    state: str = "open"  # open | closed | done
+    session: str = ""  # unique per announcement: a retried or resumed round is a new session
+    state: str = "open"  # open | done
     issued_at: float = 0.0
     type: str = "round"
     protocol: int = PROTOCOL_VERSION

@@ -1,0 +1,72 @@
+"""The device's cache of trainable models, keyed by model hash, so a model crosses the network once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedlite.protocol.codec import CodecError, decode
+
+MAX_CACHED_MODELS = 3
+
+
+class ModelCache:
+    def __init__(self, directory: Path, threads: int = 1) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.threads = threads
+        self._loaded: tuple[str, Any, dict[str, Any]] | None = None
+
+    @property
+    def runtime(self) -> str:
+        from fedlite.agent.runtime import runtime_name
+
+        return runtime_name()
+
+    def has(self, model_hash: str) -> bool:
+        return (self.directory / model_hash / "manifest.json").is_file()
+
+    def hashes(self) -> list[str]:
+        return sorted(p.name for p in self.directory.iterdir() if (p / "manifest.json").is_file())
+
+    def store(self, model_hash: str, payload: bytes) -> None:
+        """Check a model message against its hash and manifest, then write it atomically."""
+        message = decode(payload)
+        header = message.header
+        manifest = header.extra.get("manifest")
+        if header.kind != "model" or header.model_hash != model_hash or not isinstance(manifest, dict):
+            raise CodecError("model", f"not the model {model_hash[:12]} with a manifest")
+        blob = message.tensors["blob"].tobytes()
+        expected = manifest.get("files", {}).get("train", {}).get("sha256")
+        if hashlib.sha256(blob).hexdigest() != expected:
+            raise CodecError("model", "train.tflite does not match the sha256 in its manifest")
+        if manifest.get("model_hash") != model_hash:
+            raise CodecError("model", "manifest names another model hash")
+        tmp = self.directory / f".{model_hash}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "train.tflite").write_bytes(blob)
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        os.replace(tmp, self.directory / model_hash)
+        self._evict(keep=model_hash)
+
+    def trainer(self, model_hash: str) -> tuple[Any, dict[str, Any]]:
+        """A Trainer for the cached model (kept loaded while the model stays the same)."""
+        if self._loaded is None or self._loaded[0] != model_hash:
+            from fedlite.agent.trainer import Trainer
+
+            folder = self.directory / model_hash
+            manifest = json.loads((folder / "manifest.json").read_text())
+            trainer = Trainer((folder / "train.tflite").read_bytes(), manifest, num_threads=self.threads)
+            self._loaded = (model_hash, trainer, manifest)
+        return self._loaded[1], self._loaded[2]
+
+    def _evict(self, keep: str) -> None:
+        folders = sorted((p for p in self.directory.iterdir() if p.is_dir() and p.name != keep),
+                         key=lambda p: p.stat().st_mtime)
+        for old in folders[: max(0, len(folders) - (MAX_CACHED_MODELS - 1))]:
+            shutil.rmtree(old, ignore_errors=True)

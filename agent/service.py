@@ -1,0 +1,312 @@
+"""The device agent's main loop: status, round participation, gated local training, int8 updates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlite import __version__
+from fedlite.agent.config import AgentConfig
+from fedlite.agent.data import LocalData, load_local_data
+from fedlite.agent.gates import describe, failed_gates
+from fedlite.agent.models import ModelCache
+from fedlite.agent.sdnotify import Notifier
+from fedlite.agent.state import FileState, PsutilState, StateProvider
+from fedlite.protocol import topics
+from fedlite.protocol.codec import Header, decode, encode_update
+from fedlite.protocol.errors import ProtocolError
+from fedlite.protocol.layout import flatten
+from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
+from fedlite.protocol.transport import BrokerSettings, Link, PayloadTooLarge, PublishRefused
+
+log = logging.getLogger("fedlite.agent")
+
+
+class RoundAbandoned(Exception):
+    """This device cannot finish the round (a gate closed, the round moved on, an input was bad)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass
+class Counters:
+    rounds_trained: int = 0
+    rounds_declined: int = 0
+    rounds_aborted: int = 0
+    bad_messages: int = 0
+
+
+class Mailbox:
+    """Latest payload per topic, filled by the network thread, awaited by the agent's thread."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, bytes] = {}
+        self._cond = threading.Condition()
+
+    def put(self, topic: str, payload: bytes) -> None:
+        with self._cond:
+            self._items[topic] = payload
+            self._cond.notify_all()
+
+    def wait(self, topic: str, deadline: float, stop: threading.Event) -> bytes | None:
+        with self._cond:
+            while topic not in self._items:
+                remaining = deadline - time.time()
+                if remaining <= 0 or stop.is_set():
+                    return None
+                self._cond.wait(min(remaining, 0.5))
+            return self._items.pop(topic)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, state: StateProvider | None = None) -> None:
+        self.config = config
+        self.client_id = config.device.client_id
+        self.federation = config.device.federation
+        self.state = state or _state_provider(config)
+        self.data: LocalData = load_local_data(config.data)
+        self.state_dir = Path(config.device.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.models = ModelCache(self.state_dir / "models", threads=config.agent.threads)
+        self.counters = Counters()
+        self.notifier = Notifier()
+        self.stop_event = threading.Event()
+        self._announcements: queue.Queue[RoundAnnouncement] = queue.Queue()
+        self._latest_round = -1
+        self._mailbox = Mailbox()
+        self._progress_path = self.state_dir / "progress.json"
+        self._last_done = self._load_progress()
+        self._rng = np.random.default_rng(config.agent.seed or None)
+        self.link = Link(
+            _broker_settings(config), self.client_id, self._on_message,
+            will=(topics.status_topic(self.federation, self.client_id), to_json(self._status("offline", {}))),
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("agent %s for federation %s: %d training and %d held-out examples, runtime %s",
+                 self.client_id, self.federation, len(self.data.x_train), len(self.data.x_holdout),
+                 self.models.runtime)
+        self.link.subscribe(topics.round_topic(self.federation))
+        self.link.connect()
+        self.notifier.ready(f"connected as {self.client_id}")
+        next_status = 0.0
+        while not self.stop_event.is_set():
+            self.notifier.ping()
+            if time.monotonic() >= next_status:
+                self._publish_status()
+                next_status = time.monotonic() + self.config.agent.status_interval_seconds
+            try:
+                announcement = self._announcements.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self._should_take_part(announcement):
+                self._take_part(announcement)
+                next_status = 0.0
+        self.notifier.stopping()
+        self.link.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # --- messages (network thread) ---------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == topics.round_topic(self.federation):
+            if not payload:
+                return  # a cleared retained announcement
+            try:
+                announcement = from_json(RoundAnnouncement, payload)
+            except ProtocolError as exc:
+                self.counters.bad_messages += 1
+                log.warning("ignored a malformed round announcement: %s", exc)
+                return
+            self._latest_round = max(self._latest_round, announcement.round)
+            self._announcements.put(announcement)
+        else:
+            self._mailbox.put(topic, payload)
+
+    # --- one round ---------------------------------------------------------------------------
+
+    def _should_take_part(self, a: RoundAnnouncement) -> bool:
+        return (
+            a.federation == self.federation and a.state == "open" and self.client_id in a.selected
+            and (a.round, a.session) != self._last_done and a.round >= self._latest_round
+            and time.time() < a.deadline
+        )
+
+    def _take_part(self, a: RoundAnnouncement) -> None:
+        try:
+            self._check_gates("declined")
+            trainer, manifest = self._fetch_model(a)
+            global_flat = self._fetch_weights(a, manifest)
+            self._publish_status("training")
+            payload, steps = self._train(a, trainer, manifest, global_flat)
+            self._publish_update(a, payload)
+            self._save_progress(a.round, a.session)
+            self.counters.rounds_trained += 1
+            log.info("round %d: sent update of %d B after %d steps", a.round, len(payload), steps)
+        except RoundAbandoned as exc:
+            self._abandon(a, exc)
+
+    def _check_gates(self, kind: str) -> None:
+        failures = failed_gates(self.state.read(), self.config.gates)
+        if failures:
+            raise RoundAbandoned(kind, describe(failures))
+
+    def _fetch_model(self, a: RoundAnnouncement) -> tuple[Any, dict[str, Any]]:
+        if not self.models.has(a.model_hash):
+            self.link.subscribe(a.model_topic)
+            payload = self._mailbox.wait(a.model_topic, a.deadline, self.stop_event)
+            self.link.unsubscribe(a.model_topic)
+            if payload is None:
+                raise RoundAbandoned("aborted", f"model {a.model_hash[:12]} did not arrive before the deadline")
+            try:
+                self.models.store(a.model_hash, payload)
+            except ProtocolError as exc:
+                self.counters.bad_messages += 1
+                raise RoundAbandoned("aborted", f"model message refused: {exc}") from None
+        return self.models.trainer(a.model_hash)
+
+    def _fetch_weights(self, a: RoundAnnouncement, manifest: dict[str, Any]) -> np.ndarray:
+        self.link.subscribe(a.weights_topic)
+        payload = self._mailbox.wait(a.weights_topic, a.deadline, self.stop_event)
+        self.link.unsubscribe(a.weights_topic)
+        if payload is None:
+            raise RoundAbandoned("aborted", "global weights did not arrive before the deadline")
+        try:
+            message = decode(payload)
+            if message.header.kind != "weights" or message.header.round != a.round:
+                raise ProtocolError("stale", f"weights for round {message.header.round}, expected {a.round}")
+            if message.header.model_hash != a.model_hash:
+                raise ProtocolError("model_hash", "weights belong to another model")
+            return flatten(message.tensors, manifest)
+        except ProtocolError as exc:
+            self.counters.bad_messages += 1
+            raise RoundAbandoned("aborted", f"weights message refused: {exc}") from None
+
+    def _train(self, a: RoundAnnouncement, trainer: Any, manifest: dict[str, Any],
+               global_flat: np.ndarray) -> tuple[bytes, int]:
+        from fedlite.agent.trainer import local_update
+
+        plan, data = a.plan, self.data
+        x, y = data.x_train, data.y_train
+        limit = min(v for v in (plan.max_examples, self.config.agent.max_examples, len(x)) if v > 0)
+        if limit < len(x):
+            pick = self._rng.choice(len(x), size=limit, replace=False)
+            x, y = x[pick], y[pick]
+        trainer.set_weights(global_flat)
+        before = trainer.evaluate(data.x_holdout, data.y_holdout) if len(data.x_holdout) else None
+        closed: list[str] = []
+
+        def should_continue() -> bool:
+            self.notifier.ping()
+            failures = failed_gates(self.state.read(), self.config.gates)
+            if failures:
+                closed.append(describe(failures))
+            elif self.stop_event.is_set():
+                closed.append("agent stopping")
+            elif self._latest_round > a.round or time.time() > a.deadline:
+                closed.append("the round closed before training finished")
+            return not closed
+
+        epochs = min(plan.epochs, self.config.agent.max_epochs)
+        delta, result = local_update(trainer, global_flat, x, y, epochs, plan.batch_size, plan.learning_rate,
+                                     plan.proximal_mu, self._rng, should_continue)
+        if result.aborted:
+            raise RoundAbandoned("aborted", f"{closed[0] if closed else result.reason} (after {result.steps} steps)")
+        metrics = {"train_loss": float(result.loss), "steps": float(result.steps)}
+        if before is not None:
+            after = trainer.evaluate(data.x_holdout, data.y_holdout)
+            metrics |= {"eval_loss_before": before[0], "eval_accuracy_before": before[1],
+                        "eval_loss_after": after[0], "eval_accuracy_after": after[1]}
+        header = Header(kind="update", federation=self.federation, round=a.round, model_hash=a.model_hash,
+                        client_id=self.client_id, num_examples=int(len(x)),
+                        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        return encode_update(delta, header, stochastic=plan.stochastic_rounding, rng=self._rng), result.steps
+
+    def _publish_update(self, a: RoundAnnouncement, payload: bytes) -> None:
+        self._check_gates("aborted")  # the network must still be allowed for the upload itself
+        topic = topics.update_topic(self.federation, self.client_id)
+        try:
+            self.link.publish(topic, payload)
+        except (PayloadTooLarge, PublishRefused, TimeoutError) as exc:
+            raise RoundAbandoned("aborted", f"update not delivered: {exc}") from None
+
+    def _abandon(self, a: RoundAnnouncement, exc: RoundAbandoned) -> None:
+        if exc.kind == "declined":
+            self.counters.rounds_declined += 1
+        else:
+            self.counters.rounds_aborted += 1
+        log.warning("round %d %s: %s", a.round, exc.kind, exc.reason)
+        if not self.state.read().online:
+            return  # a device off the network says nothing
+        report = DeviceReport(client_id=self.client_id, round=a.round, kind=exc.kind, reason=exc.reason,
+                              sent_at=time.time())
+        try:
+            self.link.publish(topics.report_topic(self.federation, self.client_id), to_json(report), timeout=10)
+        except (PublishRefused, TimeoutError) as err:
+            log.warning("could not report the %s round %d: %s", exc.kind, a.round, err)
+
+    # --- status and progress -----------------------------------------------------------------
+
+    def _status(self, state: str, failures: dict[str, str]) -> DeviceStatus:
+        return DeviceStatus(
+            client_id=self.client_id, state=state, eligible=state != "offline" and not failures,
+            failed_gates=failures, num_examples=int(len(self.data.x_train)), runtime=self.models.runtime,
+            agent_version=__version__, cached_models=self.models.hashes(), updated_at=time.time(),
+        )
+
+    def _publish_status(self, state: str = "online") -> None:
+        reading = self.state.read()
+        if not reading.online:
+            return
+        failures = failed_gates(reading, self.config.gates)
+        try:
+            self.link.publish_nowait(topics.status_topic(self.federation, self.client_id),
+                                     to_json(self._status(state, failures)), retain=True)
+        except PayloadTooLarge as exc:
+            log.error("status not sent: %s", exc)
+        self.notifier.status(f"{state}; " + ("eligible" if not failures else describe(failures)))
+
+    def _load_progress(self) -> tuple[int, str]:
+        try:
+            done = json.loads(self._progress_path.read_text())
+            return int(done["round"]), str(done["session"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1, ""
+
+    def _save_progress(self, round_number: int, session: str) -> None:
+        self._last_done = (round_number, session)
+        tmp = self._progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"round": round_number, "session": session}))
+        os.replace(tmp, self._progress_path)
+
+
+def _state_provider(config: AgentConfig) -> StateProvider:
+    if config.state.provider == "file":
+        return FileState(config.state.file)
+    return PsutilState(window_seconds=config.state.idle_window_seconds)
+
+
+def _broker_settings(config: AgentConfig) -> BrokerSettings:
+    b = config.broker
+    return BrokerSettings(
+        host=b.host, port=b.port, username=b.username or config.device.client_id,
+        password=b.resolve_password(), tls=b.tls, ca_file=b.ca_file or None, cert_file=b.cert_file or None,
+        key_file=b.key_file or None, keepalive=b.keepalive, reconnect_min=b.reconnect_min_seconds,
+        reconnect_max=b.reconnect_max_seconds,
+    )

@@ -1,0 +1,95 @@
+"""On-device training of the digits MLP through the TFLite `train` signature under ai-edge-litert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_models import digits_split, int8_accuracy
+
+from fedlite.agent.runtime import runtime_name
+from fedlite.agent.trainer import Trainer, local_update
+from fedlite.model_export.convert import export_model
+from fedlite.protocol.manifest import flatten, read_model_file, unflatten
+
+EPOCHS, BATCH, LR = 5, 32, 0.1
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return digits_split()
+
+
+@pytest.fixture(scope="module")
+def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mlp")
+    export_model("mlp", (64,), 10, out)
+    return out
+
+
+def _trained(mlp_dir: Path, digits: tuple) -> tuple[Trainer, float, float]:
+    x_train, y_train, x_test, y_test = digits
+    trainer = Trainer.from_dir(mlp_dir)
+    _, before = trainer.evaluate(x_test, y_test)
+    result = trainer.train_epochs(x_train, y_train, EPOCHS, BATCH, LR, rng=np.random.default_rng(0))
+    assert not result.aborted and result.steps == EPOCHS * -(-len(x_train) // BATCH)
+    _, after = trainer.evaluate(x_test, y_test)
+    return trainer, before, after
+
+
+def test_mlp_learns_digits_within_five_epochs(mlp_dir: Path, digits: tuple) -> None:
+    assert runtime_name() == "ai-edge-litert"
+    trainer, before, after = _trained(mlp_dir, digits)
+    print(f"digits MLP under {runtime_name()}: accuracy {before:.3f} -> {after:.3f} after {EPOCHS} epochs")
+    assert before <= 0.20
+    assert after >= 0.90
+    x_test, y_test = digits[2], digits[3]
+    predicted = np.argmax(trainer.predict(x_test), axis=1)
+    assert np.mean(predicted == y_test) == pytest.approx(after, abs=1e-6)
+
+
+def test_should_continue_is_asked_before_every_batch(mlp_dir: Path, digits: tuple) -> None:
+    x_train, y_train = digits[0], digits[1]
+    trainer = Trainer.from_dir(mlp_dir)
+    start = trainer.get_weights()
+    calls = []
+
+    def should_continue() -> bool:
+        calls.append(1)
+        return len(calls) <= 3
+
+    result = trainer.train_epochs(x_train, y_train, EPOCHS, BATCH, LR, rng=np.random.default_rng(0),
+                                  should_continue=should_continue)
+    assert result.aborted and result.reason
+    assert result.steps == 3 and result.examples_seen == 3 * BATCH and len(calls) == 4
+    assert not np.array_equal(trainer.get_weights(), start)
+
+
+def test_fedprox_keeps_weights_closer_to_the_anchor(mlp_dir: Path, digits: tuple) -> None:
+    x_train, y_train = digits[0], digits[1]
+    trainer = Trainer.from_dir(mlp_dir)
+    manifest = trainer.manifest
+    global_flat = trainer.get_weights()
+    distances = {}
+    for mu in (0.0, 5.0):
+        delta, result = local_update(trainer, global_flat, x_train, y_train, epochs=2, batch_size=BATCH, lr=LR,
+                                     mu=mu, rng=np.random.default_rng(1))
+        assert not result.aborted and list(delta) == [w["name"] for w in manifest["weights"]]
+        assert all(list(delta[w["name"]].shape) == w["shape"] for w in manifest["weights"])
+        np.testing.assert_allclose(flatten(delta, manifest), trainer.get_weights() - global_flat, atol=0)
+        distances[mu] = float(np.linalg.norm(flatten(delta, manifest)))
+    print(f"||trained - global||: mu=0 {distances[0.0]:.3f}, mu=5 {distances[5.0]:.3f}")
+    assert distances[5.0] < 0.5 * distances[0.0]
+
+
+def test_int8_inference_model_matches_float_accuracy(mlp_dir: Path, digits: tuple, tmp_path: Path) -> None:
+    x_train, _, x_test, y_test = digits
+    trainer, _, float_accuracy = _trained(mlp_dir, digits)
+    manifest = export_model("mlp", (64,), 10, tmp_path, weights=unflatten(trainer.get_weights(), trainer.manifest),
+                            representative=x_train)
+    entry = manifest["files"]["infer_int8"]
+    accuracy = int8_accuracy(read_model_file(tmp_path, manifest, "infer_int8"), entry, x_test, y_test)
+    print(f"digits MLP: float {float_accuracy:.3f}, int8 {accuracy:.3f} "
+          f"({manifest['files']['train']['bytes']} B trainable, {entry['bytes']} B int8)")
+    assert abs(accuracy - float_accuracy) <= 0.03
