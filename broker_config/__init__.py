@@ -1,1 +1,1 @@
-"""fedlite.broker_config."""
+"""Mosquitto broker configuration for fedlite: conf, users, ACL, test certificates, a supervised broker."""

@@ -1,0 +1,95 @@
+"""Who may read and write what: the principals registry and the Mosquitto acl_file rendered from it."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fedlite.broker_config.config import BrokerPaths
+from fedlite.protocol import topics
+
+Role = Literal["device", "aggregator"]
+ROLES: tuple[Role, ...] = ("device", "aggregator")
+
+
+def _subtree(topic: str) -> str:
+    """`fl/f/weights/3` -> `fl/f/weights/#`: everything at the level of the topic's last part."""
+    return topic.rsplit("/", 1)[0] + "/#"
+
+
+def aggregator_owned(federation: str) -> list[str]:
+    """Topics only the aggregator writes and every device of the federation reads."""
+    return [
+        topics.round_topic(federation),
+        _subtree(topics.model_topic(federation, "any")),
+        _subtree(topics.weights_topic(federation, 0)),
+        topics.deploy_topic(federation),
+    ]
+
+
+def device_owned(federation: str, client_id: str) -> list[str]:
+    """Topics only this device writes."""
+    return [
+        topics.update_topic(federation, client_id),
+        topics.status_topic(federation, client_id),
+        topics.report_topic(federation, client_id),
+    ]
+
+
+def device_rules(federation: str, client_id: str) -> list[str]:
+    """ACL lines for a device: read the aggregator's topics, write only its own."""
+    return [f"topic read {t}" for t in aggregator_owned(federation)] + [
+        f"topic write {t}" for t in device_owned(federation, client_id)
+    ]
+
+
+def aggregator_rules(federation: str) -> list[str]:
+    """ACL lines for an aggregator: write (and read back) its own topics, read every device's topics."""
+    device_topics = [
+        topics.all_updates(federation),
+        topics.all_statuses(federation),
+        topics.all_reports(federation),
+    ]
+    return [f"topic readwrite {t}" for t in aggregator_owned(federation)] + [
+        f"topic read {t}" for t in device_topics
+    ]
+
+
+def load_principals(paths: BrokerPaths) -> dict[str, dict[str, list[str]]]:
+    """{"device": {id: [federations]}, "aggregator": {name: [federations]}}."""
+    data = json.loads(paths.principals.read_text()) if paths.principals.exists() else {}
+    return {role: data.get(role, {}) for role in ROLES}
+
+
+def save_principals(paths: BrokerPaths, principals: dict[str, dict[str, list[str]]]) -> None:
+    paths.principals.write_text(json.dumps(principals, indent=2, sort_keys=True) + "\n")
+
+
+def add_principal(paths: BrokerPaths, role: Role, name: str, federation: str) -> None:
+    """Record that `name` takes part in `federation` as `role`; a name has one role only."""
+    principals = load_principals(paths)
+    for other in ROLES:
+        if other != role and name in principals[other]:
+            raise ValueError(f"{name!r} is already enrolled as {other}; use another name for the {role}")
+    federations = set(principals[role].get(name, []))
+    principals[role][name] = sorted(federations | {federation})
+    save_principals(paths, principals)
+
+
+def render_acl(principals: dict[str, dict[str, list[str]]]) -> str:
+    """The acl_file text: one `user` block per principal, nothing granted outside them."""
+    lines = [
+        "# fedlite ACL, generated from principals.json by fedlite.broker_config; do not edit by hand.",
+        "# No rules before the first `user` line: anonymous and unknown clients get nothing.",
+    ]
+    for name, federations in sorted(principals["aggregator"].items()):
+        lines += ["", "# aggregator", f"user {name}"]
+        lines += [rule for f in federations for rule in aggregator_rules(f)]
+    for name, federations in sorted(principals["device"].items()):
+        lines += ["", "# device", f"user {name}"]
+        lines += [rule for f in federations for rule in device_rules(f, name)]
+    return "\n".join(lines) + "\n"
+
+
+def write_acl(paths: BrokerPaths) -> None:
+    paths.acl_file.write_text(render_acl(load_principals(paths)))

@@ -1,0 +1,120 @@
+"""`fedlite broker`: make a broker directory, enrol devices and aggregators, make test certs, run it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedlite.broker_config import broker, certs, config, credentials, permissions
+
+
+def _add_common(p: argparse.ArgumentParser, name: str | None = None) -> None:
+    p.add_argument("dir", type=Path, help="broker directory")
+    if name:
+        what = name.lower().replace("_", " ")
+        p.add_argument("name", metavar=name, help=f"{what} (1-64 of A-Z a-z 0-9 . _ -)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = sub.add_parser("init", help="create or refresh a broker directory (mosquitto.conf, ACL, test certs)")
+    _add_common(p)
+    p.add_argument("--federation", action="append", required=True, help="federation served (repeatable)")
+    p.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="loopback listener (0: a free port)")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--tls-port", type=int, default=config.DEFAULT_TLS_PORT, help="TLS listener for devices")
+    tls.add_argument("--no-tls", action="store_true", help="no TLS listener (loopback-only broker)")
+    p.add_argument("--bind", default="127.0.0.1", help="address of the TLS listener (0.0.0.0 for devices)")
+    p.add_argument("--max-queued-messages", type=int, default=1000)
+    p.add_argument(
+        "--message-size-limit", type=int, default=None,
+        help="last-resort cap in bytes: a larger publish gets its client disconnected",
+    )
+
+    for action, what, help_ in (
+        ("enrol", "CLIENT_ID", "add a device to a federation (new password, ACL entries, credentials file)"),
+        ("aggregator", "NAME", "add an aggregator user for a federation"),
+    ):
+        p = sub.add_parser(action, help=help_)
+        _add_common(p, what)
+        p.add_argument("--federation", required=True)
+        p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+    p = sub.add_parser("certs", help="make the test CA and server certificate, or a client certificate")
+    _add_common(p)
+    p.add_argument("--client", metavar="ID", help="also issue a client certificate for this id")
+    p.add_argument("--hostname", action="append", default=[], help="extra server name (repeatable)")
+    p.add_argument("--ip", action="append", default=[], help="extra server IP address (repeatable)")
+    p.add_argument("--renew", action="store_true", help="re-issue the server certificate")
+
+    p = sub.add_parser("run", help="run mosquitto on the directory in the foreground")
+    _add_common(p)
+
+
+def _init(args: argparse.Namespace) -> int:
+    settings = config.init_broker_dir(
+        args.dir,
+        federations=args.federation,
+        port=args.port,
+        tls_port=None if args.no_tls else args.tls_port,
+        bind=args.bind,
+        max_queued_messages=args.max_queued_messages,
+        message_size_limit=args.message_size_limit,
+    )
+    paths = config.BrokerPaths(args.dir.resolve())
+    print(f"broker directory {paths.root} ready for federation(s) {', '.join(settings.federations)}")
+    print(f"  plain listener {settings.plain_bind}:{settings.port} (aggregator)")
+    if settings.tls_port is not None:
+        print(f"  TLS listener   {settings.bind}:{settings.tls_port} (devices), CA {paths.ca_cert}")
+    print(f"next: fedlite broker aggregator {paths.root} NAME --federation F; fedlite broker enrol ...")
+    return 0
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+    add = credentials.enrol_device if args.action == "enrol" else credentials.add_aggregator
+    add(args.dir, args.name, args.federation, password)
+    role = "device" if args.action == "enrol" else "aggregator"
+    print(f"enrolled {role} {args.name} in federation {args.federation}")
+    print(f"credentials (keep private): {credentials.credentials_path(args.dir, args.name)}")
+    pid = broker.reload_running_broker(args.dir)
+    if pid is not None:
+        print(f"sent SIGHUP to the running broker (pid {pid}); it now knows {args.name}")
+    else:
+        print("no running broker for this directory; a broker started elsewhere needs a reload "
+              "(kill -HUP its pid, or systemctl reload mosquitto)")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    paths = config.BrokerPaths(args.dir.resolve())
+    bind = config.BrokerSettings.load(paths.root).bind if paths.settings.exists() else "127.0.0.1"
+    hostnames, ips = config.server_names(bind)
+    if args.renew or args.hostname or args.ip:
+        paths.server_cert.unlink(missing_ok=True)
+    ca, server = certs.ensure_test_pki(paths.certs, hostnames + args.hostname, ips + args.ip)
+    print(f"CA {ca.cert}\nserver certificate {server.cert}")
+    if args.client:
+        client = certs.make_client_cert(paths.certs / "clients", ca, args.client)
+        print(f"client certificate {client.cert}, key {client.key}")
+    if paths.settings.exists():
+        permissions.grant_broker_access(paths)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    broker.exec_broker(args.dir)
+    return 0  # not reached
+
+
+ACTIONS = {"init": _init, "enrol": _enrol, "aggregator": _enrol, "certs": _certs, "run": _run}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return ACTIONS[args.action](args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"fedlite broker {args.action}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,221 @@
+"""The broker directory: its layout, its settings file and the rendered mosquitto.conf."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from fedlite.protocol.topics import check_id
+
+SETTINGS_FILE = "fedlite-broker.json"
+DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+
+
+@dataclass(frozen=True)
+class BrokerPaths:
+    """Where everything of one broker lives, relative to its directory."""
+
+    root: Path
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "mosquitto.conf"
+
+    @property
+    def settings(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    @property
+    def password_file(self) -> Path:
+        return self.root / "passwd"
+
+    @property
+    def acl_file(self) -> Path:
+        return self.root / "acl"
+
+    @property
+    def principals(self) -> Path:
+        return self.root / "principals.json"
+
+    @property
+    def data(self) -> Path:
+        """Persistence directory; the broker writes mosquitto.db here."""
+        return self.root / "data"
+
+    @property
+    def run(self) -> Path:
+        """Runtime directory; the broker writes its pid file here."""
+        return self.root / "run"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run / "mosquitto.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "mosquitto.log"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.certs / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.certs / "server.key"
+
+    @property
+    def credentials(self) -> Path:
+        """Generated credentials, one small TOML file per device or aggregator (0600)."""
+        return self.root / "credentials"
+
+
+@dataclass
+class BrokerSettings:
+    """What `init_broker_dir` was asked for; stored next to mosquitto.conf as JSON."""
+
+    port: int
+    tls_port: int | None
+    federations: list[str]
+    bind: str = "127.0.0.1"
+    plain_bind: str = "127.0.0.1"
+    max_queued_messages: int = 1000
+    message_size_limit: int | None = None
+
+    def save(self, paths: BrokerPaths) -> None:
+        paths.settings.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> BrokerSettings:
+        path = BrokerPaths(Path(directory)).settings
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{directory} is not a fedlite broker directory (no {SETTINGS_FILE}); "
+                "create it with `fedlite broker init`"
+            )
+        return cls(**json.loads(path.read_text()))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, found by binding port 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _federation_list(federations: str | Iterable[str]) -> list[str]:
+    items = [federations] if isinstance(federations, str) else list(federations)
+    if not items:
+        raise ValueError("at least one federation is required")
+    return sorted({check_id(f, "federation") for f in items})
+
+
+def _check_port(port: int, what: str) -> int:
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"invalid {what} {port!r}: use 1-65535, or 0 for a free port")
+    return port or free_port()
+
+
+def server_names(bind: str) -> tuple[list[str], list[str]]:
+    """(host names, IP addresses) a generated server certificate is valid for, given the TLS bind address."""
+    hostnames, ips = ["localhost"], ["127.0.0.1", "::1"]
+    if bind not in ("127.0.0.1", "::1", "localhost"):
+        hostnames += [socket.gethostname(), f"{socket.gethostname()}.local"]
+    if bind not in ("0.0.0.0", "::", "localhost", *ips):
+        ips.append(bind)
+    return hostnames, ips
+
+
+def _template(name: str) -> Template:
+    return Template(resources.files("fedlite.broker_config").joinpath(name).read_text())
+
+
+def render_conf(paths: BrokerPaths, settings: BrokerSettings) -> str:
+    """mosquitto.conf for `settings`, with absolute paths into the broker directory."""
+    tls_section = ""
+    if settings.tls_port is not None:
+        tls_section = _template("tls_listener.conf.tmpl").substitute(
+            tls_port=settings.tls_port,
+            bind=settings.bind,
+            cafile=paths.ca_cert,
+            certfile=paths.server_cert,
+            keyfile=paths.server_key,
+        )
+    limit = settings.message_size_limit
+    limit_line = f"message_size_limit {limit}" if limit else "#message_size_limit 16777216"
+    return _template("mosquitto.conf.tmpl").substitute(
+        password_file=paths.password_file,
+        acl_file=paths.acl_file,
+        persistence_location=paths.data,
+        pid_file=paths.pid_file,
+        max_queued_messages=settings.max_queued_messages,
+        message_size_limit_line=limit_line,
+        port=settings.port,
+        plain_bind=settings.plain_bind,
+        tls_section=tls_section,
+    )
+
+
+def init_broker_dir(
+    directory: str | os.PathLike,
+    *,
+    federations: str | Iterable[str],
+    port: int = DEFAULT_PORT,
+    tls_port: int | None = DEFAULT_TLS_PORT,
+    bind: str = "127.0.0.1",
+    max_queued_messages: int = 1000,
+    message_size_limit: int | None = None,
+    make_certs: bool = True,
+) -> BrokerSettings:
+    """Create (or refresh) a broker directory: mosquitto.conf, empty password and ACL files, data dirs.
+
+    `port` is the plain listener on loopback (for the aggregator), `tls_port` the TLS listener for
+    devices on `bind` (None: no TLS listener). A port of 0 picks a free one now. With `make_certs`,
+    a missing CA / server certificate is generated (a test PKI; replace it in production).
+    Re-running keeps users, passwords, credentials and certificates.
+    """
+    from fedlite.broker_config import acl, certs, permissions
+
+    paths = BrokerPaths(Path(directory).resolve())
+    settings = BrokerSettings(
+        port=_check_port(port, "port"),
+        tls_port=None if tls_port is None else _check_port(tls_port, "TLS port"),
+        federations=_federation_list(federations),
+        bind=bind,
+        max_queued_messages=max_queued_messages,
+        message_size_limit=message_size_limit,
+    )
+    if settings.tls_port is not None and settings.tls_port == settings.port:
+        raise ValueError(f"port and TLS port must differ (both {settings.port})")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.root.chmod(0o755)
+    account = permissions.broker_account()
+    if account is not None:
+        permissions.check_reachable(paths.root, account)
+    for sub in (paths.data, paths.run):
+        sub.mkdir(exist_ok=True)
+    paths.credentials.mkdir(mode=0o700, exist_ok=True)
+    paths.credentials.chmod(0o700)
+    if settings.tls_port is not None and make_certs:
+        certs.ensure_test_pki(paths.certs, *server_names(bind))
+    if not paths.password_file.exists():
+        paths.password_file.touch(mode=0o600)
+    settings.save(paths)
+    paths.conf.write_text(render_conf(paths, settings))
+    acl.write_acl(paths)
+    permissions.grant_broker_access(paths)
+    return settings

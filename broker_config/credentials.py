@@ -1,0 +1,143 @@
+"""Enrolling devices and aggregators: Mosquitto passwords, ACL entries and a credentials file each."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedlite.broker_config import acl, permissions
+from fedlite.broker_config.binaries import find_executable
+from fedlite.broker_config.config import BrokerPaths, BrokerSettings
+from fedlite.protocol.topics import check_id
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def generate_password() -> str:
+    """A random 32-character URL-safe password (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def _check_password(password: str) -> str:
+    if not isinstance(password, str) or not password or any(ord(c) < 32 for c in password):
+        raise ValueError("password must be a non-empty string without control characters")
+    return password
+
+
+def set_password(paths: BrokerPaths, username: str, password: str) -> None:
+    """Add or replace `username` in the password file with `mosquitto_passwd -b` (creating the file)."""
+    cmd = [find_executable("mosquitto_passwd")]
+    if not paths.password_file.exists() or paths.password_file.stat().st_size == 0:
+        cmd.append("-c")
+    cmd += ["-b", str(paths.password_file), username, password]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip() or result.stdout.strip()
+        raise RuntimeError(f"mosquitto_passwd failed for {username!r}: {detail}")
+
+
+def credentials_path(directory: str | os.PathLike, name: str) -> Path:
+    """Where the credentials file of device or aggregator `name` is written."""
+    return BrokerPaths(Path(directory).resolve()).credentials / f"{check_id(name, 'name')}.toml"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def _toml(sections: dict[str, dict[str, Any]]) -> str:
+    return "\n".join(
+        f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+        for name, values in sections.items()
+    )
+
+
+def _connection(paths: BrokerPaths, settings: BrokerSettings, role: acl.Role) -> dict[str, Any]:
+    if role == "device" and settings.tls_port is not None:
+        host = "localhost" if settings.bind in LOOPBACK | {"0.0.0.0", "::"} else settings.bind
+        return {"host": host, "port": settings.tls_port, "tls": True, "ca_file": str(paths.ca_cert)}
+    return {"host": settings.plain_bind, "port": settings.port, "tls": False}
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _write_credentials(
+    paths: BrokerPaths, role: acl.Role, name: str, federation: str, password: str
+) -> Path:
+    """`<name>.toml`: the [device] or [federation] and [broker] sections of the agent's or aggregator's
+    config, ready to paste; and `<name>.password` holding just the password (for `password_file`)."""
+    settings = BrokerSettings.load(paths.root)
+    path = credentials_path(paths.root, name)
+    _write_private(path.with_suffix(".password"), password + "\n")
+    identity = (
+        {"device": {"client_id": name, "federation": federation}}
+        if role == "device"
+        else {"federation": {"name": federation}}
+    )
+    broker = {**_connection(paths, settings, role), "username": name, "password": password}
+    header = (
+        f"# fedlite {role} credentials for {name} (federation {federation}); keep this file private.\n"
+        f"# Paste into the {'agent' if role == 'device' else 'aggregator'}'s TOML config, or set\n"
+        f"# password_file = \"/etc/fedlite/{name}.password\" (a copy of {path.with_suffix('.password')}).\n"
+    )
+    _write_private(path, header + _toml({**identity, "broker": broker}))
+    return path
+
+
+def _enrol(
+    directory: str | os.PathLike, role: acl.Role, name: str, federation: str, password: str | None
+) -> str:
+    paths = BrokerPaths(Path(directory).resolve())
+    settings = BrokerSettings.load(paths.root)
+    check_id(name, f"{role} name")
+    check_id(federation, "federation")
+    if federation not in settings.federations:
+        raise ValueError(
+            f"federation {federation!r} is not served by the broker in {paths.root} "
+            f"(it serves {', '.join(settings.federations)}); add it with `fedlite broker init --federation`"
+        )
+    password = _check_password(password) if password is not None else generate_password()
+    acl.add_principal(paths, role, name, federation)
+    set_password(paths, name, password)
+    acl.write_acl(paths)
+    _write_credentials(paths, role, name, federation, password)
+    permissions.grant_broker_access(paths)
+    return password
+
+
+def enrol_device(
+    directory: str | os.PathLike, client_id: str, federation: str, password: str | None = None
+) -> str:
+    """Let device `client_id` into `federation`; return its password (generated unless given).
+
+    Re-enrolling sets a new password and keeps the device's other federations. The credentials land
+    in `credentials_path(directory, client_id)`. A running broker needs SIGHUP to see the change.
+    """
+    return _enrol(directory, "device", client_id, federation, password)
+
+
+def add_aggregator(
+    directory: str | os.PathLike, username: str, federation: str, password: str | None = None
+) -> str:
+    """Let aggregator `username` run `federation`; return its password (generated unless given)."""
+    return _enrol(directory, "aggregator", username, federation, password)
+
+
+def load_credentials(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a credentials file: {"device" (or "federation"): {...}, "broker": {...}}."""
+    with open(path, "rb") as f:
+        return tomllib.load(f)
