@@ -99,12 +99,14 @@ def quantize_int8(
         q = np.floor(scaled + rng.random(scaled.shape, dtype=np.float32))
     else:
         q = np.rint(scaled)
-    return np.clip(q, -127, 127).astype(np.int8), scale
+    with np.errstate(invalid="ignore"):  # NaN input casts to garbage here; decode refuses its NaN scale
+        return np.clip(q, -127, 127).astype(np.int8), scale
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    q = q.astype(np.float32)
-    return q * scale if q.ndim >= 2 else q * scale[0]
+    out = q.astype(np.float32)
+    out *= scale if q.ndim >= 2 else scale[0]  # in place: one float32 copy of the tensor, no temporary
+    return out
 
 
 # --- encoding -----------------------------------------------------------------------------------
@@ -212,16 +214,16 @@ def _unframe(payload: bytes, limits: Limits) -> bytes:
 def _decompress(body: bytes, max_bytes: int) -> bytes:
     import zstandard
 
+    out = bytearray()
     try:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
-            out = reader.read(max_bytes + 1)
-            if len(out) > max_bytes:
-                raise CodecError("too_large", f"decompressed body exceeds {max_bytes} B")
-            if reader.read(1):
-                raise CodecError("too_large", f"decompressed body exceeds {max_bytes} B")
+            while chunk := reader.read(1 << 20):  # in chunks: no buffer sized by the limit up front
+                out += chunk
+                if len(out) > max_bytes:
+                    raise CodecError("too_large", f"decompressed body exceeds {max_bytes} B")
     except zstandard.ZstdError as exc:
         raise CodecError("compression", f"zstd body is corrupt: {exc}") from None
-    return out
+    return bytes(out)
 
 
 def _read_safetensors_header(body: bytes, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -232,7 +234,7 @@ def _read_safetensors_header(body: bytes, limits: Limits) -> tuple[dict[str, Any
         raise CodecError("header", f"safetensors header of {length} B is too large or truncated")
     try:
         table = json.loads(body[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CodecError("header", f"safetensors header is not JSON: {exc}") from None
     if not isinstance(table, dict):
         raise CodecError("header", "safetensors header is not an object")
@@ -263,7 +265,7 @@ _HEADER_TYPES: dict[str, tuple[type, ...]] = {
 def _parse_header(meta: dict[str, Any]) -> Header:
     try:
         raw = json.loads(meta["fedlite"])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CodecError("header", f"fedlite header is not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise CodecError("header", "fedlite header is not an object")

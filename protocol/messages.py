@@ -100,7 +100,7 @@ def from_json(cls: type[M], payload: bytes) -> M:
         raise MessageError("too_large", f"control message of {len(payload)} B exceeds {MAX_CONTROL_BYTES} B")
     try:
         raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MessageError("malformed", f"not JSON: {exc}") from None
     message = _build(cls, raw, cls.__name__)
     expected_type = next(f.default for f in dataclasses.fields(cls) if f.name == "type")

@@ -72,6 +72,7 @@ class Link:
         self._acks: dict[int, tuple[threading.Event, list]] = {}
         self._lock = threading.Lock()
         self._refused: str | None = None
+        self._closing = False
         self._client = self._make_client(will)
 
     def _make_client(self, will: tuple[str, bytes] | None) -> mqtt.Client:
@@ -116,6 +117,7 @@ class Link:
             raise LinkError(f"could not connect to {self.settings.host}:{self.settings.port}: {detail}")
 
     def close(self) -> None:
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -182,7 +184,7 @@ class Link:
         self.connected.set()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._closing:
             log.warning("disconnected from broker: %s; reconnecting", reason_code)
         self.connected.clear()
 

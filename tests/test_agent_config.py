@@ -61,7 +61,7 @@ def test_npz_csv_shards_and_hook_sources(tmp_path):
     x = np.arange(40, dtype=np.float32).reshape(20, 2)
     y = np.arange(20) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    csv = "a,label,b\n" + "\n".join(f"{r[0]},{lab},{r[1]}" for r, lab in zip(x, y)) + "\n"
+    csv = "a,label,b\n" + "\n".join(f"{r[0]},{lab},{r[1]}" for r, lab in zip(x, y, strict=True)) + "\n"
     (tmp_path / "d.csv").write_text(csv)
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the aggregator: rounds, participants, rejections by reason, bytes, accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self, federation: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"federation": federation}
+        self._labels = labels
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Any:
+            return Counter(name, doc, ["federation", *extra], registry=self.registry)
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Any:
+            return Gauge(name, doc, ["federation", *extra], registry=self.registry)
+
+        self.rounds = counter("fedlite_rounds", "round attempts by outcome", ("status",))
+        self.updates_accepted = counter("fedlite_updates_accepted", "updates accepted")
+        self.updates_rejected = counter("fedlite_updates_rejected", "updates refused, by reason", ("reason",))
+        self.reports = counter("fedlite_device_reports", "declines and aborts reported by devices", ("kind",))
+        self.bytes_in = counter("fedlite_bytes_in", "update payload bytes received")
+        self.bytes_out = counter("fedlite_bytes_out", "model and weights bytes delivered to selected devices")
+        self.current_round = gauge("fedlite_round", "last completed round")
+        self.participants = gauge("fedlite_round_participants", "accepted updates in the last round")
+        self.selected = gauge("fedlite_round_selected", "devices selected in the last round")
+        self.accuracy = gauge("fedlite_global_accuracy", "global model accuracy on the server test set")
+        self.loss = gauge("fedlite_global_loss", "global model loss on the server test set")
+        self.devices = gauge("fedlite_devices", "devices by state", ("state",))
+        self.duration = Histogram("fedlite_round_duration_seconds", "round duration", ["federation"],
+                                  buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def rejected(self, reason: str) -> None:
+        self.updates_rejected.labels(self._labels["federation"], reason).inc()
+
+    def report(self, kind: str) -> None:
+        self.reports.labels(self._labels["federation"], kind).inc()
+
+    def round_closed(self, record: dict[str, Any]) -> None:
+        fed = self._labels["federation"]
+        self.rounds.labels(fed, record["status"]).inc()
+        self.duration.labels(fed).observe(record["duration_seconds"])
+        self.selected.labels(fed).set(record["selected"])
+        self.participants.labels(fed).set(record["accepted"])
+        self.bytes_out.labels(fed).inc(record.get("bytes_down", 0))
+        if record["status"] == "complete":
+            self.current_round.labels(fed).set(record["round"])
+            self.updates_accepted.labels(fed).inc(record["accepted"])
+        if record.get("accuracy") is not None:
+            self.accuracy.labels(fed).set(record["accuracy"])
+            self.loss.labels(fed).set(record["loss"])
+
+    def update_received(self, size: int) -> None:
+        self.bytes_in.labels(self._labels["federation"]).inc(size)
+
+    def fleet(self, counts: dict[str, int]) -> None:
+        for state, n in counts.items():
+            self.devices.labels(self._labels["federation"], state).set(n)

@@ -1,0 +1,355 @@
+"""The aggregator process: runs rounds over MQTT, aggregates validated updates, checkpoints, re-exports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlite.aggregator.checkpoint import Checkpoint, load_latest, save_checkpoint
+from fedlite.aggregator.config import AggregatorConfig
+from fedlite.aggregator.export import Exporter, export_round, version_dir
+from fedlite.aggregator.fleet import Fleet
+from fedlite.aggregator.metrics import Metrics
+from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
+from fedlite.aggregator.strategies import make_aggregator, make_server_optimizer
+from fedlite.aggregator.validation import Rejected, RoundContext
+from fedlite.protocol import topics
+from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights
+from fedlite.protocol.errors import ProtocolError
+from fedlite.protocol.layout import flatten, unflatten, weight_specs
+from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
+from fedlite.protocol.transport import BrokerSettings, Link
+
+log = logging.getLogger("fedlite.aggregator")
+
+
+class RunFailed(RuntimeError):
+    """The federation cannot go on (e.g. a round stayed below quorum on every attempt)."""
+
+
+class Aggregator:
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.federation = config.federation.name
+        self.state_dir = Path(config.federation.state_dir)
+        self.models_dir = self.state_dir / "models"
+        self.checkpoints_dir = self.state_dir / "checkpoints"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics(self.federation)
+        self.fleet = Fleet(config.rounds.status_ttl_seconds)
+        self.stop_event = threading.Event()
+        self.rejections: Counter = Counter()
+        self.history: list[dict[str, Any]] = []
+        self.current: RoundAttempt | None = None
+        self.limits = Limits(max_payload_bytes=config.server.max_update_bytes)
+        self.test_set = _load_test_set(config.evaluation.test_data)
+        self._logged: set[tuple[int, str]] = set()
+        self._notifier = _notifier()
+        self.link = Link(_broker_settings(config), _client_id(config), self._on_message)
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        manifest, train_bytes, weights = self._initial_model()
+        self.manifest = manifest
+        self.model_hash = manifest["model_hash"]
+        self._evaluator = _Evaluator(train_bytes, manifest)
+        optimizer = make_server_optimizer(self.config.server.optimizer, **_optimizer_params(self.config))
+        done, weights, opt_state = self._resume(weights, optimizer)
+        exporter = Exporter(self.config.model, self.models_dir, self._representative())
+        self._connect()
+        self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
+                                                              model_hash=self.model_hash, extra={"manifest": manifest}))
+        self.link.publish(topics.model_topic(self.federation, self.model_hash), self.model_payload, retain=True)
+        try:
+            for number in range(done + 1, self.config.rounds.total + 1):
+                outcome = self._run_round(number, weights)
+                if outcome is None:
+                    break  # stopping
+                weights, opt_state = self._commit(number, outcome, weights, optimizer, opt_state, exporter)
+            else:
+                self._announce_done()
+        finally:
+            exporter.close()
+            self._notifier("STOPPING=1")
+            self.link.close()
+        return self.history
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _connect(self) -> None:
+        share = self.config.broker.share_group or None
+        self.link.subscribe(topics.all_statuses(self.federation))
+        self.link.subscribe(topics.all_updates(self.federation, share))
+        self.link.subscribe(topics.all_reports(self.federation, share))
+        self.link.connect()
+        if self.config.metrics.prometheus_port:
+            self.metrics.serve(self.config.metrics.prometheus_port, self.config.metrics.prometheus_host)
+        self._notifier(f"READY=1\nSTATUS=federation {self.federation}")
+
+    def _initial_model(self) -> tuple[dict[str, Any], bytes, dict[str, np.ndarray]]:
+        """The round-0 export (made once, then reused): manifest, train.tflite bytes, initial weights."""
+        folder = version_dir(self.models_dir, 0)
+        if not (folder / "manifest.json").is_file():
+            log.info("exporting the initial model to %s", folder)
+            export_round(self.config.model, folder, None, self._representative())
+        manifest = json.loads((folder / "manifest.json").read_text())
+        train_bytes = (folder / "train.tflite").read_bytes()
+        return manifest, train_bytes, unflatten(_Evaluator(train_bytes, manifest).get_weights(), manifest)
+
+    def _resume(self, weights: dict[str, np.ndarray], optimizer: Any) -> tuple[int, dict[str, np.ndarray], Any]:
+        checkpoint = load_latest(self.checkpoints_dir)
+        if checkpoint is None:
+            return 0, weights, optimizer.init(weights)
+        if checkpoint.meta.get("model_hash") != self.model_hash:
+            raise RunFailed(f"checkpoints in {self.checkpoints_dir} belong to model "
+                            f"{checkpoint.meta.get('model_hash')}, not {self.model_hash}: use another state_dir")
+        self.history = list(checkpoint.history)
+        log.info("resuming after round %d from %s", checkpoint.round, self.checkpoints_dir)
+        return checkpoint.round, checkpoint.weights, optimizer.state_from_arrays(checkpoint.optimizer_state)
+
+    # --- one round ----------------------------------------------------------------------------
+
+    def _run_round(self, number: int, weights: dict[str, np.ndarray]) -> RoundOutcome | None:
+        for attempt in range(1, self.config.rounds.max_attempts + 1):
+            selected = self._wait_and_select(number, attempt)
+            if selected is None:
+                return None
+            outcome = self._collect(number, selected, weights)
+            if outcome is None:
+                return None
+            if outcome.complete:
+                return outcome
+            self.history.append(outcome.record)
+            log.warning("round %d attempt %d abandoned: %d accepted of quorum %d", number, attempt,
+                        outcome.record["accepted"], self.config.rounds.min_accepted)
+        raise RunFailed(f"round {number} stayed below quorum on {self.config.rounds.max_attempts} attempts")
+
+    def _wait_and_select(self, number: int, attempt: int) -> list[str] | None:
+        r = self.config.rounds
+        want = int(np.ceil(r.clients_per_round * (1 + r.over_selection)))
+        started, last_log = time.time(), 0.0
+        while not self.stop_event.is_set():
+            self._notifier("WATCHDOG=1")
+            eligible = self.fleet.eligible()
+            waited = time.time() - started
+            if len(eligible) >= want or (waited >= r.wait_for_devices_seconds and len(eligible) >= r.min_accepted):
+                rng = np.random.default_rng([r.seed, number, attempt])
+                return select(eligible, r.clients_per_round, r.over_selection, rng)
+            if time.time() - last_log > 10:
+                log.info("round %d: waiting for eligible devices (%d of %d)", number, len(eligible), want)
+                last_log = time.time()
+            time.sleep(0.1)
+        return None
+
+    def _collect(self, number: int, selected: list[str], weights: dict[str, np.ndarray]) -> RoundOutcome | None:
+        cfg = self.config
+        deadline = time.time() + cfg.rounds.deadline_seconds
+        attempt = RoundAttempt(
+            number=number, session=uuid.uuid4().hex[:12], selected=selected, deadline=deadline,
+            clients_per_round=cfg.rounds.clients_per_round, quorum=cfg.rounds.min_accepted,
+            context=self._context(number, selected), limits=self.limits,
+            aggregator=make_aggregator(cfg.server.aggregation, weight_specs(self.manifest),
+                                       trim_fraction=cfg.server.trim_fraction, sum_dtype=cfg.server.sum_dtype),
+        )
+        weights_payload = encode_weights(weights, Header(kind="weights", federation=self.federation, round=number,
+                                                         model_hash=self.model_hash), dtype=cfg.model.downlink_dtype)
+        bytes_down = self._bytes_down(selected, len(weights_payload))
+        self.link.publish(topics.weights_topic(self.federation, number), weights_payload, retain=True)
+        self.current = attempt
+        self.link.publish(topics.round_topic(self.federation), to_json(self._announcement(attempt)), retain=True)
+        log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
+                 cfg.rounds.deadline_seconds)
+        while attempt.decision() is None:
+            if self.stop_event.wait(0.05):
+                return None
+            self._notifier("WATCHDOG=1")
+        outcome = attempt.close()
+        outcome.record["bytes_down"] = bytes_down
+        self.link.publish(topics.weights_topic(self.federation, number), b"", retain=True)  # drop the retained copy
+        return outcome
+
+    def _context(self, number: int, selected: list[str]) -> RoundContext:
+        s = self.config.server
+        return RoundContext(
+            federation=self.federation, round=number, model_hash=self.model_hash, manifest=self.manifest,
+            selected=frozenset(selected), accepted=set(), max_examples=s.max_examples,
+            max_update_norm=s.max_update_norm, norm_policy=s.norm_policy, max_abs_value=s.max_abs_value,
+        )
+
+    def _announcement(self, attempt: RoundAttempt) -> RoundAnnouncement:
+        return RoundAnnouncement(
+            federation=self.federation, round=attempt.number, model_hash=self.model_hash,
+            model_topic=topics.model_topic(self.federation, self.model_hash),
+            weights_topic=topics.weights_topic(self.federation, attempt.number), selected=attempt.selected,
+            deadline=attempt.deadline, plan=self.config.training, session=attempt.session, issued_at=time.time(),
+        )
+
+    def _bytes_down(self, selected: list[str], weights_bytes: int) -> int:
+        """Payload bytes the broker delivers to the selected devices: weights, plus the model where not cached."""
+        uncached = sum(1 for c in selected if not self.fleet.has_model(c, self.model_hash))
+        return weights_bytes * len(selected) + len(self.model_payload) * uncached
+
+    def _commit(self, number: int, outcome: RoundOutcome, weights: dict[str, np.ndarray], optimizer: Any,
+                opt_state: Any, exporter: Exporter) -> tuple[dict[str, np.ndarray], Any]:
+        weights, opt_state = optimizer.step(weights, outcome.aggregate, opt_state)
+        record = outcome.record
+        record.update(self._evaluate(weights))
+        record["completed_at"] = time.time()
+        self.history.append(record)
+        save_checkpoint(self.checkpoints_dir, Checkpoint(
+            round=number, weights=weights, optimizer_state=optimizer.state_to_arrays(opt_state),
+            history=self.history, meta={"federation": self.federation, "model_hash": self.model_hash},
+        ))
+        _write_json_atomic(self.state_dir / "history.json", self.history)
+        self.metrics.round_closed(record)
+        self.metrics.fleet(self.fleet.counts())
+        every = self.config.model.export_every
+        if (every and number % every == 0) or number == self.config.rounds.total:
+            exporter.submit(number, weights, {k: record.get(k) for k in ("round", "accuracy", "loss")})
+        log.info("round %d complete: %d/%d accepted, %d declined, %d rejected, accuracy %s, %.1f s", number,
+                 record["accepted"], record["selected"], record["declined"], sum(record["rejected"].values()),
+                 "n/a" if record.get("accuracy") is None else f"{record['accuracy']:.3f}",
+                 record["duration_seconds"])
+        return weights, opt_state
+
+    def _evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.test_set is None:
+            return {"accuracy": None, "loss": None}
+        loss, accuracy = self._evaluator.evaluate(flatten(weights, self.manifest), *self.test_set)
+        return {"accuracy": float(accuracy), "loss": float(loss)}
+
+    def _announce_done(self) -> None:
+        final = RoundAnnouncement(
+            federation=self.federation, round=self.config.rounds.total, model_hash=self.model_hash,
+            model_topic=topics.model_topic(self.federation, self.model_hash), weights_topic="", selected=[],
+            deadline=0.0, plan=self.config.training, state="done", issued_at=time.time(),
+        )
+        self.link.publish(topics.round_topic(self.federation), to_json(final), retain=True)
+        log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
+
+    def _representative(self) -> np.ndarray | None:
+        if self.test_set is None:
+            return None
+        return self.test_set[0][: self.config.evaluation.calibration_examples]
+
+    # --- messages (network thread) ------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        kind = topic.split("/")[2] if topic.count("/") >= 3 else ""
+        client = topics.client_of(topic)
+        if kind == "updates":
+            self._on_update(client, payload)
+        elif kind == "status" and payload:
+            self._on_json(client, payload, DeviceStatus, self.fleet.update)
+        elif kind == "reports":
+            self._on_json(client, payload, DeviceReport, self._on_report)
+
+    def _on_update(self, client: str, payload: bytes) -> None:
+        self.metrics.update_received(len(payload))
+        attempt = self.current
+        if attempt is None:
+            self._reject(-1, "late", f"update from {client} before any round")
+            return
+        try:
+            attempt.offer(payload, client)
+        except Rejected as exc:
+            self._reject(attempt.number, exc.reason, f"update from {client} refused: {exc}")
+
+    def _on_json(self, client: str, payload: bytes, cls: type, handle: Any) -> None:
+        try:
+            message = from_json(cls, payload)
+        except ProtocolError as exc:
+            self._reject(self.current.number if self.current else -1, exc.reason, f"message from {client}: {exc}")
+            return
+        if message.client_id != client:
+            self._reject(-1, "sender", f"{client} wrote a message for {message.client_id}")
+            return
+        handle(message)
+
+    def _on_report(self, report: DeviceReport) -> None:
+        attempt = self.current
+        if attempt is not None and attempt.report(report):
+            self.metrics.report(report.kind)
+            log.info("round %d: %s %s: %s", report.round, report.client_id, report.kind, report.reason)
+
+    def _reject(self, number: int, reason: str, message: str) -> None:
+        self.rejections[reason] += 1
+        self.metrics.rejected(reason)
+        if (number, reason) not in self._logged:  # once per reason per round
+            self._logged.add((number, reason))
+            log.warning("round %d: %s (further '%s' refusals this round are counted, not logged)",
+                        number, message, reason)
+
+
+class _Evaluator:
+    """The global model in the same TFLite interpreter the devices use."""
+
+    def __init__(self, train_bytes: bytes, manifest: dict[str, Any]) -> None:
+        from fedlite.agent.trainer import Trainer
+
+        self.trainer = Trainer(train_bytes, manifest)
+
+    def get_weights(self) -> np.ndarray:
+        return self.trainer.get_weights()
+
+    def evaluate(self, flat: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        self.trainer.set_weights(flat)
+        return self.trainer.evaluate(x, y)
+
+
+def _load_test_set(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    if not path:
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return data["x"].astype(np.float32), data["y"].astype(np.int64)
+
+
+def _optimizer_params(config: AggregatorConfig) -> dict[str, float]:
+    s = config.server
+    params = {"learning_rate": s.learning_rate}
+    if s.optimizer == "fedavgm":
+        params["momentum"] = s.momentum
+    if s.optimizer == "fedadam":
+        params |= {"beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
+    return params
+
+
+def _broker_settings(config: AggregatorConfig) -> BrokerSettings:
+    b = config.broker
+    return BrokerSettings(host=b.host, port=b.port, username=b.username, password=b.resolve_password(),
+                          tls=b.tls, ca_file=b.ca_file or None)
+
+
+def _client_id(config: AggregatorConfig) -> str:
+    return f"fedlite-aggregator-{config.federation.name}"
+
+
+def _notifier() -> Any:
+    from fedlite.agent.sdnotify import Notifier
+
+    notifier = Notifier()
+
+    def send(message: str) -> None:
+        if message == "WATCHDOG=1":
+            notifier.ping()
+        else:
+            notifier.send(message)
+
+    return send
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,154 @@
+"""Admission of client updates: every check an uplink payload must pass before it is aggregated.
+
+`validate_update` either returns a `ValidUpdate` or raises `Rejected` with a short reason tag for counters.
+Checks run cheapest and most identity-related first: the codec (frame, limits, finiteness), kind,
+federation, round (stale / future), sender (the header's client id must be the topic's: the broker ACL lets
+a device publish only to its own topic, so the topic is the authenticated identity), selection, duplicates
+(first wins), model hash, tensor names and shapes, example count, value magnitude, and the update norm.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedlite.aggregator.strategies.robust import clip_by_global_norm, global_norm
+from fedlite.protocol.codec import CodecError, Limits, decode
+from fedlite.protocol.layout import LayoutError, check_tensors
+
+NORM_POLICIES = ("clip", "reject")
+
+
+class Rejected(Exception):
+    """An update that is not aggregated; `reason` is a short tag, `detail` says why for the log."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class RoundContext:
+    """What the aggregator knows about the open round. `accepted` grows as updates are admitted."""
+
+    federation: str
+    round: int
+    model_hash: str
+    manifest: dict[str, Any]
+    selected: frozenset[str]
+    accepted: set[str] = field(default_factory=set)
+    max_examples: int = 1_000_000
+    min_examples: int = 1
+    max_update_norm: float = 0.0  # 0: no bound
+    norm_policy: str = "clip"  # "clip" | "reject"
+    max_abs_value: float = 1e3  # any dequantized delta entry beyond this is a giant-scale update
+
+    def __post_init__(self) -> None:
+        if self.norm_policy not in NORM_POLICIES:
+            raise ValueError(f"norm_policy must be one of {', '.join(NORM_POLICIES)}, not {self.norm_policy!r}")
+        if self.max_update_norm < 0 or not self.max_abs_value > 0:
+            raise ValueError("max_update_norm must be >= 0 and max_abs_value > 0")
+        if not 0 <= self.min_examples <= self.max_examples:
+            raise ValueError(f"need 0 <= min_examples <= max_examples, got {self.min_examples}, {self.max_examples}")
+
+
+@dataclass
+class ValidUpdate:
+    client_id: str
+    delta: dict[str, np.ndarray]  # float32, already clipped when the norm policy is "clip"
+    num_examples: int
+    metrics: dict[str, float]
+    norm: float  # L2 norm before clipping
+    clipped: bool
+    bytes: int
+
+
+def validate_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits()) -> ValidUpdate:
+    """Decode and check one uplink payload; on success the client is added to ``ctx.accepted``."""
+    size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
+    try:
+        message = decode(payload, limits=limits)
+    except CodecError as exc:
+        raise Rejected(exc.reason, exc.detail) from None
+    except Exception as exc:  # a bug in the decoder must not let one payload crash the round
+        raise Rejected("malformed", f"decoder failed: {type(exc).__name__}: {exc}") from None
+    header, delta = message.header, message.tensors
+    if header.kind != "update" or header.encoding != "int8":
+        raise Rejected("kind", f"expected an int8 update, got kind {header.kind!r} encoding {header.encoding!r}")
+    if header.federation != ctx.federation:
+        raise Rejected("federation", f"update for federation {header.federation!r}, this is {ctx.federation!r}")
+    if header.round < ctx.round:
+        raise Rejected("stale", f"update for round {header.round}, the open round is {ctx.round}")
+    if header.round > ctx.round:
+        raise Rejected("future", f"update for round {header.round}, the open round is {ctx.round}")
+    if header.client_id != topic_client_id:
+        raise Rejected("sender", f"header says client {header.client_id!r} but it came on {topic_client_id!r}'s topic")
+    if topic_client_id not in ctx.selected:
+        raise Rejected("unselected", f"client {topic_client_id!r} was not selected for round {ctx.round}")
+    if topic_client_id in ctx.accepted:
+        raise Rejected("duplicate", f"client {topic_client_id!r} already has an accepted update in round {ctx.round}")
+    if header.model_hash != ctx.model_hash:
+        raise Rejected("model_hash", f"update is for model {header.model_hash[:16]!r}, the round uses "
+                       f"{ctx.model_hash[:16]!r}")
+    try:
+        check_tensors(delta, ctx.manifest)
+    except LayoutError as exc:
+        raise Rejected(exc.reason, exc.detail) from None
+    if not ctx.min_examples <= header.num_examples <= ctx.max_examples:
+        raise Rejected("examples", f"num_examples {header.num_examples} is outside "
+                       f"[{ctx.min_examples}, {ctx.max_examples}]")
+    largest = max_abs(delta)
+    if largest > ctx.max_abs_value:
+        raise Rejected("magnitude", f"a delta entry of magnitude {largest:.3g} exceeds {ctx.max_abs_value:.3g}")
+    norm, clipped = global_norm(delta), False
+    if ctx.max_update_norm > 0 and norm > ctx.max_update_norm:
+        if ctx.norm_policy == "reject":
+            raise Rejected("norm", f"update norm {norm:.4g} exceeds {ctx.max_update_norm:.4g}")
+        delta, _ = clip_by_global_norm(delta, ctx.max_update_norm, inplace=True)
+        clipped = True
+    ctx.accepted.add(topic_client_id)
+    metrics = {key: float(value) for key, value in header.metrics.items()}
+    return ValidUpdate(topic_client_id, delta, header.num_examples, metrics, norm, clipped, size)
+
+
+def max_abs(tensors: dict[str, np.ndarray]) -> float:
+    """The largest |entry| over all tensors, without an |x| temporary."""
+    largest = 0.0
+    for value in tensors.values():
+        if value.size:
+            largest = max(largest, float(value.max()), -float(value.min()))
+    return largest
+
+
+class RejectionCounter:
+    """Counts rejections by reason, and tells the caller when a reason is new for a round (log it once)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._round: int | None = None
+        self._seen: set[str] = set()
+
+    def record(self, reason: str) -> int:
+        """Count one rejection; returns the running count for `reason`."""
+        self._counts[reason] += 1
+        return self._counts[reason]
+
+    def first_in_round(self, round_: int, reason: str) -> bool:
+        """True the first time `reason` is seen in `round_` (only the latest round is remembered)."""
+        if round_ != self._round:
+            self._round, self._seen = round_, set()
+        if reason in self._seen:
+            return False
+        self._seen.add(reason)
+        return True
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self._counts.items()))
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())

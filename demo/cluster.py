@@ -1,0 +1,204 @@
+"""A federation on one machine: a real Mosquitto, the aggregator and agents as separate processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlite.agent.state import write_state
+from fedlite.broker_config import permissions
+from fedlite.broker_config.broker import Broker
+from fedlite.broker_config.config import init_broker_dir
+from fedlite.broker_config.credentials import add_aggregator, enrol_device
+from fedlite.settings import dump_toml
+
+AGGREGATOR_USER = "aggregator"
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalFederation:
+    """Everything a run needs under `run_dir`; `stop()` ends every process it started."""
+
+    run_dir: Path
+    federation: str
+    devices: list[str]
+    tls: bool = True
+    broker: Broker | None = None
+    processes: dict[str, Process] = field(default_factory=dict)
+    passwords: dict[str, str] = field(default_factory=dict)
+    _cleanup: list[Path] = field(default_factory=list)
+
+    # --- broker -------------------------------------------------------------------------------
+
+    def start_broker(self) -> Broker:
+        home = self._broker_home()
+        init_broker_dir(home, federations=self.federation, port=0, tls_port=0 if self.tls else None)
+        self.passwords[AGGREGATOR_USER] = add_aggregator(home, AGGREGATOR_USER, self.federation)
+        for device in self.devices:
+            self.passwords[device] = enrol_device(home, device, self.federation)
+        self.broker = Broker(home).start()
+        return self.broker
+
+    def _broker_home(self) -> Path:
+        """run_dir/broker, or a folder the broker's own user can reach, linked from there."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        account = permissions.broker_account()
+        try:
+            if account is not None:
+                permissions.check_reachable(self.run_dir, account)
+            return self.run_dir / "broker"
+        except PermissionError:
+            outside = Path(tempfile.mkdtemp(prefix="fedlite-broker-"))
+            outside.chmod(0o755)
+            self._cleanup.append(outside)
+            (self.run_dir / "broker").symlink_to(outside, target_is_directory=True)
+            return outside / "broker"
+
+    # --- configuration --------------------------------------------------------------------------
+
+    def _secret(self, name: str) -> str:
+        path = self.run_dir / "secrets" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.passwords[name])
+        path.chmod(0o600)
+        return str(path)
+
+    def aggregator_config(self, **tables: dict[str, Any]) -> Path:
+        """Write aggregator.toml; `tables` override or extend its sections."""
+        assert self.broker is not None, "start the broker first"
+        config = {
+            "federation": {"name": self.federation, "state_dir": str(self.run_dir / "aggregator")},
+            "broker": {"host": self.broker.host, "port": self.broker.port, "username": AGGREGATOR_USER,
+                       "password_file": self._secret(AGGREGATOR_USER)},
+        }
+        return self._write_config("aggregator.toml", config, tables)
+
+    def agent_config(self, client_id: str, data_path: Path, **tables: dict[str, Any]) -> Path:
+        """Write agents/<id>/agent.toml with a simulated device state file beside it."""
+        assert self.broker is not None, "start the broker first"
+        home = self.run_dir / "agents" / client_id
+        home.mkdir(parents=True, exist_ok=True)
+        broker: dict[str, Any] = {"username": client_id, "password_file": self._secret(client_id)}
+        if self.tls:
+            broker |= {"host": self.broker.tls_host, "port": self.broker.tls_port, "tls": True,
+                       "ca_file": str(self.broker.ca_file)}
+        else:
+            broker |= {"host": self.broker.host, "port": self.broker.port, "tls": False}
+        config = {
+            "device": {"client_id": client_id, "federation": self.federation, "state_dir": str(home / "state")},
+            "data": {"source": "npz", "path": str(data_path)},
+            "broker": broker,
+            "state": {"provider": "file", "file": str(self.state_file(client_id))},
+            "agent": {"status_interval_seconds": 1.0},
+        }
+        return self._write_config(f"agents/{client_id}/agent.toml", config, tables)
+
+    def state_file(self, client_id: str) -> Path:
+        return self.run_dir / "agents" / client_id / "device_state.json"
+
+    def set_device_state(self, client_id: str, **values: Any) -> None:
+        """Change a simulated device's state; its agent sees it through the same gate code."""
+        write_state(self.state_file(client_id), **values)
+
+    def _write_config(self, relative: str, config: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> Path:
+        for table, values in overrides.items():
+            config[table] = config.get(table, {}) | values
+        path = self.run_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dump_toml(config))
+        return path
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def start(self, name: str, role: str, config: Path, log_level: str = "INFO") -> Process:
+        """Run `fedlite <role> --config <config>` as a child process logging to run_dir/logs/<name>.log."""
+        log = self.run_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "fedlite.cli", role, "--config", str(config), "--log-level", log_level],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=os.environ | {"PYTHONUNBUFFERED": "1"},
+            )
+        self.processes[name] = Process(name, popen, log)
+        return self.processes[name]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes[name]
+        if process.alive():
+            os.killpg(process.popen.pid, sig)
+            process.popen.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every child, wait, SIGKILL what is left; then stop the broker."""
+        for process in self.processes.values():
+            if process.alive():
+                _signal_group(process.popen.pid, signal.SIGTERM)
+        end = time.time() + timeout
+        for process in self.processes.values():
+            try:
+                process.popen.wait(max(0.1, end - time.time()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process.popen.pid, signal.SIGKILL)
+                process.popen.wait(5)
+        if self.broker is not None:
+            self.broker.stop()
+        for folder in self._cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def write_shard(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=x.astype(np.float32), y=y.astype(np.int64))
+    return path
+
+
+def wait_for(condition: Any, timeout: float, what: str, processes: Iterable[Process] = (), poll: float = 0.2) -> Any:
+    """Poll `condition()` until truthy; on timeout raise with the tails of the given processes' logs."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    tails = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in processes)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")

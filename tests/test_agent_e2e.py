@@ -1,0 +1,121 @@
+"""The agent as a real process against a real Mosquitto: train and send, decline, abort mid-training."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from broker_fixtures import open_client
+from helpers_models import digits_split
+
+from fedlite.demo.cluster import LocalFederation, wait_for, write_shard
+from fedlite.protocol import topics
+from fedlite.protocol.codec import Header, decode, encode_model, encode_weights
+from fedlite.protocol.layout import num_params, unflatten
+from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
+
+FED = "digits"
+DEVICE = "dev-a"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[dict, bytes, dict[str, np.ndarray]]:
+    from fedlite.model_export.convert import export_model
+
+    out = tmp_path_factory.mktemp("model")
+    manifest = export_model("mlp", (64,), 10, out)
+    rng = np.random.default_rng(0)
+    weights = unflatten(rng.normal(0, 0.1, num_params(manifest)).astype(np.float32), manifest)
+    return manifest, (out / "train.tflite").read_bytes(), weights
+
+
+class Coordinator:
+    """Plays the aggregator's part with a plain MQTT client so the agent is tested on its own."""
+
+    def __init__(self, fed: LocalFederation, manifest: dict, train_bytes: bytes) -> None:
+        b = fed.broker
+        self.client = open_client(b.host, b.port, "aggregator", fed.passwords["aggregator"])
+        self.manifest = manifest
+        for topic in (topics.all_updates(FED), topics.all_reports(FED), topics.all_statuses(FED)):
+            self.client.subscribe(topic)
+        header = Header(kind="model", federation=FED, round=0, model_hash=manifest["model_hash"],
+                        extra={"manifest": manifest})
+        self.client.publish(topics.model_topic(FED, manifest["model_hash"]), encode_model(train_bytes, header),
+                            retain=True)
+        self.inbox: dict[str, list[bytes]] = {"updates": [], "reports": [], "status": []}
+
+    def announce(self, number: int, weights: dict[str, np.ndarray], plan: TrainingPlan, deadline: float = 60) -> None:
+        h = Header(kind="weights", federation=FED, round=number, model_hash=self.manifest["model_hash"])
+        self.client.publish(topics.weights_topic(FED, number), encode_weights(weights, h), retain=True)
+        announcement = RoundAnnouncement(
+            federation=FED, round=number, model_hash=self.manifest["model_hash"],
+            model_topic=topics.model_topic(FED, self.manifest["model_hash"]),
+            weights_topic=topics.weights_topic(FED, number), selected=[DEVICE], deadline=time.time() + deadline,
+            plan=plan, session=f"s{number}",
+        )
+        self.client.publish(topics.round_topic(FED), to_json(announcement), retain=True)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                message = self.client.messages.get_nowait()
+            except queue.Empty:
+                return
+            self.inbox[message.topic.split("/")[2]].append(bytes(message.payload))
+
+    def reports(self) -> list[dict]:
+        self.drain()
+        return [json.loads(p) for p in self.inbox["reports"]]
+
+    def statuses(self) -> list[dict]:
+        self.drain()
+        return [json.loads(p) for p in self.inbox["status"] if p]
+
+
+def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
+    manifest, train_bytes, weights = exported
+    x_train, y_train, _, _ = digits_split()
+    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
+        fed.start_broker()
+        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
+        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "max_epochs": 100000})
+        coordinator = Coordinator(fed, manifest, train_bytes)
+        agent = fed.start(DEVICE, "agent", config)
+        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
+
+        # 1. selected, eligible: trains and sends an int8 update that decodes against the model's layout
+        coordinator.announce(1, weights, TrainingPlan(epochs=2, batch_size=32, learning_rate=0.1))
+        wait_for(lambda: coordinator.drain() or coordinator.inbox["updates"], 60, "the round 1 update", [agent])
+        update = decode(coordinator.inbox["updates"][0])
+        assert (update.header.kind, update.header.round, update.header.client_id) == ("update", 1, DEVICE)
+        assert update.header.encoding == "int8" and update.header.num_examples == 480  # 600 minus 20 % held out
+        assert set(update.tensors) == set(weights)
+        assert sum(float(np.abs(t).sum()) for t in update.tensors.values()) > 0
+        assert update.header.metrics["eval_accuracy_after"] > update.header.metrics["eval_accuracy_before"]
+
+        # 2. a closed gate: no training, a decline that names the gate
+        fed.set_device_state(DEVICE, cpu_percent=95.0)
+        coordinator.announce(2, weights, TrainingPlan(epochs=1))
+        report = wait_for(lambda: [r for r in coordinator.reports() if r["round"] == 2], 30, "a decline", [agent])[0]
+        assert report["kind"] == "declined" and report["reason"].startswith("idle: CPU busy: 95%")
+
+        # 3. the charger is pulled during training: abort at the next batch, publish nothing
+        fed.set_device_state(DEVICE)
+        coordinator.announce(3, weights, TrainingPlan(epochs=20000, batch_size=8, learning_rate=0.01))
+        wait_for(lambda: any(s["state"] == "training" for s in coordinator.statuses()), 30, "training", [agent])
+        time.sleep(0.5)
+        flipped = time.time()
+        fed.set_device_state(DEVICE, plugged_in=False, battery_percent=90.0)
+        report = wait_for(lambda: [r for r in coordinator.reports() if r["round"] == 3], 30, "an abort", [agent])[0]
+        assert report["kind"] == "aborted" and report["reason"].startswith("charged: on battery")
+        steps = int(report["reason"].rsplit("(after ", 1)[1].split(" ")[0])
+        assert 0 < steps < 20000 * 60  # stopped long before the plan's end
+        assert report["sent_at"] - flipped < 2.0
+        time.sleep(1.0)
+        coordinator.drain()
+        assert len(coordinator.inbox["updates"]) == 1  # still only round 1's update
+        assert "round 3 aborted: charged: on battery" in agent.log_tail(50)
