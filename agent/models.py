@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ class ModelCache:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.threads = threads
+        self.lock = threading.RLock()
         self._loaded: tuple[str, Any, dict[str, Any]] | None = None
 
     @property
@@ -35,6 +37,11 @@ class ModelCache:
 
     def store(self, model_hash: str, payload: bytes) -> None:
         """Check a model message against its hash and manifest, then write it atomically."""
+        with self.lock:
+            if not self.has(model_hash):
+                self._store(model_hash, payload)
+
+    def _store(self, model_hash: str, payload: bytes) -> None:
         message = decode(payload)
         header = message.header
         manifest = header.extra.get("manifest")
@@ -56,6 +63,10 @@ class ModelCache:
 
     def trainer(self, model_hash: str) -> tuple[Any, dict[str, Any]]:
         """A Trainer for the cached model (kept loaded while the model stays the same)."""
+        with self.lock:
+            return self._trainer(model_hash)
+
+    def _trainer(self, model_hash: str) -> tuple[Any, dict[str, Any]]:
         if self._loaded is None or self._loaded[0] != model_hash:
             from fedlite.agent.trainer import Trainer
 

@@ -71,15 +71,17 @@ class Mailbox:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, state: StateProvider | None = None) -> None:
+    def __init__(self, config: AgentConfig, state: StateProvider | None = None, *, data: LocalData | None = None,
+                 models: ModelCache | None = None) -> None:
+        """`data` and `models` may be given to run many virtual agents in one process (the simulator)."""
         self.config = config
         self.client_id = config.device.client_id
         self.federation = config.device.federation
         self.state = state or _state_provider(config)
-        self.data: LocalData = load_local_data(config.data)
+        self.data: LocalData = data if data is not None else load_local_data(config.data)
         self.state_dir = Path(config.device.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.models = ModelCache(self.state_dir / "models", threads=config.agent.threads)
+        self.models = models or ModelCache(self.state_dir / "models", threads=config.agent.threads)
         self.counters = Counters()
         self.notifier = Notifier()
         self.stop_event = threading.Event()
@@ -154,7 +156,8 @@ class Agent:
             trainer, manifest = self._fetch_model(a)
             global_flat = self._fetch_weights(a, manifest)
             self._publish_status("training")
-            payload, steps = self._train(a, trainer, manifest, global_flat)
+            with self.models.lock:  # one interpreter per model; virtual agents in one process take turns
+                payload, steps = self._train(a, trainer, manifest, global_flat)
             self._publish_update(a, payload)
             self._save_progress(a.round, a.session)
             self.counters.rounds_trained += 1

@@ -107,7 +107,8 @@ class Trainer:
                 if should_continue is not None and not should_continue():
                     return result(True, "stopped: should_continue() returned False")
                 batch = order[start:start + batch_size]
-                loss = self.train_step(x[batch], y[batch], lr, mu)
+                # a short last batch steps in proportion to its size: a full step on a few examples is noise
+                loss = self.train_step(x[batch], y[batch], lr * len(batch) / batch_size, mu)
                 if not math.isfinite(loss):
                     return result(True, f"loss is not finite ({loss}) at step {steps + 1}")
                 steps, seen, loss_sum = steps + 1, seen + len(batch), loss_sum + loss * len(batch)

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-port", type=int, default=config.DEFAULT_TLS_PORT, help="TLS listener for devices")
     tls.add_argument("--no-tls", action="store_true", help="no TLS listener (loopback-only broker)")
     p.add_argument("--bind", default="127.0.0.1", help="address of the TLS listener (0.0.0.0 for devices)")
-    p.add_argument("--max-queued-messages", type=int, default=1000)
+    p.add_argument("--max-queued-messages", type=int, default=100_000)
     p.add_argument(
         "--message-size-limit", type=int, default=None,
         help="last-resort cap in bytes: a larger publish gets its client disconnected",

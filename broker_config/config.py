@@ -93,7 +93,7 @@ class BrokerSettings:
     federations: list[str]
     bind: str = "127.0.0.1"
     plain_bind: str = "127.0.0.1"
-    max_queued_messages: int = 1000
+    max_queued_messages: int = 100_000
     message_size_limit: int | None = None
 
     def save(self, paths: BrokerPaths) -> None:
@@ -177,7 +177,7 @@ def init_broker_dir(
     port: int = DEFAULT_PORT,
     tls_port: int | None = DEFAULT_TLS_PORT,
     bind: str = "127.0.0.1",
-    max_queued_messages: int = 1000,
+    max_queued_messages: int = 100_000,
     message_size_limit: int | None = None,
     make_certs: bool = True,
 ) -> BrokerSettings:

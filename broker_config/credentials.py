@@ -141,3 +141,36 @@ def load_credentials(path: str | os.PathLike) -> dict[str, Any]:
     """Read a credentials file: {"device" (or "federation"): {...}, "broker": {...}}."""
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+def enrol_devices(directory: str | os.PathLike, client_ids: list[str], federation: str) -> dict[str, str]:
+    """Enrol many devices at once (a fleet, a load test): one hashing pass and one ACL write.
+
+    Returns {client_id: password}. Unlike `enrol_device`, no per-device credentials files are written.
+    """
+    paths = BrokerPaths(Path(directory).resolve())
+    if federation not in BrokerSettings.load(paths.root).federations:
+        raise ValueError(f"federation {federation!r} is not served by the broker in {paths.root}")
+    passwords = {check_id(cid, "device name"): generate_password() for cid in client_ids}
+    principals = acl.load_principals(paths)
+    clash = sorted(set(passwords) & set(principals["aggregator"]))
+    if clash:
+        raise ValueError(f"{clash[0]!r} is already enrolled as aggregator")
+    for cid in passwords:
+        principals["device"][cid] = sorted(set(principals["device"].get(cid, [])) | {federation})
+    acl.save_principals(paths, principals)
+    batch = paths.root / ".passwd-batch"
+    _write_private(batch, "".join(f"{cid}:{pw}\n" for cid, pw in passwords.items()))
+    result = subprocess.run([find_executable("mosquitto_passwd"), "-U", str(batch)], capture_output=True, text=True)
+    if result.returncode != 0:
+        batch.unlink(missing_ok=True)
+        raise RuntimeError(f"mosquitto_passwd -U failed: {result.stderr.strip() or result.stdout.strip()}")
+    kept = []
+    if paths.password_file.exists():
+        kept = [line for line in paths.password_file.read_text().splitlines()
+                if line and line.split(":", 1)[0] not in passwords]
+    paths.password_file.write_text("\n".join(kept + batch.read_text().splitlines()) + "\n")
+    batch.unlink()
+    acl.write_acl(paths)
+    permissions.grant_broker_access(paths)
+    return passwords

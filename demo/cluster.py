@@ -21,7 +21,7 @@ from fedlite.agent.state import write_state
 from fedlite.broker_config import permissions
 from fedlite.broker_config.broker import Broker
 from fedlite.broker_config.config import init_broker_dir
-from fedlite.broker_config.credentials import add_aggregator, enrol_device
+from fedlite.broker_config.credentials import add_aggregator, enrol_devices
 from fedlite.settings import dump_toml
 
 AGGREGATOR_USER = "aggregator"
@@ -62,8 +62,7 @@ class LocalFederation:
         home = self._broker_home()
         init_broker_dir(home, federations=self.federation, port=0, tls_port=0 if self.tls else None)
         self.passwords[AGGREGATOR_USER] = add_aggregator(home, AGGREGATOR_USER, self.federation)
-        for device in self.devices:
-            self.passwords[device] = enrol_device(home, device, self.federation)
+        self.passwords |= enrol_devices(home, self.devices, self.federation)
         self.broker = Broker(home).start()
         return self.broker
 
@@ -126,6 +125,7 @@ class LocalFederation:
 
     def set_device_state(self, client_id: str, **values: Any) -> None:
         """Change a simulated device's state; its agent sees it through the same gate code."""
+        self.state_file(client_id).parent.mkdir(parents=True, exist_ok=True)
         write_state(self.state_file(client_id), **values)
 
     def _write_config(self, relative: str, config: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> Path:
@@ -140,11 +140,17 @@ class LocalFederation:
 
     def start(self, name: str, role: str, config: Path, log_level: str = "INFO") -> Process:
         """Run `fedlite <role> --config <config>` as a child process logging to run_dir/logs/<name>.log."""
+        return self.start_command(
+            name, [sys.executable, "-m", "fedlite.cli", role, "--config", str(config), "--log-level", log_level]
+        )
+
+    def start_command(self, name: str, command: list[str]) -> Process:
+        """Run `command` as a child process (its own session) logging to run_dir/logs/<name>.log."""
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "fedlite.cli", role, "--config", str(config), "--log-level", log_level],
+                command,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env=os.environ | {"PYTHONUNBUFFERED": "1"},
             )

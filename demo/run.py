@@ -1,0 +1,160 @@
+"""The main job: a whole federated training run on this machine, from partitioned data to a report."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, wait_for, write_shard
+from fedlite.demo.datasets import Task, load_task
+from fedlite.demo.partition import describe, format_description, partition
+from fedlite.demo.report import format_progress, human_bytes, write_report
+from fedlite.demo.scenario import Scenario, Vanisher, assign_roles
+from fedlite.protocol import topics
+from fedlite.protocol.errors import ProtocolError
+from fedlite.protocol.messages import RoundAnnouncement, from_json
+from fedlite.protocol.transport import BrokerSettings, Link
+
+FEDERATION = "demo"
+
+
+@dataclass
+class DemoPlan:
+    task: str = "digits"
+    clients: int = 10
+    rounds: int = 40
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    local_epochs: int = 2
+    clients_per_round: int = 0  # 0: 60 % of the clients
+    over_selection: float = 0.3
+    deadline_seconds: float = 10.0
+    centralized_epochs: int = 5
+    seed: int = 0
+    export_every: int = 1
+
+
+def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
+    """Run the demo in `run_dir`; returns the summary written to run_dir/report/summary.json."""
+    started = time.time()
+    task = load_task(plan.task, seed=plan.seed)
+    devices = [f"device-{i:02d}" for i in range(plan.clients)]
+    say(f"fedlite demo: task {task.name} ({task.description}); {plan.clients} devices, {plan.rounds} rounds, "
+        f"{plan.partition} partition" + (f" (alpha {plan.alpha})" if plan.partition == "dirichlet" else ""))
+    shards = _write_data(task, plan, devices, run_dir / "data", say)
+    with LocalFederation(run_dir, FEDERATION, devices) as fed:
+        fed.start_broker()
+        say(f"broker: Mosquitto on 127.0.0.1:{fed.broker.port} (aggregator) and TLS :{fed.broker.tls_port} "
+            f"(devices), per-device credentials and ACLs in {fed.broker.paths.root}")
+        roles = assign_roles(devices)
+        scenario = Scenario(fed, roles).start()
+        for device in devices:
+            _start_agent(fed, device, shards[device])
+        aggregator = fed.start("aggregator", "aggregator", _aggregator_config(fed, task, plan, run_dir))
+        vanishing = [d for d, r in roles.items() if r.kind == "vanishing"]
+        vanisher = (Vanisher(fed, vanishing[0], lambda: _start_agent(fed, vanishing[0], shards[vanishing[0]]),
+                             at_round=max(2, plan.rounds // 3), say=say) if vanishing else None)
+        observer = _observe_rounds(fed, vanisher)
+        say(f"agents: {plan.clients} processes with simulated device state "
+            f"({', '.join(sorted({r.kind for r in roles.values()}))}); aggregator started, exporting the model")
+        try:
+            history = _follow(fed, aggregator, plan, say)
+        finally:
+            observer.close()
+            scenario.stop()
+    return _finish(task, plan, run_dir, history, time.time() - started, say)
+
+
+def _write_data(task: Task, plan: DemoPlan, devices: list[str], folder: Path, say: Any) -> dict[str, Path]:
+    parts = partition(plan.partition, task.y_train, len(devices), np.random.default_rng(plan.seed), alpha=plan.alpha)
+    say(format_description(describe(task.y_train, parts)))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "test.npz", x=task.x_test, y=task.y_test)  # held by the server only, for evaluation
+    return {device: write_shard(folder / f"{device}.npz", task.x_train[part], task.y_train[part])
+            for device, part in zip(devices, parts, strict=True)}
+
+
+def _start_agent(fed: LocalFederation, device: str, shard: Path) -> None:
+    fed.start(device, "agent", fed.agent_config(device, shard))
+
+
+def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir: Path) -> Path:
+    per_round = plan.clients_per_round or max(1, math.ceil(0.6 * plan.clients))
+    return fed.aggregator_config(
+        model={"arch": task.arch, "input_shape": list(task.input_shape), "classes": task.classes,
+               "options": task.options, "seed": plan.seed, "export_every": plan.export_every},
+        rounds={"total": plan.rounds, "clients_per_round": per_round, "over_selection": plan.over_selection,
+                "quorum": max(1, per_round // 2), "deadline_seconds": plan.deadline_seconds,
+                "wait_for_devices_seconds": 10.0, "status_ttl_seconds": 5.0, "seed": plan.seed},
+        training={"epochs": plan.local_epochs, "batch_size": task.batch_size, "learning_rate": task.lr},
+        evaluation={"test_data": str(run_dir / "data" / "test.npz")},
+    )
+
+
+def _observe_rounds(fed: LocalFederation, vanisher: Vanisher | None) -> Link:
+    """Watch round announcements (as the operator would) to time the vanishing device mid-round."""
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if vanisher is None or not payload:
+            return
+        try:
+            announcement = from_json(RoundAnnouncement, payload)
+        except ProtocolError:
+            return
+        vanisher.on_round(announcement.round, announcement.selected)
+
+    settings = BrokerSettings(host=fed.broker.host, port=fed.broker.port, username=AGGREGATOR_USER,
+                              password=fed.passwords[AGGREGATOR_USER])
+    link = Link(settings, "demo-observer", on_message)
+    link.subscribe(topics.round_topic(FEDERATION))
+    link.connect()
+    return link
+
+
+def _follow(fed: LocalFederation, aggregator: Any, plan: DemoPlan, say: Any) -> list[dict[str, Any]]:
+    """Print each round as the aggregator records it; return the history once it finishes."""
+    path = fed.run_dir / "aggregator" / "history.json"
+    shown = 0
+
+    def finished() -> bool:
+        nonlocal shown
+        history = json.loads(path.read_text()) if path.exists() else []
+        for record in history[shown:]:
+            say(format_progress(record, plan.rounds))
+        shown = len(history)
+        return aggregator.popen.poll() is not None
+
+    wait_for(finished, 120 + plan.rounds * (plan.deadline_seconds + 30), "the federated rounds",
+             fed.processes.values(), poll=0.25)
+    if aggregator.popen.returncode != 0:
+        raise RuntimeError(f"the aggregator stopped with an error:\n{aggregator.log_tail(30)}")
+    return json.loads(path.read_text())
+
+
+def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[dict[str, Any]], seconds: float,
+            say: Any) -> dict[str, Any]:
+    from fedlite.demo.baseline import centralized_accuracy
+
+    models = run_dir / "aggregator" / "models"
+    say("centralized baseline: the same model trained on the pooled data")
+    baseline = centralized_accuracy(task, plan.centralized_epochs, task.batch_size, task.lr, plan.seed,
+                                    models / "round-00000")
+    final = max((p for p in models.glob("round-*") if (p / "infer_int8.tflite").exists()), default=None)
+    summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
+        "task": task.name, "plan": asdict(plan), "duration_seconds": round(seconds, 1),
+        "int8_model": str(final / "infer_int8.tflite") if final else None,
+        "trainable_model": str(final / "train.tflite") if final else None,
+    })
+    say("")
+    say(f"federated accuracy {summary['final_accuracy']:.3f}   centralized {baseline['accuracy']:.3f}   "
+        f"after {summary['rounds']} rounds in {seconds:.0f} s")
+    say(f"bytes up {human_bytes(summary['bytes_up'])}, down {human_bytes(summary['bytes_down'])}")
+    say(f"int8 inference model: {summary['int8_model']}")
+    say(f"report: {run_dir / 'report'} (summary.json and plots)")
+    return summary

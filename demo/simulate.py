@@ -1,0 +1,103 @@
+"""Load-test rounds: many virtual agents in a few processes against a real broker and aggregator."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlite.demo.cluster import LocalFederation, wait_for
+from fedlite.demo.datasets import load_task
+
+FEDERATION = "sim"
+
+
+@dataclass
+class SimulationPlan:
+    clients: int
+    rounds: int = 3
+    processes: int = 4
+    clients_per_round: int = 0  # 0: every client
+    deadline_seconds: float = 300.0
+    examples_per_client: int = 32
+    status_interval_seconds: float = 10.0
+    task: str = "digits"
+
+
+def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -> dict[str, Any]:
+    """Run `plan.rounds` rounds with `plan.clients` virtual agents; return round times and throughput."""
+    task = load_task(plan.task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    devices = [f"sim-{i:05d}" for i in range(plan.clients)]
+    per_round = plan.clients_per_round or plan.clients
+    with LocalFederation(run_dir, FEDERATION, devices, tls=False) as fed:
+        started = time.time()
+        fed.start_broker()
+        progress(f"broker up with {plan.clients} enrolled devices ({time.time() - started:.1f} s)")
+        data = run_dir / "data.npz"
+        np.savez(data, x=task.x_train, y=task.y_train)
+        aggregator = fed.start("aggregator", "aggregator", fed.aggregator_config(
+            model={"arch": task.arch, "input_shape": list(task.input_shape), "classes": task.classes,
+                   "options": task.options, "export_every": 0},
+            rounds={"total": plan.rounds, "clients_per_round": per_round, "over_selection": 0.0,
+                    "quorum": max(1, int(per_round * 0.9)), "deadline_seconds": plan.deadline_seconds,
+                    "wait_for_devices_seconds": 120.0, "status_ttl_seconds": 10 * plan.status_interval_seconds},
+            training={"epochs": 1, "batch_size": 16, "learning_rate": task.lr},
+        ))
+        _start_workers(fed, plan, devices, data)
+        progress(f"{plan.processes} processes of virtual agents started; waiting for {plan.rounds} rounds")
+        history = _follow(fed, aggregator, plan, progress)
+    return _summary(plan, per_round, history)
+
+
+def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str], data: Path) -> None:
+    for worker, chunk in enumerate(np.array_split(np.array(devices), plan.processes)):
+        spec = {
+            "worker": worker, "run_dir": str(fed.run_dir), "federation": FEDERATION, "data": str(data),
+            "host": fed.broker.host, "port": fed.broker.port, "devices": {c: fed.passwords[c] for c in chunk},
+            "examples_per_client": plan.examples_per_client,
+            "status_interval_seconds": plan.status_interval_seconds,
+        }
+        path = fed.run_dir / f"worker-{worker}.json"
+        path.write_text(json.dumps(spec))
+        fed.start_command(f"worker-{worker}", [sys.executable, "-m", "fedlite.demo.simulate_worker", str(path)])
+
+
+def _follow(fed: LocalFederation, aggregator: Any, plan: SimulationPlan, progress: Any) -> list[dict[str, Any]]:
+    history_path = fed.run_dir / "aggregator" / "history.json"
+    reported = 0
+
+    def done() -> bool:
+        nonlocal reported
+        history = json.loads(history_path.read_text()) if history_path.exists() else []
+        for record in history[reported:]:
+            progress(f"round {record['round']}: {record['status']}, {record['accepted']}/{record['selected']} "
+                     f"updates in {record['duration_seconds']:.2f} s")
+        reported = len(history)
+        return aggregator.popen.poll() is not None
+
+    wait_for(done, 120 + plan.rounds * (plan.deadline_seconds + 60), "the simulated rounds", [aggregator], poll=0.5)
+    if aggregator.popen.returncode != 0:
+        raise RuntimeError(f"the aggregator failed:\n{aggregator.log_tail(30)}")
+    return json.loads(history_path.read_text())
+
+
+def _summary(plan: SimulationPlan, per_round: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+    complete = [r for r in history if r["status"] == "complete"]
+    seconds = [round(r["duration_seconds"], 3) for r in complete]
+    accepted = sum(r["accepted"] for r in complete)
+    return {
+        "clients": plan.clients,
+        "clients_per_round": per_round,
+        "rounds": len(complete),
+        "round_seconds": seconds,
+        "median_round_seconds": float(np.median(seconds)) if seconds else None,
+        "updates_per_second": accepted / sum(seconds) if seconds else None,
+        "bytes_up_per_round": [r["bytes_up"] for r in complete],
+        "accuracy": complete[-1].get("accuracy") if complete else None,
+    }

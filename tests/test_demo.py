@@ -1,0 +1,69 @@
+"""The main job end to end: `fedlite demo` as a user runs it, and `fedlite simulate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+
+
+def _children_named(fragment: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if fragment in " ".join(p.info["cmdline"] or [])]
+
+
+def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
+    run_dir = tmp_path / "demo"
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=600)
+    seconds = time.time() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert seconds < 300, f"the demo took {seconds:.0f} s"
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    history = json.loads((run_dir / "aggregator" / "history.json").read_text())
+    complete = [r for r in history if r["status"] == "complete"]
+    assert summary["rounds"] == len(complete) == 40
+    assert summary["centralized_accuracy"] >= 0.90
+    assert summary["final_accuracy"] >= summary["centralized_accuracy"] - 0.03, summary
+    assert summary["final_accuracy"] == complete[-1]["accuracy"]
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in history) > 0
+    assert summary["bytes_down"] == sum(r["bytes_down"] for r in history) > 0
+    # the simulated fleet did what it claims: gates declined, one device vanished mid-round and came back
+    assert sum(r["declined"] for r in history) >= 1
+    assert "lost power in round" in result.stdout and "is back online" in result.stdout
+    for name in ("accuracy_loss.png", "bytes.png", "participation.png"):
+        png = (run_dir / "report" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (run_dir / "aggregator" / "models" / "round-00040" / "infer_int8.tflite").stat().st_size > 0
+    assert not _children_named(str(run_dir)), "processes of the demo are still running"
+
+
+def test_demo_stops_every_process_on_ctrl_c(tmp_path):
+    run_dir = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir),
+                             "--rounds", "200"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "aggregator" / "history.json").exists():
+        time.sleep(0.5)
+    assert len(_children_named(str(run_dir))) >= 11  # broker, aggregator and ten agents
+    demo.send_signal(2)  # SIGINT, as Ctrl-C
+    output, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 130, output[-2000:]
+    assert "every process it started has been stopped" in output
+    time.sleep(0.5)
+    assert not _children_named(str(run_dir))
+
+
+def test_simulate_runs_rounds_with_many_virtual_agents(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "simulate", "--clients", "200", "--rounds", "2",
+                             "--run-dir", str(tmp_path / "sim"), "--json"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rounds"] == 2 and summary["clients_per_round"] == 200
+    assert all(s > 0 for s in summary["round_seconds"]) and summary["updates_per_second"] > 0
+    history = json.loads((tmp_path / "sim" / "aggregator" / "history.json").read_text())
+    assert all(r["accepted"] >= 180 for r in history if r["status"] == "complete")
