@@ -78,6 +78,16 @@ class AgentSection:
 
 
 @dataclass
+class TrustSection:
+    aggregator_keys: list[str] = field(default_factory=list)  # PEM Ed25519 public keys (several while rotating)
+    allow_unsigned: bool = False  # accept unsigned broadcasts: only for a closed test network
+
+    def validate(self) -> None:
+        require(bool(self.aggregator_keys) or self.allow_unsigned,
+                "pin the aggregator's public key (trust.aggregator_keys) or set trust.allow_unsigned = true")
+
+
+@dataclass
 class AgentConfig:
     device: DeviceSection
     data: DataSpec
@@ -85,8 +95,10 @@ class AgentConfig:
     gates: GateThresholds = field(default_factory=GateThresholds)
     state: StateSection = field(default_factory=StateSection)
     agent: AgentSection = field(default_factory=AgentSection)
+    trust: TrustSection = field(default_factory=TrustSection)
 
     def validate(self) -> None:
+        self.trust.validate()
         require(self.data.source in SOURCES, f"data.source must be one of {SOURCES}")
         require(0 <= self.data.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)")
         require(self.data.source != "hook" or bool(self.data.hook), "data.source 'hook' needs data.hook")

@@ -26,6 +26,7 @@ from fedlite.protocol.codec import Header, decode, encode_update
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import flatten
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
+from fedlite.protocol.signing import SignatureError, Verifier
 from fedlite.protocol.transport import BrokerSettings, Link, PayloadTooLarge, PublishRefused
 
 log = logging.getLogger("fedlite.agent")
@@ -46,6 +47,7 @@ class Counters:
     rounds_declined: int = 0
     rounds_aborted: int = 0
     bad_messages: int = 0
+    refused_signatures: int = 0
 
 
 class Mailbox:
@@ -91,6 +93,7 @@ class Agent:
         self._progress_path = self.state_dir / "progress.json"
         self._last_done = self._load_progress()
         self._rng = np.random.default_rng(config.agent.seed or None)
+        self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
         self.link = Link(
             _broker_settings(config), self.client_id, self._on_message,
             will=(topics.status_topic(self.federation, self.client_id), to_json(self._status("offline", {}))),
@@ -131,7 +134,7 @@ class Agent:
             if not payload:
                 return  # a cleared retained announcement
             try:
-                announcement = from_json(RoundAnnouncement, payload)
+                announcement = from_json(RoundAnnouncement, self._verified(topic, payload))
             except ProtocolError as exc:
                 self.counters.bad_messages += 1
                 log.warning("ignored a malformed round announcement: %s", exc)
@@ -140,6 +143,16 @@ class Agent:
             self._announcements.put(announcement)
         else:
             self._mailbox.put(topic, payload)
+
+    def _verified(self, topic: str, payload: bytes) -> bytes:
+        """The payload of a broadcast signed by a pinned aggregator key; raises SignatureError otherwise."""
+        if self._verifier is None:
+            return payload  # trust.allow_unsigned
+        try:
+            return self._verifier.verify(topic, payload)
+        except SignatureError:
+            self.counters.refused_signatures += 1
+            raise
 
     # --- one round ---------------------------------------------------------------------------
 
@@ -178,7 +191,7 @@ class Agent:
             if payload is None:
                 raise RoundAbandoned("aborted", f"model {a.model_hash[:12]} did not arrive before the deadline")
             try:
-                self.models.store(a.model_hash, payload)
+                self.models.store(a.model_hash, self._verified(a.model_topic, payload))
             except ProtocolError as exc:
                 self.counters.bad_messages += 1
                 raise RoundAbandoned("aborted", f"model message refused: {exc}") from None
@@ -191,7 +204,7 @@ class Agent:
         if payload is None:
             raise RoundAbandoned("aborted", "global weights did not arrive before the deadline")
         try:
-            message = decode(payload)
+            message = decode(self._verified(a.weights_topic, payload))
             if message.header.kind != "weights" or message.header.round != a.round:
                 raise ProtocolError("stale", f"weights for round {message.header.round}, expected {a.round}")
             if message.header.model_hash != a.model_hash:

@@ -127,6 +127,29 @@ class MetricsSection:
 
 
 @dataclass
+class SigningSection:
+    key_file: str = ""  # Ed25519 private key (PEM) that signs every broadcast; make one with `fedlite keys`
+
+
+@dataclass
+class PrivacySection:
+    """DP-FedAvg (see `strategies.dp`): clip each update to clip_norm, add N(0, (noise_multiplier * clip_norm)^2)."""
+
+    enabled: bool = False
+    clip_norm: float = 1.0  # S: the L2 bound of each device's update
+    noise_multiplier: float = 1.0  # z: noise std on the sum, in units of clip_norm
+    delta: float = 1e-5  # the δ at which ε is reported; well below 1 / fleet size
+    fleet_size: int = 0  # N for the sampling rate q = selected / N; 0: the devices the aggregator has heard from
+    seed: int = -1  # noise seed (reproducible, for tests); -1: unseeded, drawn from the OS CSPRNG
+
+    def validate(self) -> None:
+        require(self.clip_norm > 0 and self.noise_multiplier > 0, "clip_norm and noise_multiplier must be > 0")
+        require(0 < self.delta < 1, "delta must be in (0, 1)")
+        require(self.fleet_size >= 0, "fleet_size must be >= 0 (0: the devices the aggregator knows)")
+        require(self.seed >= -1, "seed must be >= 0, or -1 for unseeded noise")
+
+
+@dataclass
 class AggregatorConfig:
     federation: FederationSection
     model: ModelSection = field(default_factory=ModelSection)
@@ -136,11 +159,18 @@ class AggregatorConfig:
     broker: BrokerSection = field(default_factory=BrokerSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    signing: SigningSection = field(default_factory=SigningSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def validate(self) -> None:
         t = self.training
         require(t.epochs >= 1 and t.batch_size >= 1, "training.epochs and training.batch_size must be >= 1")
         require(t.learning_rate > 0 and t.proximal_mu >= 0, "training.learning_rate > 0, proximal_mu >= 0")
+        p = self.privacy
+        require(not p.enabled or self.server.aggregation == "mean",
+                "privacy.enabled needs server.aggregation = \"mean\" (DP-FedAvg noises a clipped sum)")
+        require(not p.enabled or p.fleet_size == 0 or p.fleet_size >= self.rounds.clients_per_round,
+                "privacy.fleet_size must be 0 or >= rounds.clients_per_round")
 
 
 def load_config(path: str | Path) -> AggregatorConfig:

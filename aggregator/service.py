@@ -20,13 +20,14 @@ from fedlite.aggregator.export import Exporter, export_round, version_dir
 from fedlite.aggregator.fleet import Fleet
 from fedlite.aggregator.metrics import Metrics
 from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
-from fedlite.aggregator.strategies import make_aggregator, make_server_optimizer
+from fedlite.aggregator.strategies import dp, make_aggregator, make_server_optimizer
 from fedlite.aggregator.validation import Rejected, RoundContext
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import flatten, unflatten, weight_specs
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
+from fedlite.protocol.signing import Signer
 from fedlite.protocol.transport import BrokerSettings, Link
 
 log = logging.getLogger("fedlite.aggregator")
@@ -55,6 +56,9 @@ class Aggregator:
         self._logged: set[tuple[int, str]] = set()
         self._notifier = _notifier()
         self.link = Link(_broker_settings(config), _client_id(config), self._on_message)
+        self.signer = Signer.from_file(config.signing.key_file) if config.signing.key_file else None
+        if self.signer is None:
+            log.warning("broadcasts are not signed: agents that pin a key will refuse them ([signing] key_file)")
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -69,7 +73,7 @@ class Aggregator:
         self._connect()
         self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
                                                               model_hash=self.model_hash, extra={"manifest": manifest}))
-        self.link.publish(topics.model_topic(self.federation, self.model_hash), self.model_payload, retain=True)
+        self._broadcast(topics.model_topic(self.federation, self.model_hash), self.model_payload)
         try:
             for number in range(done + 1, self.config.rounds.total + 1):
                 outcome = self._run_round(number, weights)
@@ -159,15 +163,14 @@ class Aggregator:
             number=number, session=uuid.uuid4().hex[:12], selected=selected, deadline=deadline,
             clients_per_round=cfg.rounds.clients_per_round, quorum=cfg.rounds.min_accepted,
             context=self._context(number, selected), limits=self.limits,
-            aggregator=make_aggregator(cfg.server.aggregation, weight_specs(self.manifest),
-                                       trim_fraction=cfg.server.trim_fraction, sum_dtype=cfg.server.sum_dtype),
+            aggregator=self._round_aggregator(number),
         )
         weights_payload = encode_weights(weights, Header(kind="weights", federation=self.federation, round=number,
                                                          model_hash=self.model_hash), dtype=cfg.model.downlink_dtype)
         bytes_down = self._bytes_down(selected, len(weights_payload))
-        self.link.publish(topics.weights_topic(self.federation, number), weights_payload, retain=True)
+        self._broadcast(topics.weights_topic(self.federation, number), weights_payload)
         self.current = attempt
-        self.link.publish(topics.round_topic(self.federation), to_json(self._announcement(attempt)), retain=True)
+        self._broadcast(topics.round_topic(self.federation), to_json(self._announcement(attempt)))
         log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
                  cfg.rounds.deadline_seconds)
         while attempt.decision() is None:
@@ -179,12 +182,24 @@ class Aggregator:
         self.link.publish(topics.weights_topic(self.federation, number), b"", retain=True)  # drop the retained copy
         return outcome
 
+    def _round_aggregator(self, number: int) -> Any:
+        cfg, specs = self.config, weight_specs(self.manifest)
+        p = cfg.privacy
+        if p.enabled:  # DP-FedAvg: equal weights, noise on the sum, fixed denominator K
+            params = dp.DpParams(p.clip_norm, p.noise_multiplier, float(cfg.rounds.clients_per_round))
+            return dp.DpMeanAggregator(specs, params, dp.noise_rng(p.seed, number))
+        return make_aggregator(cfg.server.aggregation, specs, trim_fraction=cfg.server.trim_fraction,
+                               sum_dtype=cfg.server.sum_dtype)
+
     def _context(self, number: int, selected: list[str]) -> RoundContext:
         s = self.config.server
+        bound, policy = s.max_update_norm, s.norm_policy
+        if self.config.privacy.enabled:  # every update clipped to S on admission
+            bound, policy = self.config.privacy.clip_norm, "clip"
         return RoundContext(
             federation=self.federation, round=number, model_hash=self.model_hash, manifest=self.manifest,
             selected=frozenset(selected), accepted=set(), max_examples=s.max_examples,
-            max_update_norm=s.max_update_norm, norm_policy=s.norm_policy, max_abs_value=s.max_abs_value,
+            max_update_norm=bound, norm_policy=policy, max_abs_value=s.max_abs_value,
         )
 
     def _announcement(self, attempt: RoundAttempt) -> RoundAnnouncement:
@@ -205,6 +220,7 @@ class Aggregator:
         weights, opt_state = optimizer.step(weights, outcome.aggregate, opt_state)
         record = outcome.record
         record.update(self._evaluate(weights))
+        record.update(self._privacy(record))
         record["completed_at"] = time.time()
         self.history.append(record)
         save_checkpoint(self.checkpoints_dir, Checkpoint(
@@ -217,11 +233,24 @@ class Aggregator:
         every = self.config.model.export_every
         if (every and number % every == 0) or number == self.config.rounds.total:
             exporter.submit(number, weights, {k: record.get(k) for k in ("round", "accuracy", "loss")})
-        log.info("round %d complete: %d/%d accepted, %d declined, %d rejected, accuracy %s, %.1f s", number,
+        log.info("round %d complete: %d/%d accepted, %d declined, %d rejected, accuracy %s, %.1f s%s", number,
                  record["accepted"], record["selected"], record["declined"], sum(record["rejected"].values()),
                  "n/a" if record.get("accuracy") is None else f"{record['accuracy']:.3f}",
-                 record["duration_seconds"])
+                 record["duration_seconds"],
+                 "" if record["epsilon"] is None else f", ε {record['epsilon']:.3g} at δ {record['delta']:g}")
         return weights, opt_state
+
+    def _privacy(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The round's DP charge and the ε spent by all DP rounds so far (recounted from the history)."""
+        p = self.config.privacy
+        if not p.enabled:
+            return {"epsilon": None, "delta": None}
+        fleet_size = p.fleet_size or self.fleet.counts()["known"]
+        charge = dp.RoundCharge(sampling_rate=dp.sampling_rate(record["selected"], fleet_size),
+                                noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, fleet_size=fleet_size,
+                                denominator=float(self.config.rounds.clients_per_round))
+        spent = dp.history_epsilon([*self.history, {**record, "privacy": dp.charge_record(charge)}], p.delta)
+        return {"privacy": dp.charge_record(charge), "epsilon": spent, "delta": p.delta}
 
     def _evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.test_set is None:
@@ -235,8 +264,12 @@ class Aggregator:
             model_topic=topics.model_topic(self.federation, self.model_hash), weights_topic="", selected=[],
             deadline=0.0, plan=self.config.training, state="done", issued_at=time.time(),
         )
-        self.link.publish(topics.round_topic(self.federation), to_json(final), retain=True)
+        self._broadcast(topics.round_topic(self.federation), to_json(final))
         log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
+
+    def _broadcast(self, topic: str, payload: bytes) -> None:
+        """Publish retained, signed when a key is configured."""
+        self.link.publish(topic, self.signer.sign(topic, payload) if self.signer else payload, retain=True)
 
     def _representative(self) -> np.ndarray | None:
         if self.test_set is None:
@@ -288,7 +321,8 @@ class Aggregator:
         self.metrics.rejected(reason)
         if (number, reason) not in self._logged:  # once per reason per round
             self._logged.add((number, reason))
-            log.warning("round %d: %s (further '%s' refusals this round are counted, not logged)",
+            level = logging.INFO if reason == "late" else logging.WARNING  # over-selection makes late ones normal
+            log.log(level, "round %d: %s (further '%s' refusals this round are counted, not logged)",
                         number, message, reason)
 
 

@@ -22,6 +22,7 @@ from fedlite.broker_config import permissions
 from fedlite.broker_config.broker import Broker
 from fedlite.broker_config.config import init_broker_dir
 from fedlite.broker_config.credentials import add_aggregator, enrol_devices
+from fedlite.protocol.signing import Signer, generate_keypair
 from fedlite.settings import dump_toml
 
 AGGREGATOR_USER = "aggregator"
@@ -57,6 +58,18 @@ class LocalFederation:
     _cleanup: list[Path] = field(default_factory=list)
 
     # --- broker -------------------------------------------------------------------------------
+
+    @property
+    def signing_key(self) -> Path:
+        """The aggregator's private key (made on first use); agents pin the public key beside it."""
+        private = self.run_dir / "keys" / "aggregator.key"
+        if not private.exists():
+            generate_keypair(private.parent)
+        return private
+
+    def sign(self, topic: str, payload: bytes) -> bytes:
+        """Sign a broadcast as the aggregator does (for tests that play the aggregator's part)."""
+        return Signer.from_file(self.signing_key).sign(topic, payload)
 
     def start_broker(self) -> Broker:
         home = self._broker_home()
@@ -95,6 +108,7 @@ class LocalFederation:
         assert self.broker is not None, "start the broker first"
         config = {
             "federation": {"name": self.federation, "state_dir": str(self.run_dir / "aggregator")},
+            "signing": {"key_file": str(self.signing_key)},
             "broker": {"host": self.broker.host, "port": self.broker.port, "username": AGGREGATOR_USER,
                        "password_file": self._secret(AGGREGATOR_USER)},
         }
@@ -117,6 +131,7 @@ class LocalFederation:
             "broker": broker,
             "state": {"provider": "file", "file": str(self.state_file(client_id))},
             "agent": {"status_interval_seconds": 1.0},
+            "trust": {"aggregator_keys": [str(self.signing_key.with_suffix(".pub"))]},
         }
         return self._write_config(f"agents/{client_id}/agent.toml", config, tables)
 

@@ -38,6 +38,9 @@ class DemoPlan:
     centralized_epochs: int = 5
     seed: int = 0
     export_every: int = 1
+    dp: bool = False  # DP-FedAvg: the aggregator's [privacy] section
+    noise_multiplier: float = 1.0
+    clip_norm: float = 0.3
 
 
 def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
@@ -94,7 +97,20 @@ def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir
                 "wait_for_devices_seconds": 10.0, "status_ttl_seconds": 5.0, "seed": plan.seed},
         training={"epochs": plan.local_epochs, "batch_size": task.batch_size, "learning_rate": task.lr},
         evaluation={"test_data": str(run_dir / "data" / "test.npz")},
+        **_privacy_table(plan),
     )
+
+
+def _privacy_table(plan: DemoPlan) -> dict[str, dict[str, Any]]:
+    """The [privacy] section with --dp: every enrolled device counts towards the fleet size."""
+    if not plan.dp:
+        return {}
+    return {"privacy": {"enabled": True, "clip_norm": plan.clip_norm, "noise_multiplier": plan.noise_multiplier,
+                        "fleet_size": plan.clients}}
+
+
+def _epsilon_note(record: dict[str, Any]) -> str:
+    return "" if record.get("epsilon") is None else f"  ε {record['epsilon']:.3g} at δ {record['delta']:g}"
 
 
 def _observe_rounds(fed: LocalFederation, vanisher: Vanisher | None) -> Link:
@@ -126,7 +142,7 @@ def _follow(fed: LocalFederation, aggregator: Any, plan: DemoPlan, say: Any) -> 
         nonlocal shown
         history = json.loads(path.read_text()) if path.exists() else []
         for record in history[shown:]:
-            say(format_progress(record, plan.rounds))
+            say(format_progress(record, plan.rounds) + _epsilon_note(record))
         shown = len(history)
         return aggregator.popen.poll() is not None
 
@@ -146,14 +162,16 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[dict[str, A
     baseline = centralized_accuracy(task, plan.centralized_epochs, task.batch_size, task.lr, plan.seed,
                                     models / "round-00000")
     final = max((p for p in models.glob("round-*") if (p / "infer_int8.tflite").exists()), default=None)
+    last = next((r for r in reversed(history) if r.get("status") == "complete"), {})
     summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
         "task": task.name, "plan": asdict(plan), "duration_seconds": round(seconds, 1),
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
+        "epsilon": last.get("epsilon"), "delta": last.get("delta"),
     })
     say("")
     say(f"federated accuracy {summary['final_accuracy']:.3f}   centralized {baseline['accuracy']:.3f}   "
-        f"after {summary['rounds']} rounds in {seconds:.0f} s")
+        f"after {summary['rounds']} rounds in {seconds:.0f} s" + _epsilon_note(last))
     say(f"bytes up {human_bytes(summary['bytes_up'])}, down {human_bytes(summary['bytes_down'])}")
     say(f"int8 inference model: {summary['int8_model']}")
     say(f"report: {run_dir / 'report'} (summary.json and plots)")

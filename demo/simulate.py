@@ -62,6 +62,7 @@ def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str
             "host": fed.broker.host, "port": fed.broker.port, "devices": {c: fed.passwords[c] for c in chunk},
             "examples_per_client": plan.examples_per_client,
             "status_interval_seconds": plan.status_interval_seconds,
+            "aggregator_key": str(fed.signing_key.with_suffix(".pub")),
         }
         path = fed.run_dir / f"worker-{worker}.json"
         path.write_text(json.dumps(spec))

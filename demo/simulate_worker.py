@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlite.agent.config import AgentConfig, AgentSection, BrokerSection, DeviceSection
+from fedlite.agent.config import AgentConfig, AgentSection, BrokerSection, DeviceSection, TrustSection
 from fedlite.agent.data import DataSpec, split
 from fedlite.agent.models import ModelCache
 from fedlite.agent.service import Agent
@@ -34,6 +34,7 @@ def run_worker(spec: dict) -> None:
             broker=BrokerSection(host=spec["host"], port=spec["port"], tls=False, username=client_id,
                                  password=password, reconnect_min_seconds=2.0),
             agent=AgentSection(status_interval_seconds=spec["status_interval_seconds"]),
+            trust=TrustSection(aggregator_keys=[spec["aggregator_key"]]),
         )
         local = split(x[pick].astype(np.float32), y[pick].astype(np.int64), 0.0, 0)
         agents.append(Agent(config, FileState(root / "no-such-state.json"), data=local, models=models))

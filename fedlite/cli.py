@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("fedlite.agent.cli", "run the device agent"),
     "aggregator": ("fedlite.aggregator.cli", "run the aggregator for one federation"),
     "broker": ("fedlite.broker_config.cli", "broker configuration: init, enrol devices, make test certificates"),
+    "keys": ("fedlite.keys_cli", "the aggregator's signing keys: generate, show"),
     "demo": ("fedlite.demo.cli", "a complete federated training run on this machine"),
     "simulate": ("fedlite.demo.simulate_cli", "load-test rounds with many virtual agents"),
 }

@@ -22,6 +22,9 @@ path = "{tmp}/d.npz"
 [broker]
 host = "localhost"
 port = 8883
+
+[trust]
+allow_unsigned = true
 """
 
 

@@ -40,24 +40,32 @@ class Coordinator:
         b = fed.broker
         self.client = open_client(b.host, b.port, "aggregator", fed.passwords["aggregator"])
         self.manifest = manifest
+        self.sign = fed.sign
         for topic in (topics.all_updates(FED), topics.all_reports(FED), topics.all_statuses(FED)):
             self.client.subscribe(topic)
         header = Header(kind="model", federation=FED, round=0, model_hash=manifest["model_hash"],
                         extra={"manifest": manifest})
-        self.client.publish(topics.model_topic(FED, manifest["model_hash"]), encode_model(train_bytes, header),
-                            retain=True)
+        topic = topics.model_topic(FED, manifest["model_hash"])
+        self.client.publish(topic, self.sign(topic, encode_model(train_bytes, header)), retain=True)
         self.inbox: dict[str, list[bytes]] = {"updates": [], "reports": [], "status": []}
 
-    def announce(self, number: int, weights: dict[str, np.ndarray], plan: TrainingPlan, deadline: float = 60) -> None:
+    def announce(self, number: int, weights: dict[str, np.ndarray], plan: TrainingPlan, deadline: float = 60,
+                 signing: str = "good") -> None:
+        """Publish weights and the round; `signing` "none" sends the announcement unsigned, "forged" tampers."""
         h = Header(kind="weights", federation=FED, round=number, model_hash=self.manifest["model_hash"])
-        self.client.publish(topics.weights_topic(FED, number), encode_weights(weights, h), retain=True)
+        topic = topics.weights_topic(FED, number)
+        self.client.publish(topic, self.sign(topic, encode_weights(weights, h)), retain=True)
         announcement = RoundAnnouncement(
             federation=FED, round=number, model_hash=self.manifest["model_hash"],
             model_topic=topics.model_topic(FED, self.manifest["model_hash"]),
             weights_topic=topics.weights_topic(FED, number), selected=[DEVICE], deadline=time.time() + deadline,
             plan=plan, session=f"s{number}",
         )
-        self.client.publish(topics.round_topic(FED), to_json(announcement), retain=True)
+        topic, payload = topics.round_topic(FED), to_json(announcement)
+        signed = self.sign(topic, payload)
+        if signing == "forged":  # the aggregator's signature over another plan
+            signed = signed.replace(b'"epochs":', b'"epochs":9')
+        self.client.publish(topic, payload if signing == "none" else signed, retain=True)
 
     def drain(self) -> None:
         while True:
@@ -97,13 +105,21 @@ def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
         assert sum(float(np.abs(t).sum()) for t in update.tensors.values()) > 0
         assert update.header.metrics["eval_accuracy_after"] > update.header.metrics["eval_accuracy_before"]
 
-        # 2. a closed gate: no training, a decline that names the gate
+        # 2. unsigned and forged round announcements are refused: no training, no report
+        coordinator.announce(2, weights, TrainingPlan(epochs=1), signing="none")
+        coordinator.announce(2, weights, TrainingPlan(epochs=1), signing="forged")
+        wait_for(lambda: "forged" in agent.log_tail(20), 20, "the forged announcement to be refused", [agent])
+        assert "is not signed" in agent.log_tail(20)
+        time.sleep(1.0)
+        assert not coordinator.reports() and len(coordinator.drain() or coordinator.inbox["updates"]) == 1
+
+        # 3. a closed gate: no training, a decline that names the gate
         fed.set_device_state(DEVICE, cpu_percent=95.0)
         coordinator.announce(2, weights, TrainingPlan(epochs=1))
         report = wait_for(lambda: [r for r in coordinator.reports() if r["round"] == 2], 30, "a decline", [agent])[0]
         assert report["kind"] == "declined" and report["reason"].startswith("idle: CPU busy: 95%")
 
-        # 3. the charger is pulled during training: abort at the next batch, publish nothing
+        # 4. the charger is pulled during training: abort at the next batch, publish nothing
         fed.set_device_state(DEVICE)
         coordinator.announce(3, weights, TrainingPlan(epochs=20000, batch_size=8, learning_rate=0.01))
         wait_for(lambda: any(s["state"] == "training" for s in coordinator.statuses()), 30, "training", [agent])
