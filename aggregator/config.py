@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlite.aggregator.kpis import KpiSettings
 from fedlite.protocol.messages import TrainingPlan
 from fedlite.protocol.topics import check_id
 from fedlite.settings import ConfigError, load_toml, require
@@ -160,6 +161,7 @@ class AggregatorConfig:
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     signing: SigningSection = field(default_factory=SigningSection)
+    kpis: KpiSettings = field(default_factory=KpiSettings)
     privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def validate(self) -> None:

@@ -31,6 +31,9 @@ class Metrics:
         self.accuracy = gauge("fedlite_global_accuracy", "global model accuracy on the server test set")
         self.loss = gauge("fedlite_global_loss", "global model loss on the server test set")
         self.devices = gauge("fedlite_devices", "devices by state", ("state",))
+        self.successful_client_rounds = counter("fedlite_successful_client_rounds", "accepted client updates")
+        self.kpi = gauge("fedlite_kpi", "per-round KPIs: bytes_per_accuracy_point, epsilon, client_accuracy_*, "
+                         "drift_flags, anomaly_flags", ("kpi",))
         self.duration = Histogram("fedlite_round_duration_seconds", "round duration", ["federation"],
                                   buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
 
@@ -56,6 +59,17 @@ class Metrics:
         if record.get("accuracy") is not None:
             self.accuracy.labels(fed).set(record["accuracy"])
             self.loss.labels(fed).set(record["loss"])
+        self._kpis(record.get("kpis", {}))
+
+    def _kpis(self, kpis: dict[str, Any]) -> None:
+        fed = self._labels["federation"]
+        self.successful_client_rounds.labels(fed).inc(kpis.get("successful_client_rounds", 0))
+        for name in ("bytes_per_accuracy_point", "epsilon", "client_accuracy_mean", "client_accuracy_std",
+                     "client_accuracy_p10"):
+            if kpis.get(name) is not None:
+                self.kpi.labels(fed, name).set(kpis[name])
+        for name in ("drift_flags", "anomaly_flags"):
+            self.kpi.labels(fed, name).set(len(kpis.get(name) or []))
 
     def update_received(self, size: int) -> None:
         self.bytes_in.labels(self._labels["federation"]).inc(size)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator.kpis import Sketcher, cosine_to_aggregate
 from fedlite.aggregator.validation import Rejected, RoundContext, ValidUpdate, validate_update
 from fedlite.protocol.codec import Limits
 from fedlite.protocol.messages import DeviceReport
@@ -30,6 +31,7 @@ class RoundOutcome:
     complete: bool
     aggregate: dict[str, np.ndarray] | None
     record: dict[str, Any]
+    cosines: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +57,9 @@ class RoundAttempt:
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
     closed: bool = False
+    sketcher: Sketcher | None = None
+    sketches: dict[str, np.ndarray] = field(default_factory=dict)
+    example_counts: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -78,6 +83,9 @@ class RoundAttempt:
             self.clipped += int(update.clipped)
             self.client_metrics[update.client_id] = dict(update.metrics)
             self.norms[update.client_id] = update.norm
+            self.example_counts[update.client_id] = float(update.num_examples)
+            if self.sketcher is not None:
+                self.sketches[update.client_id] = self.sketcher.sketch(update.delta)
             return update
 
     def report(self, report: DeviceReport) -> bool:
@@ -130,7 +138,8 @@ class RoundAttempt:
                 "update_norms": self.norms,
             }
             aggregate = self.aggregator.result() if complete else None
-        return RoundOutcome(complete, aggregate, record)
+            cosines = cosine_to_aggregate(self.sketches, self.example_counts)
+        return RoundOutcome(complete, aggregate, record, cosines)
 
 
 def _gate_counts(reasons: dict[str, str]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from fedlite.aggregator.checkpoint import Checkpoint, load_latest, save_checkpoi
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.export import Exporter, export_round, version_dir
 from fedlite.aggregator.fleet import Fleet
+from fedlite.aggregator.kpis import KpiTracker, Sketcher
 from fedlite.aggregator.metrics import Metrics
 from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
 from fedlite.aggregator.strategies import dp, make_aggregator, make_server_optimizer
@@ -25,7 +26,7 @@ from fedlite.aggregator.validation import Rejected, RoundContext
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights
 from fedlite.protocol.errors import ProtocolError
-from fedlite.protocol.layout import flatten, unflatten, weight_specs
+from fedlite.protocol.layout import flatten, num_params, unflatten, weight_specs
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
 from fedlite.protocol.signing import Signer
 from fedlite.protocol.transport import BrokerSettings, Link
@@ -50,6 +51,8 @@ class Aggregator:
         self.stop_event = threading.Event()
         self.rejections: Counter = Counter()
         self.history: list[dict[str, Any]] = []
+        self.kpis = KpiTracker(config.kpis)
+        self._fleet_written = 0.0
         self.current: RoundAttempt | None = None
         self.limits = Limits(max_payload_bytes=config.server.max_update_bytes)
         self.test_set = _load_test_set(config.evaluation.test_data)
@@ -67,8 +70,11 @@ class Aggregator:
         self.manifest = manifest
         self.model_hash = manifest["model_hash"]
         self._evaluator = _Evaluator(train_bytes, manifest)
+        self._sketcher = Sketcher(num_params(manifest))
+        self.kpis.initial_accuracy = self._evaluate(weights)["accuracy"]
         optimizer = make_server_optimizer(self.config.server.optimizer, **_optimizer_params(self.config))
         done, weights, opt_state = self._resume(weights, optimizer)
+        self.kpis.replay(self.history)
         exporter = Exporter(self.config.model, self.models_dir, self._representative())
         self._connect()
         self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
@@ -145,7 +151,8 @@ class Aggregator:
         started, last_log = time.time(), 0.0
         while not self.stop_event.is_set():
             self._notifier("WATCHDOG=1")
-            eligible = self.fleet.eligible()
+            self._write_fleet(number, "waiting")
+            eligible = self._selectable()
             waited = time.time() - started
             if len(eligible) >= want or (waited >= r.wait_for_devices_seconds and len(eligible) >= r.min_accepted):
                 rng = np.random.default_rng([r.seed, number, attempt])
@@ -163,7 +170,7 @@ class Aggregator:
             number=number, session=uuid.uuid4().hex[:12], selected=selected, deadline=deadline,
             clients_per_round=cfg.rounds.clients_per_round, quorum=cfg.rounds.min_accepted,
             context=self._context(number, selected), limits=self.limits,
-            aggregator=self._round_aggregator(number),
+            aggregator=self._round_aggregator(number), sketcher=self._sketcher,
         )
         weights_payload = encode_weights(weights, Header(kind="weights", federation=self.federation, round=number,
                                                          model_hash=self.model_hash), dtype=cfg.model.downlink_dtype)
@@ -177,6 +184,7 @@ class Aggregator:
             if self.stop_event.wait(0.05):
                 return None
             self._notifier("WATCHDOG=1")
+            self._write_fleet(number, "open")
         outcome = attempt.close()
         outcome.record["bytes_down"] = bytes_down
         self.link.publish(topics.weights_topic(self.federation, number), b"", retain=True)  # drop the retained copy
@@ -190,6 +198,35 @@ class Aggregator:
             return dp.DpMeanAggregator(specs, params, dp.noise_rng(p.seed, number))
         return make_aggregator(cfg.server.aggregation, specs, trim_fraction=cfg.server.trim_fraction,
                                sum_dtype=cfg.server.sum_dtype)
+
+    def _selectable(self) -> list[str]:
+        """Eligible devices, without those flagged as anomalous when the operator excludes them."""
+        eligible = self.fleet.eligible()
+        if self.config.kpis.exclude_flagged:
+            flagged = set(self.kpis.anomalous())
+            eligible = [c for c in eligible if c not in flagged]
+        return eligible
+
+    def _write_fleet(self, number: int, state: str, force: bool = False) -> None:
+        """state_dir/fleet.json for the dashboard: every device's last status and flags, the current round."""
+        now = time.time()
+        if not force and now - self._fleet_written < 1.0:
+            return
+        self._fleet_written = now
+        attempt = self.current
+        drift, anomaly = set(self.kpis.drifting()), set(self.kpis.anomalous())
+        devices = [{
+            "client_id": cid, "state": view.status.state if now - view.last_seen <= self.fleet.ttl else "offline",
+            "eligible": view.status.eligible, "failed_gates": view.status.failed_gates, "last_seen": view.last_seen,
+            "deployed_model": view.status.deployed_model,
+            "flags": [name for name, ids in (("drift", drift), ("anomaly", anomaly)) if cid in ids],
+        } for cid, view in sorted(self.fleet.snapshot().items())]
+        current = {"round": number, "state": state, "selected": len(attempt.selected) if attempt else 0,
+                   "accepted": len(attempt.accepted) if attempt else 0,
+                   "deadline": attempt.deadline if attempt else None}
+        _write_json_atomic(self.state_dir / "fleet.json", {"updated_at": now, "federation": self.federation,
+                                                           "counts": self.fleet.counts(now), "devices": devices,
+                                                           "current_round": current})
 
     def _context(self, number: int, selected: list[str]) -> RoundContext:
         s = self.config.server
@@ -221,6 +258,7 @@ class Aggregator:
         record = outcome.record
         record.update(self._evaluate(weights))
         record.update(self._privacy(record))
+        record["kpis"] = self.kpis.observe(record, outcome.cosines)
         record["completed_at"] = time.time()
         self.history.append(record)
         save_checkpoint(self.checkpoints_dir, Checkpoint(
@@ -230,6 +268,7 @@ class Aggregator:
         _write_json_atomic(self.state_dir / "history.json", self.history)
         self.metrics.round_closed(record)
         self.metrics.fleet(self.fleet.counts())
+        self._write_fleet(number, "done", force=True)
         every = self.config.model.export_every
         if (every and number % every == 0) or number == self.config.rounds.total:
             exporter.submit(number, weights, {k: record.get(k) for k in ("round", "accuracy", "loss")})

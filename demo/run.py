@@ -155,6 +155,7 @@ def _follow(fed: LocalFederation, aggregator: Any, plan: DemoPlan, say: Any) -> 
 
 def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[dict[str, Any]], seconds: float,
             say: Any) -> dict[str, Any]:
+    from fedlite.aggregator.kpis import summarize
     from fedlite.demo.baseline import centralized_accuracy
 
     models = run_dir / "aggregator" / "models"
@@ -167,7 +168,7 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[dict[str, A
         "task": task.name, "plan": asdict(plan), "duration_seconds": round(seconds, 1),
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
-        "epsilon": last.get("epsilon"), "delta": last.get("delta"),
+        "epsilon": last.get("epsilon"), "delta": last.get("delta"), "kpis": summarize(history),
     })
     say("")
     say(f"federated accuracy {summary['final_accuracy']:.3f}   centralized {baseline['accuracy']:.3f}   "

@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
+import pytest
 
 
 def _children_named(fragment: str) -> list[psutil.Process]:
@@ -31,6 +33,19 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
     assert summary["final_accuracy"] == complete[-1]["accuracy"]
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in history) > 0
     assert summary["bytes_down"] == sum(r["bytes_down"] for r in history) > 0
+    # the KPI block agrees with the per-round history
+    kpis, last = summary["kpis"], complete[-1]
+    assert kpis["successful_client_rounds"] == sum(r["accepted"] for r in complete)
+    assert kpis["selected"] == sum(r["selected"] for r in history)
+    assert kpis["declined"] == sum(r["declined"] for r in history) == sum(kpis["declined_by_gate"].values())
+    assert kpis["timed_out"] == sum(r["timed_out"] for r in history)
+    assert kpis["epsilon"] is None  # DP is off in the default demo
+    client_accuracies = [m["eval_accuracy_before"] for m in last["client_metrics"].values()]
+    assert kpis["client_accuracy_mean"] == pytest.approx(float(np.mean(client_accuracies)))
+    assert kpis["client_accuracy_p10"] == pytest.approx(float(np.percentile(client_accuracies, 10)))
+    spent = sum(r["bytes_up"] + r["bytes_down"] for r in complete)
+    gained = (last["accuracy"] - last["kpis"]["initial_accuracy"]) * 100
+    assert kpis["bytes_per_accuracy_point"] == pytest.approx(spent / gained)
     # the simulated fleet did what it claims: gates declined, one device vanished mid-round and came back
     assert sum(r["declined"] for r in history) >= 1
     assert "lost power in round" in result.stdout and "is back online" in result.stdout

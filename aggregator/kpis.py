@@ -1,0 +1,167 @@
+"""Per-round KPIs: participation, bytes per accuracy point, privacy spent, fairness, drift and anomalies.
+
+Fairness is the global model's accuracy on each client's own held-out data (numbers the devices report,
+never data). Drift is a client's loss on its fresh local data rising over a window of rounds. Anomalies
+are updates whose norm is a robust outlier or that point away from the round's aggregate; the cosine
+similarity is computed on count sketches (Charikar et al. 2002) of the updates, which are linear, so the
+aggregate's sketch is the weighted mean of the clients' sketches and memory stays O(clients × buckets).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SKETCH_BUCKETS = 512
+
+
+@dataclass
+class KpiSettings:
+    drift_threshold: float = 0.3  # rise of a client's loss above its best of the window that raises a flag
+    drift_window: int = 5
+    anomaly_z: float = 3.5  # robust z-score of the update norm (median / MAD)
+    anomaly_min_cosine: float = 0.0  # an update pointing away from the aggregate is an outlier
+    anomaly_repeat: int = 3  # outlier this many rounds of the window: flagged
+    anomaly_window: int = 5
+    exclude_flagged: bool = False  # stop selecting clients flagged as anomalous
+
+
+class Sketcher:
+    """A fixed count sketch of the model's flat weight vector."""
+
+    def __init__(self, num_params: int, buckets: int = SKETCH_BUCKETS, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.buckets = buckets
+        self._bucket = rng.integers(0, buckets, size=num_params, dtype=np.int32)
+        self._sign = rng.choice(np.array([-1.0, 1.0], np.float32), size=num_params)
+
+    def sketch(self, delta: dict[str, np.ndarray]) -> np.ndarray:
+        flat = np.concatenate([np.ravel(v) for v in delta.values()]).astype(np.float32)
+        return np.bincount(self._bucket, weights=flat * self._sign, minlength=self.buckets)
+
+
+def cosine_to_aggregate(sketches: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, float]:
+    """Each client's cosine similarity to the weighted mean of all (on sketches)."""
+    if not sketches:
+        return {}
+    total = sum(weights.values()) or 1.0
+    aggregate = sum(weights[c] * s for c, s in sketches.items()) / total
+    norm = float(np.linalg.norm(aggregate))
+    out = {}
+    for client, sketch in sketches.items():
+        denom = norm * float(np.linalg.norm(sketch))
+        out[client] = float(sketch @ aggregate / denom) if denom > 0 else 0.0
+    return out
+
+
+def robust_z(values: dict[str, float]) -> dict[str, float]:
+    if len(values) < 3:
+        return {c: 0.0 for c in values}
+    arr = np.array(list(values.values()))
+    median = float(np.median(arr))
+    mad = float(np.median(np.abs(arr - median))) * 1.4826 or 1e-12
+    return {c: (v - median) / mad for c, v in values.items()}
+
+
+def fairness(client_metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Mean, spread and worst decile of the global model's accuracy on the clients' own data."""
+    accuracies = [m["eval_accuracy_before"] for m in client_metrics.values() if "eval_accuracy_before" in m]
+    if not accuracies:
+        return {"client_accuracy_mean": None, "client_accuracy_std": None, "client_accuracy_p10": None,
+                "client_accuracies": []}
+    arr = np.array(accuracies)
+    return {"client_accuracy_mean": float(arr.mean()), "client_accuracy_std": float(arr.std()),
+            "client_accuracy_p10": float(np.percentile(arr, 10)), "client_accuracies": [float(a) for a in arr]}
+
+
+@dataclass
+class KpiTracker:
+    """Running KPI state; rebuilt from the history after a restart (`replay`)."""
+
+    settings: KpiSettings = field(default_factory=KpiSettings)
+    initial_accuracy: float | None = None
+    successful_client_rounds: int = 0
+    bytes_total: int = 0
+    losses: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    outliers: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+
+    def replay(self, history: list[dict[str, Any]]) -> None:
+        for record in history:
+            if record.get("status") == "complete":
+                self.observe(record, record.get("kpis", {}).get("cosine_similarity", {}))
+
+    def observe(self, record: dict[str, Any], cosines: dict[str, float]) -> dict[str, Any]:
+        """The KPI block for a completed round's record (also advances the running state)."""
+        self.successful_client_rounds += record["accepted"]
+        self.bytes_total += record["bytes_up"] + record.get("bytes_down", 0)
+        metrics = record.get("client_metrics", {})
+        for client, m in metrics.items():
+            if "eval_loss_before" in m:
+                self.losses[client].append(float(m["eval_loss_before"]))
+        outlier_now = self._outliers(record.get("update_norms", {}), cosines)
+        for client in record.get("update_norms", {}):
+            self.outliers[client].append(client in outlier_now)
+        return {
+            "successful_client_rounds": record["accepted"],
+            "cumulative_successful_client_rounds": self.successful_client_rounds,
+            "selected": record["selected"],
+            "declined_by_gate": record.get("declined_by_gate", {}),
+            "timed_out": record.get("timed_out", 0),
+            "rejected": record.get("rejected", {}),
+            "bytes_per_accuracy_point": self._bytes_per_point(record.get("accuracy")),
+            "initial_accuracy": self.initial_accuracy,
+            "epsilon": record.get("epsilon"),
+            **fairness(metrics),
+            "drift_flags": self.drifting(),
+            "anomaly_flags": self.anomalous(),
+            "round_outliers": sorted(outlier_now),
+            "cosine_similarity": cosines,
+        }
+
+    def _bytes_per_point(self, accuracy: float | None) -> float | None:
+        if accuracy is None or self.initial_accuracy is None:
+            return None
+        gained = (accuracy - self.initial_accuracy) * 100
+        return self.bytes_total / gained if gained > 0 else None
+
+    def _outliers(self, norms: dict[str, float], cosines: dict[str, float]) -> set[str]:
+        z = robust_z(norms)
+        s = self.settings
+        return {c for c in norms if z.get(c, 0) > s.anomaly_z or cosines.get(c, 1.0) < s.anomaly_min_cosine}
+
+    def drifting(self) -> list[str]:
+        w, threshold = self.settings.drift_window, self.settings.drift_threshold
+        return sorted(c for c, series in self.losses.items()
+                      if len(series) >= 2 and series[-1] - min(series[-w:]) > threshold)
+
+    def anomalous(self) -> list[str]:
+        s = self.settings
+        return sorted(c for c, seen in self.outliers.items() if sum(seen[-s.anomaly_window:]) >= s.anomaly_repeat)
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's KPI block (demo summary.json `kpis`): totals over the history plus the last round's values."""
+    complete = [r for r in history if r.get("status") == "complete"]
+    last = complete[-1].get("kpis", {}) if complete else {}
+    gates: dict[str, int] = defaultdict(int)
+    rejected: dict[str, int] = defaultdict(int)
+    for record in history:
+        for gate, n in record.get("declined_by_gate", {}).items():
+            gates[gate] += n
+        for reason, n in record.get("rejected", {}).items():
+            rejected[reason] += n
+    keys = ("bytes_per_accuracy_point", "epsilon", "client_accuracy_mean", "client_accuracy_std",
+            "client_accuracy_p10", "drift_flags", "anomaly_flags")
+    return {
+        "successful_client_rounds": sum(r["accepted"] for r in complete),
+        "selected": sum(r["selected"] for r in history),
+        "declined": sum(r.get("declined", 0) for r in history),
+        "declined_by_gate": dict(gates),
+        "timed_out": sum(r.get("timed_out", 0) for r in history),
+        "rejected": dict(rejected),
+        **{k: last.get(k) for k in keys},
+        "per_round": [{"round": r["round"], **{k: r.get("kpis", {}).get(k) for k in keys}} for r in complete],
+    }
