@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.dashboard.embed import start_for_demo
 from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, wait_for, write_shard
 from fedlite.demo.datasets import Task, load_task
 from fedlite.demo.partition import describe, format_description, partition
@@ -66,12 +67,17 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
         observer = _observe_rounds(fed, vanisher)
         say(f"agents: {plan.clients} processes with simulated device state "
             f"({', '.join(sorted({r.kind for r in roles.values()}))}); aggregator started, exporting the model")
+        dashboard = start_for_demo(run_dir / "aggregator", say)
         try:
             history = _follow(fed, aggregator, plan, say)
         finally:
             observer.close()
             scenario.stop()
-    return _finish(task, plan, run_dir, history, time.time() - started, say)
+    try:
+        return _finish(task, plan, run_dir, history, time.time() - started, say)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
 
 
 def _write_data(task: Task, plan: DemoPlan, devices: list[str], folder: Path, say: Any) -> dict[str, Path]:

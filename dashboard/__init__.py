@@ -1,0 +1,1 @@
+"""The operator's web dashboard: rounds, fleet, KPIs, registry and rollouts, live."""
