@@ -77,7 +77,7 @@ def accumulate(state: RunningSum, delta: dict[str, np.ndarray], weight: float) -
         src = np.asarray(delta[name]).reshape(-1)
         dst = acc.reshape(-1)  # a view: acc is C-contiguous
         for part in _chunks(src.size):
-            dst[part] += np.multiply(src[part], w, dtype=np.float64)
+            dst[part] += np.multiply(src[part], w, dtype=dst.dtype)  # in the accumulator's precision
     state.total_weight += weight
     state.count += 1
     return state
