@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from benchlib import current_rss, peak_rss, reset_peak_rss
 
 if TYPE_CHECKING:
     from fedlite.protocol.codec import Limits
@@ -81,32 +82,11 @@ def read_payloads(path: Path) -> list[bytes]:
     return payloads
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def model_limits(params: int) -> Limits:
     """Limits sized to the model, as an aggregator that knows its manifest would set them."""
     from fedlite.protocol.codec import Limits
 
     return Limits(max_payload_bytes=4 * params + (1 << 20), max_decoded_bytes=2 * params + (1 << 20))
-
-
-def peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def run_variant(
