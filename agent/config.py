@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlite.agent.data import SOURCES, DataSpec
+from fedlite.agent.deploy import DeploySection
 from fedlite.agent.gates import GateThresholds
 from fedlite.protocol.topics import check_id
 from fedlite.settings import ConfigError, load_toml, require
@@ -96,6 +97,7 @@ class AgentConfig:
     state: StateSection = field(default_factory=StateSection)
     agent: AgentSection = field(default_factory=AgentSection)
     trust: TrustSection = field(default_factory=TrustSection)
+    deploy: DeploySection = field(default_factory=DeploySection)
 
     def validate(self) -> None:
         self.trust.validate()

@@ -17,6 +17,7 @@ import numpy as np
 from fedlite import __version__
 from fedlite.agent.config import AgentConfig
 from fedlite.agent.data import LocalData, load_local_data
+from fedlite.agent.deploy import Channel, Deployer
 from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
 from fedlite.agent.sdnotify import Notifier
@@ -94,6 +95,7 @@ class Agent:
         self._last_done = self._load_progress()
         self._rng = np.random.default_rng(config.agent.seed or None)
         self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
+        self.deployer = Deployer(config.deploy, self.state_dir, self.client_id, self.federation)
         self.link = Link(
             _broker_settings(config), self.client_id, self._on_message,
             will=(topics.status_topic(self.federation, self.client_id), to_json(self._status("offline", {}))),
@@ -106,6 +108,10 @@ class Agent:
                  self.client_id, self.federation, len(self.data.x_train), len(self.data.x_holdout),
                  self.models.runtime)
         self.link.subscribe(topics.round_topic(self.federation))
+        if self.config.deploy.enabled:
+            self.link.subscribe(topics.deploy_topic(self.federation))
+        deploy = Channel(self.link, self._mailbox, self._verified, self.data.x_holdout, self.data.y_holdout,
+                         self.stop_event)
         self.link.connect()
         self.notifier.ready(f"connected as {self.client_id}")
         next_status = 0.0
@@ -114,6 +120,9 @@ class Agent:
             if time.monotonic() >= next_status:
                 self._publish_status()
                 next_status = time.monotonic() + self.config.agent.status_interval_seconds
+            if self.deployer.apply_pending(deploy):
+                next_status = 0.0  # the new deployed_model goes out with the next status
+                continue
             try:
                 announcement = self._announcements.get(timeout=0.2)
             except queue.Empty:
@@ -141,6 +150,8 @@ class Agent:
                 return
             self._latest_round = max(self._latest_round, announcement.round)
             self._announcements.put(announcement)
+        elif topic == topics.deploy_topic(self.federation):
+            self.deployer.offer(payload)  # verified and carried out on the agent's thread
         else:
             self._mailbox.put(topic, payload)
 
@@ -284,6 +295,7 @@ class Agent:
             client_id=self.client_id, state=state, eligible=state != "offline" and not failures,
             failed_gates=failures, num_examples=int(len(self.data.x_train)), runtime=self.models.runtime,
             agent_version=__version__, cached_models=self.models.hashes(), updated_at=time.time(),
+            deployed_model=self.deployer.deployed_model,
         )
 
     def _publish_status(self, state: str = "online") -> None:

@@ -151,6 +151,23 @@ class PrivacySection:
 
 
 @dataclass
+class RolloutSection:
+    """Staged rollout of registry versions to the fleet (see `fedlite.aggregator.rollout`)."""
+
+    canary_fraction: float = 0.3  # of the online devices that get a promoted candidate first
+    min_canaries: int = 1
+    margin: float = 0.02  # promote when mean candidate accuracy >= mean current accuracy - margin
+    timeout_seconds: float = 60.0  # decide with the reports so far (at least one) after this long
+    serve_after_rounds: bool = False  # keep running after the last round, serving rollouts until stopped
+
+    def validate(self) -> None:
+        require(0 < self.canary_fraction <= 1, "canary_fraction must be in (0, 1]")
+        require(self.min_canaries >= 1, "min_canaries must be >= 1")
+        require(0 <= self.margin <= 1, "margin must be in [0, 1]")
+        require(self.timeout_seconds > 0, "timeout_seconds must be > 0")
+
+
+@dataclass
 class AggregatorConfig:
     federation: FederationSection
     model: ModelSection = field(default_factory=ModelSection)
@@ -163,6 +180,7 @@ class AggregatorConfig:
     signing: SigningSection = field(default_factory=SigningSection)
     kpis: KpiSettings = field(default_factory=KpiSettings)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
 
     def validate(self) -> None:
         t = self.training

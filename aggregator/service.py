@@ -20,6 +20,8 @@ from fedlite.aggregator.export import Exporter, export_round, version_dir
 from fedlite.aggregator.fleet import Fleet
 from fedlite.aggregator.kpis import KpiTracker, Sketcher
 from fedlite.aggregator.metrics import Metrics
+from fedlite.aggregator.registry import Registry
+from fedlite.aggregator.rollout import RolloutManager
 from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
 from fedlite.aggregator.strategies import dp, make_aggregator, make_server_optimizer
 from fedlite.aggregator.validation import Rejected, RoundContext
@@ -48,6 +50,8 @@ class Aggregator:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics(self.federation)
         self.fleet = Fleet(config.rounds.status_ttl_seconds)
+        self.rollout = RolloutManager(config.rollout, Registry(self.state_dir), self.federation, self.fleet,
+                                      self._broadcast)
         self.stop_event = threading.Event()
         self.rejections: Counter = Counter()
         self.history: list[dict[str, Any]] = []
@@ -80,6 +84,7 @@ class Aggregator:
         self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
                                                               model_hash=self.model_hash, extra={"manifest": manifest}))
         self._broadcast(topics.model_topic(self.federation, self.model_hash), self.model_payload)
+        self.rollout.start()
         try:
             for number in range(done + 1, self.config.rounds.total + 1):
                 outcome = self._run_round(number, weights)
@@ -88,7 +93,9 @@ class Aggregator:
                 weights, opt_state = self._commit(number, outcome, weights, optimizer, opt_state, exporter)
             else:
                 self._announce_done()
+                self._serve_after_rounds()
         finally:
+            self.rollout.stop()
             exporter.close()
             self._notifier("STOPPING=1")
             self.link.close()
@@ -306,6 +313,14 @@ class Aggregator:
         self._broadcast(topics.round_topic(self.federation), to_json(final))
         log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
 
+    def _serve_after_rounds(self) -> None:
+        """With [rollout] serve_after_rounds: keep serving rollouts and the registry until stopped."""
+        if not self.config.rollout.serve_after_rounds:
+            return
+        log.info("serving rollouts after the last round until stopped")
+        while not self.stop_event.wait(1.0):
+            self._notifier("WATCHDOG=1")
+
     def _broadcast(self, topic: str, payload: bytes) -> None:
         """Publish retained, signed when a key is configured."""
         self.link.publish(topic, self.signer.sign(topic, payload) if self.signer else payload, retain=True)
@@ -350,6 +365,9 @@ class Aggregator:
         handle(message)
 
     def _on_report(self, report: DeviceReport) -> None:
+        if report.kind == "deployed":  # an inference model installed: the rollout's business, not a round's
+            self.rollout.on_report(report)
+            return
         attempt = self.current
         if attempt is not None and attempt.report(report):
             self.metrics.report(report.kind)

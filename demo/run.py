@@ -20,6 +20,7 @@ from fedlite.demo.scenario import Scenario, Vanisher, assign_roles
 from fedlite.protocol import topics
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.messages import RoundAnnouncement, from_json
+from fedlite.protocol.signing import Verifier
 from fedlite.protocol.transport import BrokerSettings, Link
 
 FEDERATION = "demo"
@@ -122,11 +123,13 @@ def _epsilon_note(record: dict[str, Any]) -> str:
 def _observe_rounds(fed: LocalFederation, vanisher: Vanisher | None) -> Link:
     """Watch round announcements (as the operator would) to time the vanishing device mid-round."""
 
+    verifier = Verifier.from_files([str(fed.signing_key.with_suffix(".pub"))])
+
     def on_message(topic: str, payload: bytes) -> None:
         if vanisher is None or not payload:
             return
         try:
-            announcement = from_json(RoundAnnouncement, payload)
+            announcement = from_json(RoundAnnouncement, verifier.verify(topic, payload))
         except ProtocolError:
             return
         vanisher.on_round(announcement.round, announcement.selected)

@@ -12,6 +12,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("fedlite.agent.cli", "run the device agent"),
     "aggregator": ("fedlite.aggregator.cli", "run the aggregator for one federation"),
     "broker": ("fedlite.broker_config.cli", "broker configuration: init, enrol devices, make test certificates"),
+    "dashboard": ("fedlite.dashboard.cli", "the operator's web dashboard for a federation"),
+    "model": ("fedlite.aggregator.model_cli", "the model registry: list, show, promote, rollback"),
     "keys": ("fedlite.keys_cli", "the aggregator's signing keys: generate, show"),
     "demo": ("fedlite.demo.cli", "a complete federated training run on this machine"),
     "simulate": ("fedlite.demo.simulate_cli", "load-test rounds with many virtual agents"),

@@ -1,4 +1,4 @@
-"""JSON control messages: round announcements, device status and device reports.
+"""JSON control messages: round announcements, device status, device reports and deployment instructions.
 
 Every message is one UTF-8 JSON object with ``"type"`` and ``"protocol"`` fields. Unknown fields are
 ignored (forward compatible); missing or mistyped fields raise `MessageError`.
@@ -87,6 +87,38 @@ class DeviceReport:
     protocol: int = PROTOCOL_VERSION
 
 
+@dataclass
+class DeployTarget:
+    """An int8 inference model to install: its registry version, sha256 and the topic of its model frame."""
+
+    version: int
+    sha256: str
+    model_topic: str
+
+
+@dataclass
+class CanaryTarget:
+    """The candidate of a staged rollout and the devices that install it first."""
+
+    version: int
+    sha256: str
+    model_topic: str
+    devices: list[str]
+
+
+@dataclass
+class DeployInstruction:
+    """Retained on the deploy topic: the stable model for every device, and a canary candidate for a few."""
+
+    federation: str
+    deployment_id: str
+    stable: DeployTarget | None  # present, may be null (nothing deployed yet)
+    canary: CanaryTarget | None  # present, may be null (no rollout in its canary stage)
+    issued_at: float = 0.0
+    type: str = "deploy"
+    protocol: int = PROTOCOL_VERSION
+
+
 M = TypeVar("M")
 
 
@@ -100,7 +132,7 @@ def from_json(cls: type[M], payload: bytes) -> M:
         raise MessageError("too_large", f"control message of {len(payload)} B exceeds {MAX_CONTROL_BYTES} B")
     try:
         raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer of more than 4300 digits
         raise MessageError("malformed", f"not JSON: {exc}") from None
     message = _build(cls, raw, cls.__name__)
     expected_type = next(f.default for f in dataclasses.fields(cls) if f.name == "type")
@@ -140,7 +172,10 @@ def _check(hint: Any, value: Any, where: str) -> Any:
             raise MessageError("malformed", f"{where} must be an object")
         return {str(k): _check(item, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"{where}: unions are not used in control messages")
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) != 1 or len(typing.get_args(hint)) != 2:
+            raise TypeError(f"{where}: the only union used in control messages is `X | None`")
+        return None if value is None else _check(options[0], value, where)
     return _check_scalar(hint, value, where)
 
 
@@ -150,10 +185,17 @@ def _check_scalar(hint: Any, value: Any, where: str) -> Any:
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, hint)
     if not ok:
         raise MessageError("malformed", f"{where} must be {getattr(hint, '__name__', hint)}")
     return value
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer no float can hold (JSON allows any number of digits)
+        return False
