@@ -9,7 +9,7 @@ from fedlite.agent.data import SOURCES, DataSpec
 from fedlite.agent.deploy import DeploySection
 from fedlite.agent.gates import GateThresholds
 from fedlite.protocol.topics import check_id
-from fedlite.settings import ConfigError, load_toml, require
+from fedlite.settings import load_toml, read_secret, require
 
 
 @dataclass
@@ -45,12 +45,7 @@ class BrokerSection:
         require(not (self.password and self.password_file), "set password or password_file, not both")
 
     def resolve_password(self) -> str | None:
-        if self.password_file:
-            try:
-                return Path(self.password_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read broker password_file: {exc}") from None
-        return self.password or None
+        return read_secret(self.password, self.password_file, "broker password_file")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 from fedlite.aggregator.kpis import KpiSettings
 from fedlite.protocol.messages import TrainingPlan
 from fedlite.protocol.topics import check_id
-from fedlite.settings import ConfigError, load_toml, require
+from fedlite.settings import load_toml, read_secret, require
 
 
 @dataclass
@@ -107,12 +107,7 @@ class BrokerSection:
             check_id(self.share_group, "share_group")
 
     def resolve_password(self) -> str | None:
-        if self.password_file:
-            try:
-                return Path(self.password_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read broker password_file: {exc}") from None
-        return self.password or None
+        return read_secret(self.password, self.password_file, "broker password_file")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -223,3 +224,24 @@ def wait_for(condition: Any, timeout: float, what: str, processes: Iterable[Proc
         time.sleep(poll)
     tails = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in processes)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def follow_history(fed: LocalFederation, aggregator: Process, timeout: float, show: Any,
+                   poll: float = 0.25) -> list[dict[str, Any]]:
+    """Call `show(record)` for each round the aggregator records; return its history once it exits cleanly."""
+    path = fed.run_dir / "aggregator" / "history.json"
+    shown = 0
+
+    def finished() -> bool:
+        nonlocal shown
+        history = json.loads(path.read_text()) if path.exists() else []
+        for record in history[shown:]:
+            show(record)
+        shown = len(history)
+        return aggregator.popen.poll() is not None
+
+    wait_for(finished, timeout, "the federated rounds", fed.processes.values(), poll=poll)
+    if aggregator.popen.returncode != 0:
+        raise RuntimeError(f"the aggregator stopped with an error:\n{aggregator.log_tail(30)}")
+    return json.loads(path.read_text())
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from fedlite.dashboard.embed import start_for_demo
-from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, wait_for, write_shard
+from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, follow_history, write_shard
 from fedlite.demo.datasets import Task, load_task
 from fedlite.demo.partition import describe, format_description, partition
 from fedlite.demo.report import format_progress, human_bytes, write_report
@@ -70,7 +69,8 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
             f"({', '.join(sorted({r.kind for r in roles.values()}))}); aggregator started, exporting the model")
         dashboard = start_for_demo(run_dir / "aggregator", say)
         try:
-            history = _follow(fed, aggregator, plan, say)
+            history = follow_history(fed, aggregator, 120 + plan.rounds * (plan.deadline_seconds + 30),
+                                     lambda record: say(format_progress(record, plan.rounds) + _epsilon_note(record)))
         finally:
             observer.close()
             scenario.stop()
@@ -140,26 +140,6 @@ def _observe_rounds(fed: LocalFederation, vanisher: Vanisher | None) -> Link:
     link.subscribe(topics.round_topic(FEDERATION))
     link.connect()
     return link
-
-
-def _follow(fed: LocalFederation, aggregator: Any, plan: DemoPlan, say: Any) -> list[dict[str, Any]]:
-    """Print each round as the aggregator records it; return the history once it finishes."""
-    path = fed.run_dir / "aggregator" / "history.json"
-    shown = 0
-
-    def finished() -> bool:
-        nonlocal shown
-        history = json.loads(path.read_text()) if path.exists() else []
-        for record in history[shown:]:
-            say(format_progress(record, plan.rounds) + _epsilon_note(record))
-        shown = len(history)
-        return aggregator.popen.poll() is not None
-
-    wait_for(finished, 120 + plan.rounds * (plan.deadline_seconds + 30), "the federated rounds",
-             fed.processes.values(), poll=0.25)
-    if aggregator.popen.returncode != 0:
-        raise RuntimeError(f"the aggregator stopped with an error:\n{aggregator.log_tail(30)}")
-    return json.loads(path.read_text())
 
 
 def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[dict[str, Any]], seconds: float,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.demo.cluster import LocalFederation, wait_for
+from fedlite.demo.cluster import LocalFederation, follow_history
 from fedlite.demo.datasets import load_task
 
 FEDERATION = "sim"
@@ -51,7 +51,10 @@ def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -
         ))
         _start_workers(fed, plan, devices, data)
         progress(f"{plan.processes} processes of virtual agents started; waiting for {plan.rounds} rounds")
-        history = _follow(fed, aggregator, plan, progress)
+        history = follow_history(
+            fed, aggregator, 120 + plan.rounds * (plan.deadline_seconds + 60),
+            lambda r: progress(f"round {r['round']}: {r['status']}, {r['accepted']}/{r['selected']} updates "
+                               f"in {r['duration_seconds']:.2f} s"), poll=0.5)
     return _summary(plan, per_round, history)
 
 
@@ -67,25 +70,6 @@ def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str
         path = fed.run_dir / f"worker-{worker}.json"
         path.write_text(json.dumps(spec))
         fed.start_command(f"worker-{worker}", [sys.executable, "-m", "fedlite.demo.simulate_worker", str(path)])
-
-
-def _follow(fed: LocalFederation, aggregator: Any, plan: SimulationPlan, progress: Any) -> list[dict[str, Any]]:
-    history_path = fed.run_dir / "aggregator" / "history.json"
-    reported = 0
-
-    def done() -> bool:
-        nonlocal reported
-        history = json.loads(history_path.read_text()) if history_path.exists() else []
-        for record in history[reported:]:
-            progress(f"round {record['round']}: {record['status']}, {record['accepted']}/{record['selected']} "
-                     f"updates in {record['duration_seconds']:.2f} s")
-        reported = len(history)
-        return aggregator.popen.poll() is not None
-
-    wait_for(done, 120 + plan.rounds * (plan.deadline_seconds + 60), "the simulated rounds", [aggregator], poll=0.5)
-    if aggregator.popen.returncode != 0:
-        raise RuntimeError(f"the aggregator failed:\n{aggregator.log_tail(30)}")
-    return json.loads(history_path.read_text())
 
 
 def _summary(plan: SimulationPlan, per_round: int, history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -75,6 +75,16 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def read_secret(value: str, file: str, what: str) -> str | None:
+    """A secret given inline or, preferably, in a file of its own (first line, stripped)."""
+    if file:
+        try:
+            return Path(file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what}: {exc}") from None
+    return value or None
+
+
 def require(condition: bool, message: str) -> None:
     """For validate() methods: raise ValueError(message) unless `condition`."""
     if not condition:
