@@ -69,6 +69,18 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def check_writable(directory: str | Path) -> None:
+    """Raise CheckpointError unless a file can be created, written, synced and removed in `directory`."""
+    directory = Path(directory)
+    probe = directory / f".probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_durably(probe, b"fedlite checkpoint probe")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint directory {directory} is not writable: {exc}") from None
+
+
 def save_checkpoint(directory: str | Path, ckpt: Checkpoint, keep: int = 3) -> Path:
     """Write `ckpt` as ``directory/round-NNNNNN`` atomically, then keep only the newest `keep` checkpoints."""
     if keep < 1:

@@ -7,6 +7,10 @@ import logging
 import signal
 import sys
 
+# The checkpoint directory cannot be written: a restart would only retrain a round it cannot save.
+# fedlite-aggregator.service lists it in RestartPreventExitStatus.
+STORAGE_FAILURE = 3
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="aggregator TOML file")
@@ -31,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: aggregator.stop())
     try:
         aggregator.run()
-    except (LinkError, RunFailed, CheckpointError) as exc:
+    except CheckpointError as exc:
+        logging.getLogger("fedlite.aggregator").error("%s; not restarting until the storage is fixed", exc)
+        return STORAGE_FAILURE
+    except (LinkError, RunFailed) as exc:
         logging.getLogger("fedlite.aggregator").error("%s", exc)
         return 1
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.aggregator.checkpoint import Checkpoint, load_latest, save_checkpoint
+from fedlite.aggregator.checkpoint import Checkpoint, check_writable, load_latest, save_checkpoint
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.export import Exporter, export_round, version_dir
 from fedlite.aggregator.fleet import Fleet
@@ -70,6 +70,7 @@ class Aggregator:
     # --- the run ------------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
+        check_writable(self.checkpoints_dir)  # fail before devices train a round that could not be saved
         manifest, train_bytes, weights = self._initial_model()
         self.manifest = manifest
         self.model_hash = manifest["model_hash"]

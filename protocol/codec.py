@@ -327,6 +327,9 @@ def _decode_tensors(raw: dict[str, np.ndarray], entries: dict[str, Any], header:
     return out
 
 
+_MAX_SCALE = np.float32(np.finfo(np.float32).max / 128)  # |int8| <= 128
+
+
 def _dequantize_all(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [name for name in raw if not name.endswith(SCALE_SUFFIX)]
     if len(names) * 2 != len(raw):
@@ -343,5 +346,7 @@ def _dequantize_all(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise CodecError("tensor", f"tensor {name!r} has {scale.shape[0]} scales for {channels} channels")
         if not np.all(np.isfinite(scale)) or np.any(scale < 0):
             raise CodecError("nonfinite", f"tensor {name!r} has a negative or non-finite scale")
+        if np.any(scale > _MAX_SCALE):  # 128 * scale would overflow to Inf, and int8 values skip the finite check
+            raise CodecError("nonfinite", f"tensor {name!r} has a scale beyond float32 range")
         out[name] = dequantize_int8(q, scale)
     return out

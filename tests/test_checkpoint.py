@@ -136,3 +136,14 @@ def test_unserializable_meta_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path, bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable_refuses_a_directory_that_cannot_hold_files(tmp_path):
+    from fedlite.aggregator.checkpoint import check_writable
+
+    check_writable(tmp_path / "ok")  # creates it, leaves nothing behind
+    assert list((tmp_path / "ok").iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="is not writable"):
+        check_writable(tmp_path / "a-file" / "checkpoints")
+
