@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from fedlite.agent.config import load_config
     from fedlite.agent.data import DataError
     from fedlite.agent.service import Agent
+    from fedlite.logs import configure_logging
     from fedlite.protocol.transport import LinkError
     from fedlite.settings import ConfigError
 
@@ -35,11 +36,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def configure_logging(level: str) -> None:
-    """Plain lines for journalctl: no timestamps under systemd (the journal adds them)."""
-    import os
-
-    under_systemd = bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)

@@ -20,7 +20,6 @@ from fedlite.agent.data import LocalData, load_local_data
 from fedlite.agent.deploy import Channel, Deployer
 from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
-from fedlite.agent.sdnotify import Notifier
 from fedlite.agent.state import FileState, PsutilState, StateProvider
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, decode, encode_update
@@ -29,6 +28,7 @@ from fedlite.protocol.layout import flatten
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
 from fedlite.protocol.signing import SignatureError, Verifier
 from fedlite.protocol.transport import BrokerSettings, Link, PayloadTooLarge, PublishRefused
+from fedlite.sdnotify import Notifier
 
 log = logging.getLogger("fedlite.agent")
 

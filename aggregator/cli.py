@@ -18,10 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedlite.agent.cli import configure_logging
     from fedlite.aggregator.checkpoint import CheckpointError
     from fedlite.aggregator.config import load_config
     from fedlite.aggregator.service import Aggregator, RunFailed
+    from fedlite.logs import configure_logging
     from fedlite.protocol.transport import LinkError
     from fedlite.settings import ConfigError
 

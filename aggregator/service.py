@@ -428,7 +428,7 @@ def _client_id(config: AggregatorConfig) -> str:
 
 
 def _notifier() -> Any:
-    from fedlite.agent.sdnotify import Notifier
+    from fedlite.sdnotify import Notifier
 
     notifier = Notifier()
 
