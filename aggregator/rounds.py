@@ -52,7 +52,6 @@ class RoundAttempt:
     aborted: dict[str, str] = field(default_factory=dict)
     rejected: Counter = field(default_factory=Counter)
     bytes_up: int = 0
-    examples: int = 0
     clipped: int = 0
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
@@ -77,9 +76,7 @@ class RoundAttempt:
             except Rejected as exc:
                 self.rejected[exc.reason] += 1
                 raise
-            self.aggregator.add(update.delta, float(update.num_examples))
-            self.context.accepted.add(update.client_id)
-            self.examples += update.num_examples
+            self.aggregator.add(update.delta, float(update.num_examples))  # validation recorded it as accepted
             self.clipped += int(update.clipped)
             self.client_metrics[update.client_id] = dict(update.metrics)
             self.norms[update.client_id] = update.norm
@@ -130,7 +127,7 @@ class RoundAttempt:
                 "timed_out": len(silent),
                 "rejected": dict(self.rejected),
                 "clipped": self.clipped,
-                "examples": self.examples,
+                "examples": int(sum(self.example_counts.values())),
                 "bytes_up": self.bytes_up,
                 "started_at": self.started_at,
                 "duration_seconds": now - self.started_at,
