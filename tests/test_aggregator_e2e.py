@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from broker_fixtures import open_client
-from helpers_models import digits_split
+from federation_helpers import history, write_shards
 
-from fedlite.demo.cluster import LocalFederation, wait_for, write_shard
+from fedlite.demo.cluster import LocalFederation, wait_for
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, encode_update
 from fedlite.protocol.messages import DeviceStatus, to_json
@@ -30,15 +30,9 @@ def _free_port() -> int:
 
 def _setup(fed: LocalFederation, tmp_path: Path, agents: list[str], **aggregator_tables) -> Path:
     """Broker, a non-IID digits shard per agent, agent configs and the aggregator config."""
-    x_train, y_train, x_test, y_test = digits_split()
     fed.start_broker()
-    order = np.argsort(y_train, kind="stable")  # label-sorted: each agent sees a few labels mostly
-    for i, (agent, part) in enumerate(zip(agents, np.array_split(order, len(agents)), strict=True)):
-        mix = np.concatenate([part, np.random.default_rng(i).choice(len(x_train), 60, replace=False)])
-        config = fed.agent_config(agent, write_shard(tmp_path / f"{agent}.npz", x_train[mix], y_train[mix]),
-                                  agent={"status_interval_seconds": 0.5})
-        fed.start(agent, "agent", config)
-    np.savez(tmp_path / "test.npz", x=x_test, y=y_test)
+    for agent, shard in write_shards(tmp_path, agents, extra=60).items():
+        fed.start(agent, "agent", fed.agent_config(agent, shard, agent={"status_interval_seconds": 0.5}))
     tables = {
         "model": {"arch": "mlp", "input_shape": [64], "classes": 10, "export_every": 0},
         "rounds": {"total": 10, "clients_per_round": len(agents), "over_selection": 0.0, "deadline_seconds": 30.0,
@@ -51,13 +45,8 @@ def _setup(fed: LocalFederation, tmp_path: Path, agents: list[str], **aggregator
     return fed.aggregator_config(**tables)
 
 
-def _history(fed: LocalFederation) -> list[dict]:
-    path = fed.run_dir / "aggregator" / "history.json"
-    return json.loads(path.read_text()) if path.exists() else []
-
-
 def _completed(fed: LocalFederation) -> list[dict]:
-    return [r for r in _history(fed) if r["status"] == "complete"]
+    return [r for r in history(fed) if r["status"] == "complete"]
 
 
 def test_ten_rounds_raise_accuracy_and_export_each_round(tmp_path):
@@ -146,7 +135,7 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
         wait_for(lambda: aggregator.popen.poll() is not None, 180, "the aggregator to finish",
                  fed.processes.values(), poll=1)
         assert aggregator.popen.returncode == 0, aggregator.log_tail(40)
-        first = _history(fed)[0]
+        first = history(fed)[0]
         assert first["status"] == "complete" and first["accepted"] == 2 and first["timed_out"] == 1
         assert first["rejected"] == {"stale": 1, "future": 1, "shape": 1, "nonfinite": 1, "too_large": 1,
                                      "bad_magic": 1, "unselected": 1, "duplicate": 1}, first["rejected"]
