@@ -79,8 +79,21 @@ class ServerSection:
     max_update_bytes: int = 64 * 1024 * 1024
     max_examples: int = 1_000_000
     max_abs_value: float = 1e3
+    # One device's influence (see `fedlite.aggregator.influence`): weight cap, adaptive norm bound, step bound.
+    example_multiple: float = 2.0  # weight <= this x the selected devices' median advertised example count
+    norm_multiple: float = 2.0  # clip an update to this x the median norm of recent rounds (0: off)
+    norm_refuse_multiple: float = 10.0  # refuse (and flag) an update beyond this x that median (0: only clip)
+    norm_window: int = 5  # complete rounds whose accepted norms form that median
+    norm_warmup: int = 3  # without such rounds, updates held until this many set the first bound
+    max_step_ratio: float = 1.0  # refuse to commit a step longer than this x the weights' norm (0: off)
 
     def validate(self) -> None:
+        require(self.example_multiple >= 1, "example_multiple must be >= 1")
+        require(self.norm_multiple == 0 or self.norm_multiple >= 1, "norm_multiple must be 0 (off) or >= 1")
+        require(self.norm_refuse_multiple == 0 or self.norm_refuse_multiple >= self.norm_multiple,
+                "norm_refuse_multiple must be 0 (never) or >= norm_multiple")
+        require(self.norm_window >= 1 and self.norm_warmup >= 1, "norm_window and norm_warmup must be >= 1")
+        require(self.max_step_ratio >= 0, "max_step_ratio must be >= 0 (0: off)")
         require(self.optimizer in ("fedavg", "fedavgm", "fedadam"), "optimizer must be fedavg, fedavgm or fedadam")
         require(self.aggregation in ("mean", "trimmed_mean", "median"),
                 "aggregation must be mean, trimmed_mean or median")
