@@ -1,5 +1,6 @@
 """Configuration validation: every numeric key of both configs has a range that the loader enforces,
-and non-finite numbers are refused everywhere."""
+non-finite numbers are refused everywhere, and the services stop with one line that names the key and an
+exit code their systemd units do not restart on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import copy
 import dataclasses
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ from fedlite.agent.data import DataSpec
 from fedlite.aggregator.config import AggregatorConfig, FederationSection
 from fedlite.aggregator.config import load_config as load_aggregator_config
 from fedlite.settings import ConfigError, Range, dump_toml, numeric_keys
+
+SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 
 AGGREGATOR = {"federation": {"name": "digits", "state_dir": "STATE"}}
 AGENT = {
@@ -198,3 +203,39 @@ def test_ints_keep_their_type_checks_and_bools_are_not_numbers(tmp_path: Path) -
         "server.learning_rate must be float, not True")
     assert re.match(r"unknown key\(s\) server\.lr; known in \[server\]: ",
                     refusal(tmp_path, "aggregator", {"server.lr": 1.0}))
+
+
+# --- the services ------------------------------------------------------------------------------------------
+
+
+def restart_prevented(unit: str) -> set[int]:
+    codes: set[int] = set()
+    for line in (SYSTEMD_DIR / unit).read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "RestartPreventExitStatus":
+            codes |= {int(code) for code in value.split()}
+    return codes
+
+
+def run_fedlite(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlite.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("role", "key", "value", "expected"), [
+    ("aggregator", "server.learning_rate", math.inf, "server.learning_rate must be > 0 and finite, not inf"),
+    ("agent", "gates.max_cpu_percent", math.nan, "gates.max_cpu_percent must be in [0, 100] and finite, not nan"),
+    ("agent", "broker.port", 70000, "broker.port must be 1-65535, not 70000"),
+])
+def test_service_with_a_bad_config_prints_one_line_and_exits_without_restart(
+        tmp_path: Path, role: str, key: str, value: Any, expected: str) -> None:
+    path = write(tmp_path, role, {key: value})
+    result = run_fedlite(role, "--config", str(path))
+    assert result.stderr.splitlines() == [f"fedlite {role}: {path}: {expected}"], result.stderr
+    assert result.returncode != 0 and result.returncode in restart_prevented(f"fedlite-{role}.service")
+    assert not (tmp_path / "state").exists()
+
+
+def test_agent_whose_data_is_missing_exits_with_a_code_systemd_retries(tmp_path: Path) -> None:
+    result = run_fedlite("agent", "--config", str(write(tmp_path, "agent", {})))
+    assert result.stderr.splitlines() == [f"fedlite agent: data file {tmp_path / 'data'} does not exist"]
+    assert result.returncode != 0 and result.returncode not in restart_prevented("fedlite-agent.service")
