@@ -7,6 +7,9 @@ import logging
 import signal
 import sys
 
+# The configuration cannot be used; the error names the key. Restarting would fail the same way, so
+# fedlite-aggregator.service lists it in RestartPreventExitStatus.
+CONFIG_ERROR = 2
 # The checkpoint directory cannot be written: a restart would only retrain a round it cannot save.
 # fedlite-aggregator.service lists it in RestartPreventExitStatus.
 STORAGE_FAILURE = 3
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         aggregator = Aggregator(load_config(args.config))
     except (ConfigError, OSError, ValueError) as exc:
         print(f"fedlite aggregator: {exc}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
     signal.signal(signal.SIGINT, lambda *_: aggregator.stop())
     try:
