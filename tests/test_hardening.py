@@ -62,8 +62,8 @@ def test_ten_decompression_bombs_cost_the_aggregator_nothing_and_the_round_compl
     bombs = _bombs()
     assert max(len(b) for b in bombs) < 16 * 1024
     with LocalFederation(tmp_path / "run", FED, [*agents, "evil"]) as fed:
-        config = start_federation(fed, tmp_path / "data", agents, model,
-                                  rounds={"total": 1, "clients_per_round": 3, "over_selection": 0.34})
+        config = start_federation(fed, tmp_path / "data", agents, model,  # 2 rounds: no TF export in round 1
+                                  rounds={"total": 2, "clients_per_round": 3, "over_selection": 0.34})
         b = fed.broker
         evil = open_client(b.tls_host, b.tls_port, "evil", fed.passwords["evil"], client_id="evil", ca_file=b.ca_file)
         evil.publish(topics.status_topic(FED, "evil"),
