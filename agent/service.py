@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -21,6 +20,7 @@ from fedlite.agent.deploy import Channel, Deployer
 from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
 from fedlite.agent.state import FileState, PsutilState, StateProvider
+from fedlite.fsutil import write_atomic
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, decode, encode_update
 from fedlite.protocol.errors import ProtocolError
@@ -319,9 +319,7 @@ class Agent:
 
     def _save_progress(self, round_number: int, session: str) -> None:
         self._last_done = (round_number, session)
-        tmp = self._progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round": round_number, "session": session}))
-        os.replace(tmp, self._progress_path)
+        write_atomic(self._progress_path, json.dumps({"round": round_number, "session": session}).encode())
 
 
 def _state_provider(config: AgentConfig) -> StateProvider:
