@@ -180,7 +180,8 @@ def load_for_resume(directory: str | Path, history_file: str | Path) -> Checkpoi
     evidence = []
     failed = [r for r, _ in list_checkpoints(directory)]
     if failed:
-        evidence.append(f"the checkpoints of rounds {_rounds(failed)} fail to verify")
+        evidence.append(f"the checkpoint of round {failed[0]} fails to verify" if len(failed) == 1
+                        else f"the checkpoints of rounds {_rounds(failed)} fail to verify")
     completed = _completed_rounds(Path(history_file))
     if completed:
         evidence.append(f"{history_file} records {completed}")

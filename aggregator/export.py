@@ -108,6 +108,7 @@ class Exporter:
                 manifest = export_round(self.spec, target, weights, self.representative, metrics)
             except StorageError as exc:  # every later export would fail the same way: stop, let the main loop know
                 self.failure = StorageError(f"export of round {round_number} failed: {exc}", exc.path, exc.cause)
+                log.warning("export of round %d hit a storage failure: the aggregator stops", round_number)
                 if self.on_failure is not None:
                     self.on_failure(self.failure)
                 return
