@@ -6,9 +6,9 @@ Layout::
     <directory>/round-000012/checkpoint.json      round, history, meta, and the sha256 of the arrays file
 
 A checkpoint is written into a temporary directory inside `directory`, fsync'd, renamed into place in one
-step, and only then is the directory pruned: the checkpoint just written and the newest valid ones up to
-`keep` stay, older valid ones are deleted, and one that fails to verify is renamed ``corrupt-round-NNNNNN-*``
-(kept for inspection, never loaded); a failed write leaves the previous ones intact. `load_latest` returns the
+step, and only then is the directory pruned: the checkpoint just written and the newest others that verify,
+`keep` in all, stay and older ones are deleted; one that fails to verify is renamed ``corrupt-round-NNNNNN-*``
+(kept for inspection, never loaded). A failed write leaves the previous ones intact. `load_latest` returns the
 newest checkpoint that verifies, skipping (with a warning) a corrupt or partial one. `load_for_resume` refuses
 (`ResumeRefused`) a state directory that has a history but no valid checkpoint, rather than starting over;
 `reset_state` moves such a state aside. One writer per directory is assumed.
@@ -102,7 +102,8 @@ def check_writable(directory: str | Path) -> None:
 
 
 def save_checkpoint(directory: str | Path, ckpt: Checkpoint, keep: int = 3) -> Path:
-    """Write `ckpt` as ``directory/round-NNNNNN`` atomically, then keep only the newest `keep` checkpoints."""
+    """Write `ckpt` as ``directory/round-NNNNNN`` atomically, then prune to it and the newest valid others,
+    `keep` in all."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if ckpt.round < 0:
