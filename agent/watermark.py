@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from fedlite.fsutil import atomic_write
+from fedlite.fsutil import write_atomic
 from fedlite.protocol.messages import RoundAnnouncement
 
 
@@ -71,4 +71,4 @@ def load(path: Path) -> Watermark:
 
 
 def save(path: Path, mark: Watermark) -> None:
-    atomic_write(path, json.dumps(asdict(mark)).encode())
+    write_atomic(path, json.dumps(asdict(mark)).encode())

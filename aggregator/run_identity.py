@@ -8,11 +8,12 @@ checkpoint (a higher epoch, a lower round) is still followed, and a new run (a n
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from fedlite.fsutil import write_atomic
 
 RUN_FILE = "run.json"
 
@@ -35,10 +36,5 @@ class RunIdentity:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path} is unreadable ({exc}); move it aside to begin a new run") from None
         following = cls(current.run, current.started_at, current.epoch + 1)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(asdict(following)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(following)).encode())
         return following

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.aggregator.checkpoint import Checkpoint, check_writable, load_latest, save_checkpoint
+from fedlite.aggregator.checkpoint import HISTORY_FILE, Checkpoint, check_writable, load_for_resume, save_checkpoint
 from fedlite.aggregator.config import AggregatorConfig
-from fedlite.aggregator.export import Exporter, export_round, version_dir
+from fedlite.aggregator.export import Exporter, export_round, redo_missed_exports, version_dir
 from fedlite.aggregator.fleet import Fleet
 from fedlite.aggregator.inbox import Inbox, Item
 from fedlite.aggregator.influence import reference_norms, weight_cap
@@ -28,6 +28,7 @@ from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
 from fedlite.aggregator.run_identity import RunIdentity
 from fedlite.aggregator.strategies import dp, make_aggregator, make_server_optimizer
 from fedlite.aggregator.validation import Rejected, RoundContext, check_metrics
+from fedlite.fsutil import StorageError, ensure_dir, write_atomic
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights, update_limits
 from fedlite.protocol.errors import ProtocolError
@@ -54,11 +55,12 @@ class Aggregator:
         self.state_dir = Path(config.federation.state_dir)
         self.models_dir = self.state_dir / "models"
         self.checkpoints_dir = self.state_dir / "checkpoints"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.models_dir)
         self.metrics = Metrics(self.federation)
         self.fleet = Fleet(config.rounds.status_ttl_seconds)
         self.rollout = RolloutManager(config.rollout, Registry(self.state_dir), self.federation, self.fleet,
-                                      self._broadcast)
+                                      self._broadcast, on_storage_failure=self._storage_failed)
+        self.storage_fault: StorageError | None = None  # set by a background thread's failed write
         self.stop_event = threading.Event()
         self.ledger = Ledger(self.metrics)
         self.history: list[dict[str, Any]] = []
@@ -97,7 +99,8 @@ class Aggregator:
         log.info("run %s, epoch %d (process start %d of this run)", self.run_identity.run,
                  self.run_identity.epoch, self.run_identity.epoch)
         self.kpis.replay(self.history)
-        exporter = Exporter(self.config.model, self.models_dir, self._representative())
+        exporter = Exporter(self.config.model, self.models_dir, self._representative(), self._storage_failed)
+        redo_missed_exports(exporter, self.checkpoints_dir, self.history, done, self.config.rounds.total)
         self._connect()
         self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
                                                               model_hash=self.model_hash, extra={"manifest": manifest}))
@@ -112,15 +115,28 @@ class Aggregator:
             else:
                 self._announce_done()
                 self._serve_after_rounds()
+        except StorageError as exc:
+            self._storage_failed(exc)
+            raise
         finally:
             self.rollout.stop()
             self.inbox.stop()
-            exporter.close()
+            # pending exports are finished (feeding the watchdog), unless storage failed: then they are redone
+            # at the next start
+            exporter.close(lambda: self._notifier("WATCHDOG=1"), wait=self.storage_fault is None)
             self._notifier("STOPPING=1")
             self.link.close()
+        if self.storage_fault is not None:
+            raise self.storage_fault
         return self.history
 
     def stop(self) -> None:
+        self.stop_event.set()
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        """A write failed (any thread): stop now, and `run` raises it (the CLI's exit code 3)."""
+        if self.storage_fault is None:
+            self.storage_fault = exc
         self.stop_event.set()
 
     def _connect(self) -> None:
@@ -147,7 +163,7 @@ class Aggregator:
         return manifest, train_bytes, unflatten(_Evaluator(train_bytes, manifest).get_weights(), manifest)
 
     def _resume(self, weights: dict[str, np.ndarray], optimizer: Any) -> tuple[int, dict[str, np.ndarray], Any]:
-        checkpoint = load_latest(self.checkpoints_dir)
+        checkpoint = load_for_resume(self.checkpoints_dir, self.state_dir / HISTORY_FILE)  # refuses a lost history
         if checkpoint is None:
             return 0, weights, optimizer.init(weights)
         if checkpoint.meta.get("model_hash") != self.model_hash:
@@ -569,6 +585,4 @@ def _check_step(old: dict[str, np.ndarray], new: dict[str, np.ndarray], max_rati
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=1).encode())
