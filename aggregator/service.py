@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +74,7 @@ class Aggregator:
         self.inbox = Inbox(self._handle_item, self._refuse_busy, workers=max(1, min(2, os.cpu_count() or 1)))
         self.run_identity: RunIdentity | None = None
         self._retained: dict[str, bytes] = {}  # what this aggregator holds retained on the broker, as sent
+        self._sent: dict[str, list[bytes]] = {}  # sha256 of what it published lately per topic (echoes are fine)
         self._retained_lock = threading.Lock()
         self._reassert = threading.Event()  # set on reconnect or when the broker holds something else
         self.repairs = 0
@@ -406,6 +408,7 @@ class Aggregator:
         signed = self.signer.sign(topic, payload) if self.signer else payload
         with self._retained_lock:
             self._retained[topic] = signed
+            self._sent[topic] = [*self._sent.get(topic, [])[-3:], hashlib.sha256(signed).digest()]
         self.link.publish(topic, signed, retain=True)
 
     def _clear_retained(self, topic: str) -> None:
@@ -417,7 +420,8 @@ class Aggregator:
         """What the broker holds on a topic this aggregator owns (network thread): schedule a repair if it differs."""
         with self._retained_lock:
             ours = self._retained.get(topic)
-        if ours is not None and payload != ours:
+            echo = hashlib.sha256(payload).digest() in self._sent.get(topic, [])
+        if ours is not None and payload != ours and not echo:
             log.warning("the broker holds %s B on %s that this aggregator did not send: re-publishing its own",
                         len(payload), topic)
             self._reassert.set()

@@ -20,6 +20,7 @@ from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
 
 FED = "digits"
 DEVICE = "dev-a"
+RUN, RUN_STARTED = "a" * 32, time.time()  # the run this test plays the aggregator of
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +53,14 @@ class Coordinator:
     def announce(self, number: int, weights: dict[str, np.ndarray], plan: TrainingPlan, deadline: float = 60,
                  signing: str = "good") -> None:
         """Publish weights and the round; `signing` "none" sends the announcement unsigned, "forged" tampers."""
-        h = Header(kind="weights", federation=FED, round=number, model_hash=self.manifest["model_hash"])
+        h = Header(kind="weights", federation=FED, round=number, model_hash=self.manifest["model_hash"], run=RUN)
         topic = topics.weights_topic(FED, number)
         self.client.publish(topic, self.sign(topic, encode_weights(weights, h)), retain=True)
         announcement = RoundAnnouncement(
             federation=FED, round=number, model_hash=self.manifest["model_hash"],
             model_topic=topics.model_topic(FED, self.manifest["model_hash"]),
             weights_topic=topics.weights_topic(FED, number), selected=[DEVICE], deadline=time.time() + deadline,
-            plan=plan, session=f"s{number}",
+            plan=plan, session=f"s{number}", issued_at=time.time(), run=RUN, run_started_at=RUN_STARTED, epoch=1,
         )
         topic, payload = topics.round_topic(FED), to_json(announcement)
         signed = self.sign(topic, payload)

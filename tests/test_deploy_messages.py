@@ -57,7 +57,7 @@ def _mutated(change) -> bytes:  # noqa: ANN001
         (_mutated(lambda m: m["canary"].update(devices="dev-1")), "canary.devices must be a list"),
         (_mutated(lambda m: m["canary"].update(devices=[1])), r"canary.devices\[\] must be str"),
         (_mutated(lambda m: m.update(type="round")), "expected a 'deploy' message"),
-        (_mutated(lambda m: m.update(protocol=2)), "protocol 2"),
+        (_mutated(lambda m: m.update(protocol=1)), "protocol 1"),
         (b"null", "must be a JSON object"),
     ],
 )

@@ -164,9 +164,12 @@ def test_one_attacking_device_cannot_destroy_a_real_run(tmp_path, model):
         b = fed.broker
         evil = open_client(b.tls_host, b.tls_port, "evil", fed.passwords["evil"], client_id="evil",
                            ca_file=b.ca_file)
-        evil.publish(topics.status_topic(FED, "evil"), to_json(DeviceStatus(
-            client_id="evil", state="online", eligible=True, num_examples=ATTACK_EXAMPLES,
-            updated_at=time.time())), retain=True)
+        def advertise() -> None:  # claims 10^6 examples, and stays fresh so it is selected every round
+            evil.publish(topics.status_topic(FED, "evil"), to_json(DeviceStatus(
+                client_id="evil", state="online", eligible=True, num_examples=ATTACK_EXAMPLES,
+                updated_at=time.time())), retain=True)
+
+        advertise()
         tap = Tap(fed)
         fed.start("aggregator", "aggregator", config)
         manifest = __import__("json").loads((model / "manifest.json").read_text())
@@ -174,7 +177,11 @@ def test_one_attacking_device_cannot_destroy_a_real_run(tmp_path, model):
 
         def attack() -> None:  # answer every round with the attack, the moment it is announced
             answered: set[str] = set()
+            advertised = time.time()
             while not stop.is_set():
+                if time.time() - advertised > 5:
+                    advertise()
+                    advertised = time.time()
                 for m in list(tap.seen):
                     if m.kind == "round" and m.payload and m.json()["state"] == "open":
                         a = m.json()
