@@ -7,6 +7,12 @@ import logging
 import signal
 import sys
 
+# The configuration cannot be used; the error names the key. Restarting would fail the same way, so
+# fedlite-agent.service lists it in RestartPreventExitStatus.
+CONFIG_ERROR = 2
+# The local data cannot be loaded (yet): the device's application may still write it, so systemd restarts.
+DATA_ERROR = 1
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="agent TOML file, e.g. /etc/fedlite/agent.toml")
@@ -23,10 +29,18 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     try:
-        agent = Agent(load_config(args.config))
-    except (ConfigError, DataError) as exc:
+        config = load_config(args.config)
+    except ConfigError as exc:
         print(f"fedlite agent: {exc}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
+    try:
+        agent = Agent(config)
+    except DataError as exc:
+        print(f"fedlite agent: {exc}", file=sys.stderr)
+        return DATA_ERROR
+    except (ConfigError, ValueError) as exc:  # an unreadable password_file, a bad trust.aggregator_keys file
+        print(f"fedlite agent: {exc}", file=sys.stderr)
+        return CONFIG_ERROR
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     try:

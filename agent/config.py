@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from fedlite.agent.data import SOURCES, DataSpec
 from fedlite.agent.deploy import DeploySection
 from fedlite.agent.gates import GateThresholds
 from fedlite.protocol.topics import check_id
-from fedlite.settings import load_toml, read_secret, require
+from fedlite.settings import PORT, SEED, FieldRanges, Range, load_toml, read_secret, require
 
 
 @dataclass
@@ -26,7 +27,7 @@ class DeviceSection:
 @dataclass
 class BrokerSection:
     host: str = "localhost"
-    port: int = 8883
+    port: Annotated[int, PORT] = 8883
     tls: bool = True
     ca_file: str = ""
     cert_file: str = ""
@@ -34,15 +35,15 @@ class BrokerSection:
     username: str = ""
     password: str = ""
     password_file: str = ""
-    keepalive: int = 30
-    reconnect_min_seconds: float = 1.0
-    reconnect_max_seconds: float = 60.0
+    keepalive: Annotated[int, Range(ge=5, le=3600)] = 30  # seconds
+    reconnect_min_seconds: Annotated[float, Range(gt=0)] = 1.0
+    reconnect_max_seconds: Annotated[float, Range(gt=0)] = 60.0
 
     def validate(self) -> None:
-        require(0 < self.port < 65536, f"port must be 1-65535, not {self.port}")
-        require(5 <= self.keepalive <= 3600, "keepalive must be 5-3600 seconds")
-        require(0 < self.reconnect_min_seconds <= self.reconnect_max_seconds, "need 0 < reconnect_min <= max")
-        require(not (self.password and self.password_file), "set password or password_file, not both")
+        require(self.reconnect_min_seconds <= self.reconnect_max_seconds,
+                f"reconnect_min_seconds must be <= reconnect_max_seconds ({self.reconnect_max_seconds:g}), "
+                f"not {self.reconnect_min_seconds:g}")
+        require(not (self.password and self.password_file), "password_file or password: set one, not both")
 
     def resolve_password(self) -> str | None:
         return read_secret(self.password, self.password_file, "broker password_file")
@@ -52,25 +53,20 @@ class BrokerSection:
 class StateSection:
     provider: str = "psutil"  # psutil | file
     file: str = ""
-    idle_window_seconds: float = 30.0
+    idle_window_seconds: Annotated[float, Range(gt=0)] = 30.0
 
     def validate(self) -> None:
         require(self.provider in ("psutil", "file"), f"provider must be psutil or file, not {self.provider!r}")
-        require(self.provider != "file" or bool(self.file), "provider 'file' needs file = path")
+        require(self.provider != "file" or bool(self.file), "file is required with provider = \"file\"")
 
 
 @dataclass
 class AgentSection:
-    status_interval_seconds: float = 30.0
-    threads: int = 1
-    max_epochs: int = 20
-    max_examples: int = 0  # 0: all local examples
-    seed: int = 0
-
-    def validate(self) -> None:
-        require(self.status_interval_seconds >= 0.2, "status_interval_seconds must be >= 0.2")
-        require(1 <= self.threads <= 64, "threads must be 1-64")
-        require(self.max_epochs >= 1, "max_epochs must be >= 1")
+    status_interval_seconds: Annotated[float, Range(ge=0.2)] = 30.0
+    threads: Annotated[int, Range(ge=1, le=64)] = 1
+    max_epochs: Annotated[int, Range(ge=1)] = 20
+    max_examples: Annotated[int, Range(ge=1, special=0, means="all local examples")] = 0
+    seed: Annotated[int, SEED] = 0
 
 
 @dataclass
@@ -83,21 +79,32 @@ class TrustSection:
                 "pin the aggregator's public key (trust.aggregator_keys) or set trust.allow_unsigned = true")
 
 
+# Sections whose dataclasses belong to the agent's components; their bounds as configuration:
+DATA_RANGES = FieldRanges(holdout_fraction=Range(ge=0, lt=1), seed=SEED)
+GATE_RANGES = FieldRanges(
+    max_cpu_percent=Range(ge=0, le=100),
+    max_load_per_cpu=Range(ge=0),
+    min_battery_percent=Range(ge=0, le=100),
+    max_temperature_c=Range(ge=0, le=150),
+    min_available_memory_mb=Range(ge=0),
+)
+DEPLOY_RANGES = FieldRanges(fetch_timeout_seconds=Range(gt=0))
+
+
 @dataclass
 class AgentConfig:
     device: DeviceSection
-    data: DataSpec
+    data: Annotated[DataSpec, DATA_RANGES]
     broker: BrokerSection = field(default_factory=BrokerSection)
-    gates: GateThresholds = field(default_factory=GateThresholds)
+    gates: Annotated[GateThresholds, GATE_RANGES] = field(default_factory=GateThresholds)
     state: StateSection = field(default_factory=StateSection)
     agent: AgentSection = field(default_factory=AgentSection)
     trust: TrustSection = field(default_factory=TrustSection)
-    deploy: DeploySection = field(default_factory=DeploySection)
+    deploy: Annotated[DeploySection, DEPLOY_RANGES] = field(default_factory=DeploySection)
 
     def validate(self) -> None:
         self.trust.validate()
         require(self.data.source in SOURCES, f"data.source must be one of {SOURCES}")
-        require(0 <= self.data.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)")
         require(self.data.source != "hook" or bool(self.data.hook), "data.source 'hook' needs data.hook")
         require(self.data.source == "hook" or bool(self.data.path), f"data.source {self.data.source!r} needs data.path")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -28,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.fsutil import write_atomic
 from fedlite.protocol import topics
 from fedlite.protocol.codec import decode
 from fedlite.protocol.errors import ProtocolError
-from fedlite.protocol.manifest import write_atomic
 from fedlite.protocol.messages import DeployInstruction, DeployTarget, DeviceReport, from_json, to_json
 
 log = logging.getLogger("fedlite.agent.deploy")
@@ -184,12 +183,7 @@ class Deployer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if replaced is not None:
             write_atomic(self.previous_path, replaced)
-        write_atomic(self.path, model)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself survives a power cut
-        finally:
-            os.close(fd)
+        write_atomic(self.path, model)  # the rename itself is fsync'd too: it survives a power cut
 
     def _save_record(self, target: DeployTarget, deployment_id: str) -> None:
         record = {"version": target.version, "sha256": target.sha256, "deployment_id": deployment_id,

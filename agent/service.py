@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedlite import __version__
+from fedlite.agent import watermark
 from fedlite.agent.config import AgentConfig
 from fedlite.agent.data import LocalData, load_local_data
 from fedlite.agent.deploy import Channel, Deployer
@@ -49,6 +48,7 @@ class Counters:
     rounds_aborted: int = 0
     bad_messages: int = 0
     refused_signatures: int = 0
+    refused_announcements: dict[str, int] = field(default_factory=dict)  # by reason: replayed, stale_run, ...
 
 
 class Mailbox:
@@ -89,16 +89,16 @@ class Agent:
         self.notifier = Notifier()
         self.stop_event = threading.Event()
         self._announcements: queue.Queue[RoundAnnouncement] = queue.Queue()
-        self._latest_round = -1
         self._mailbox = Mailbox()
         self._progress_path = self.state_dir / "progress.json"
-        self._last_done = self._load_progress()
+        self._mark = watermark.load(self._progress_path)
         self._rng = np.random.default_rng(config.agent.seed or None)
         self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
         self.deployer = Deployer(config.deploy, self.state_dir, self.client_id, self.federation)
         self.link = Link(
             _broker_settings(config), self.client_id, self._on_message,
             will=(topics.status_topic(self.federation, self.client_id), to_json(self._status("offline", {}))),
+            with_retain=True,
         )
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -131,24 +131,38 @@ class Agent:
                 self._take_part(announcement)
                 next_status = 0.0
         self.notifier.stopping()
+        self._publish_offline()
         self.link.close()
+
+    def _publish_offline(self) -> None:
+        """A clean stop says so: the broker sends the last will only when the connection breaks."""
+        try:
+            self.link.publish(topics.status_topic(self.federation, self.client_id),
+                              to_json(self._status("offline", {})), retain=True, timeout=5)
+        except (PayloadTooLarge, PublishRefused, TimeoutError) as exc:
+            log.warning("could not publish the offline status: %s", exc)
 
     def stop(self) -> None:
         self.stop_event.set()
 
     # --- messages (network thread) ---------------------------------------------------------
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        if not payload:
+            return  # the aggregator cleared a retained topic (e.g. a closed round's weights): not a message
         if topic == topics.round_topic(self.federation):
-            if not payload:
-                return  # a cleared retained announcement
             try:
                 announcement = from_json(RoundAnnouncement, self._verified(topic, payload))
             except ProtocolError as exc:
                 self.counters.bad_messages += 1
                 log.warning("ignored a malformed round announcement: %s", exc)
                 return
-            self._latest_round = max(self._latest_round, announcement.round)
+            refusal = watermark.judge(self._mark, announcement, retained)
+            if refusal is not None:
+                self._refuse_announcement(announcement, refusal)
+                return
+            self._mark = watermark.advance(self._mark, announcement)
+            watermark.save(self._progress_path, self._mark)
             self._announcements.put(announcement)
         elif topic == topics.deploy_topic(self.federation):
             self.deployer.offer(payload)  # verified and carried out on the agent's thread
@@ -167,10 +181,18 @@ class Agent:
 
     # --- one round ---------------------------------------------------------------------------
 
+    def _refuse_announcement(self, a: RoundAnnouncement, reason: str) -> None:
+        counts = self.counters.refused_announcements
+        counts[reason] = counts.get(reason, 0) + 1
+        if counts[reason] == 1 or reason != "replayed":
+            log.warning("refused a round announcement (%s): run %s epoch %d round %d session %s; following run %s "
+                        "epoch %d round %d", reason, a.run[:8], a.epoch, a.round, a.session, self._mark.run[:8],
+                        self._mark.epoch, self._mark.round)
+
     def _should_take_part(self, a: RoundAnnouncement) -> bool:
         return (
             a.federation == self.federation and a.state == "open" and self.client_id in a.selected
-            and (a.round, a.session) != self._last_done and a.round >= self._latest_round
+            and a.session != self._mark.done_session and not watermark.superseded(self._mark, a)
             and time.time() < a.deadline
         )
 
@@ -183,7 +205,8 @@ class Agent:
             with self.models.lock:  # one interpreter per model; virtual agents in one process take turns
                 payload, steps = self._train(a, trainer, manifest, global_flat)
             self._publish_update(a, payload)
-            self._save_progress(a.round, a.session)
+            self._mark = watermark.finished(self._mark, a.session)
+            watermark.save(self._progress_path, self._mark)
             self.counters.rounds_trained += 1
             log.info("round %d: sent update of %d B after %d steps", a.round, len(payload), steps)
         except RoundAbandoned as exc:
@@ -218,6 +241,8 @@ class Agent:
             message = decode(self._verified(a.weights_topic, payload))
             if message.header.kind != "weights" or message.header.round != a.round:
                 raise ProtocolError("stale", f"weights for round {message.header.round}, expected {a.round}")
+            if message.header.run != a.run:
+                raise ProtocolError("run", "weights belong to another run")
             if message.header.model_hash != a.model_hash:
                 raise ProtocolError("model_hash", "weights belong to another model")
             return flatten(message.tensors, manifest)
@@ -246,7 +271,7 @@ class Agent:
                 closed.append(describe(failures))
             elif self.stop_event.is_set():
                 closed.append("agent stopping")
-            elif self._latest_round > a.round or time.time() > a.deadline:
+            elif watermark.superseded(self._mark, a) or time.time() > a.deadline:
                 closed.append("the round closed before training finished")
             return not closed
 
@@ -261,7 +286,7 @@ class Agent:
             metrics |= {"eval_loss_before": before[0], "eval_accuracy_before": before[1],
                         "eval_loss_after": after[0], "eval_accuracy_after": after[1]}
         header = Header(kind="update", federation=self.federation, round=a.round, model_hash=a.model_hash,
-                        client_id=self.client_id, num_examples=int(len(x)),
+                        client_id=self.client_id, num_examples=int(len(x)), run=a.run,
                         metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)})
         return encode_update(delta, header, stochastic=plan.stochastic_rounding, rng=self._rng), result.steps
 
@@ -309,19 +334,6 @@ class Agent:
         except PayloadTooLarge as exc:
             log.error("status not sent: %s", exc)
         self.notifier.status(f"{state}; " + ("eligible" if not failures else describe(failures)))
-
-    def _load_progress(self) -> tuple[int, str]:
-        try:
-            done = json.loads(self._progress_path.read_text())
-            return int(done["round"]), str(done["session"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return -1, ""
-
-    def _save_progress(self, round_number: int, session: str) -> None:
-        self._last_done = (round_number, session)
-        tmp = self._progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round": round_number, "session": session}))
-        os.replace(tmp, self._progress_path)
 
 
 def _state_provider(config: AgentConfig) -> StateProvider:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
+from fedlite.fsutil import write_atomic
+
 
 @dataclass
 class DeviceState:
@@ -111,7 +113,4 @@ class FileState:
 
 def write_state(path: str | Path, **values: object) -> None:
     """Atomically write a simulated device state file."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(values).encode())

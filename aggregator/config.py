@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from fedlite.aggregator.kpis import KpiSettings
 from fedlite.protocol.messages import TrainingPlan
 from fedlite.protocol.topics import check_id
-from fedlite.settings import load_toml, read_secret, require
+from fedlite.settings import PORT, SEED, FieldRanges, Range, load_toml, read_secret, require
 
 
 @dataclass
@@ -23,40 +24,38 @@ class FederationSection:
 @dataclass
 class ModelSection:
     arch: str = "mlp"
-    input_shape: list[int] = field(default_factory=lambda: [64])
-    classes: int = 10
+    input_shape: list[Annotated[int, Range(ge=1)]] = field(default_factory=lambda: [64])
+    classes: Annotated[int, Range(ge=2)] = 10
     options: dict = field(default_factory=dict)
     builder: str = ""  # "package.module:function" for a user's own architecture
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     downlink_dtype: str = "float32"  # float32 | float16
-    export_every: int = 1  # re-export TFLite models every N completed rounds (0: only at the end)
+    # re-export TFLite models every N completed rounds
+    export_every: Annotated[int, Range(ge=1, special=0, means="only at the end")] = 1
 
     def validate(self) -> None:
-        require(all(d > 0 for d in self.input_shape) and self.input_shape, "input_shape needs positive sizes")
-        require(self.classes >= 2, "classes must be >= 2")
+        require(bool(self.input_shape), "input_shape needs at least one size")
         require(self.downlink_dtype in ("float32", "float16"), "downlink_dtype must be float32 or float16")
-        require(self.export_every >= 0, "export_every must be >= 0")
 
 
 @dataclass
 class RoundsSection:
-    total: int = 10
-    clients_per_round: int = 10  # K: the round closes once K updates are accepted
-    quorum: int = 0  # minimum accepted updates at the deadline; 0 means ceil(K / 2)
-    over_selection: float = 0.3  # select K * (1 + over_selection) devices
-    deadline_seconds: float = 60.0
-    wait_for_devices_seconds: float = 60.0  # how long to wait for K eligible devices before going with fewer
-    max_attempts: int = 3  # a round below quorum is retried this many times, then the run stops
-    status_ttl_seconds: float = 90.0  # a device silent for longer is not selected
-    seed: int = 0
+    total: Annotated[int, Range(ge=1)] = 10
+    clients_per_round: Annotated[int, Range(ge=1)] = 10  # K: the round closes once K updates are accepted
+    # minimum accepted updates at the deadline
+    quorum: Annotated[int, Range(ge=1, special=0, means="ceil(clients_per_round / 2)")] = 0
+    over_selection: Annotated[float, Range(ge=0, le=5)] = 0.3  # select K * (1 + over_selection) devices
+    deadline_seconds: Annotated[float, Range(gt=0)] = 60.0
+    # how long to wait for K eligible devices before going with fewer (0: go with those there are)
+    wait_for_devices_seconds: Annotated[float, Range(ge=0)] = 60.0
+    # a round below quorum is retried this many times, then the run stops
+    max_attempts: Annotated[int, Range(ge=1)] = 3
+    status_ttl_seconds: Annotated[float, Range(gt=0)] = 90.0  # a device silent for longer is not selected
+    seed: Annotated[int, SEED] = 0
 
     def validate(self) -> None:
-        require(self.total >= 1, "total must be >= 1")
-        require(self.clients_per_round >= 1, "clients_per_round must be >= 1")
-        require(0 <= self.quorum <= self.clients_per_round, "quorum must be between 0 and clients_per_round")
-        require(0 <= self.over_selection <= 5, "over_selection must be between 0 and 5")
-        require(self.deadline_seconds > 0, "deadline_seconds must be > 0")
-        require(self.max_attempts >= 1, "max_attempts must be >= 1")
+        require(self.quorum <= self.clients_per_round,
+                f"quorum must be <= clients_per_round ({self.clients_per_round}), not {self.quorum}")
 
     @property
     def min_accepted(self) -> int:
@@ -66,34 +65,41 @@ class RoundsSection:
 @dataclass
 class ServerSection:
     optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
-    learning_rate: float = 1.0
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    learning_rate: Annotated[float, Range(gt=0)] = 1.0
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99
+    tau: Annotated[float, Range(gt=0)] = 1e-3
     aggregation: str = "mean"  # mean | trimmed_mean | median
-    trim_fraction: float = 0.1
+    trim_fraction: Annotated[float, Range(ge=0, lt=0.5)] = 0.1
     sum_dtype: str = "float32"  # running-sum precision; rounding stays far below int8 quantization error
-    max_update_norm: float = 0.0  # 0: no bound
+    max_update_norm: Annotated[float, Range(gt=0, special=0, means="no bound")] = 0.0
     norm_policy: str = "clip"  # clip | reject
-    max_update_bytes: int = 64 * 1024 * 1024
-    max_examples: int = 1_000_000
-    max_abs_value: float = 1e3
+    max_update_bytes: Annotated[int, Range(ge=1)] = 64 * 1024 * 1024
+    max_examples: Annotated[int, Range(ge=1)] = 1_000_000  # per update; more is refused
+    max_abs_value: Annotated[float, Range(gt=0)] = 1e3  # per delta entry; larger is refused
+    # One device's influence (see `fedlite.aggregator.influence`): weight cap, adaptive norm bound, step bound.
+    example_multiple: Annotated[float, Range(ge=1)] = 2.0  # weight <= this x the selected devices' median count
+    norm_multiple: Annotated[float, Range(ge=1, special=0, means="off")] = 2.0  # clip to this x recent median norm
+    norm_refuse_multiple: Annotated[float, Range(ge=1, special=0, means="only clip")] = 10.0  # refuse beyond this
+    norm_window: Annotated[int, Range(ge=1)] = 5  # complete rounds whose accepted norms form that median
+    norm_warmup: Annotated[int, Range(ge=1)] = 3  # with no such rounds, updates held until this many set a bound
+    max_step_ratio: Annotated[float, Range(ge=0)] = 1.0  # refuse a step longer than this x the weights' norm (0: off)
 
     def validate(self) -> None:
+        require(self.norm_refuse_multiple == 0 or self.norm_refuse_multiple >= self.norm_multiple,
+                f"norm_refuse_multiple must be 0 (never) or >= norm_multiple ({self.norm_multiple:g})")
         require(self.optimizer in ("fedavg", "fedavgm", "fedadam"), "optimizer must be fedavg, fedavgm or fedadam")
         require(self.aggregation in ("mean", "trimmed_mean", "median"),
                 "aggregation must be mean, trimmed_mean or median")
         require(self.norm_policy in ("clip", "reject"), "norm_policy must be clip or reject")
         require(self.sum_dtype in ("float32", "float64"), "sum_dtype must be float32 or float64")
-        require(0 <= self.trim_fraction < 0.5, "trim_fraction must be in [0, 0.5)")
-        require(self.learning_rate > 0 and self.max_update_bytes > 0, "learning_rate and max_update_bytes must be > 0")
 
 
 @dataclass
 class BrokerSection:
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: Annotated[int, PORT] = 1883
     tls: bool = False
     ca_file: str = ""
     username: str = "aggregator"
@@ -102,7 +108,6 @@ class BrokerSection:
     share_group: str = ""  # MQTT v5 shared subscription group for several aggregators
 
     def validate(self) -> None:
-        require(0 < self.port < 65536, f"port must be 1-65535, not {self.port}")
         if self.share_group:
             check_id(self.share_group, "share_group")
 
@@ -113,12 +118,12 @@ class BrokerSection:
 @dataclass
 class EvaluationSection:
     test_data: str = ""  # .npz with x and y: a server-held test set
-    calibration_examples: int = 200  # examples of it used to calibrate the int8 inference model
+    calibration_examples: Annotated[int, Range(ge=1)] = 200  # examples of it used to calibrate the int8 inference model
 
 
 @dataclass
 class MetricsSection:
-    prometheus_port: int = 0  # 0: no endpoint
+    prometheus_port: Annotated[int, Range(ge=1, le=65535, special=0, means="no endpoint")] = 0
     prometheus_host: str = "127.0.0.1"
 
 
@@ -132,34 +137,37 @@ class PrivacySection:
     """DP-FedAvg (see `strategies.dp`): clip each update to clip_norm, add N(0, (noise_multiplier * clip_norm)^2)."""
 
     enabled: bool = False
-    clip_norm: float = 1.0  # S: the L2 bound of each device's update
-    noise_multiplier: float = 1.0  # z: noise std on the sum, in units of clip_norm
-    delta: float = 1e-5  # the δ at which ε is reported; well below 1 / fleet size
-    fleet_size: int = 0  # N for the sampling rate q = selected / N; 0: the devices the aggregator has heard from
-    seed: int = -1  # noise seed (reproducible, for tests); -1: unseeded, drawn from the OS CSPRNG
-
-    def validate(self) -> None:
-        require(self.clip_norm > 0 and self.noise_multiplier > 0, "clip_norm and noise_multiplier must be > 0")
-        require(0 < self.delta < 1, "delta must be in (0, 1)")
-        require(self.fleet_size >= 0, "fleet_size must be >= 0 (0: the devices the aggregator knows)")
-        require(self.seed >= -1, "seed must be >= 0, or -1 for unseeded noise")
+    clip_norm: Annotated[float, Range(gt=0)] = 1.0  # S: the L2 bound of each device's update
+    noise_multiplier: Annotated[float, Range(gt=0)] = 1.0  # z: noise std on the sum, in units of clip_norm
+    delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5  # the δ at which ε is reported; well below 1 / fleet size
+    # N for the sampling rate q = selected / N
+    fleet_size: Annotated[int, Range(ge=1, special=0, means="the devices the aggregator has heard from")] = 0
+    # noise seed (reproducible, for tests); unseeded noise is drawn from the OS CSPRNG
+    seed: Annotated[int, Range(ge=0, special=-1, means="unseeded noise")] = -1
 
 
 @dataclass
 class RolloutSection:
     """Staged rollout of registry versions to the fleet (see `fedlite.aggregator.rollout`)."""
 
-    canary_fraction: float = 0.3  # of the online devices that get a promoted candidate first
-    min_canaries: int = 1
-    margin: float = 0.02  # promote when mean candidate accuracy >= mean current accuracy - margin
-    timeout_seconds: float = 60.0  # decide with the reports so far (at least one) after this long
+    # of the online devices that get a promoted candidate first
+    canary_fraction: Annotated[float, Range(gt=0, le=1)] = 0.3
+    min_canaries: Annotated[int, Range(ge=1)] = 1
+    # promote when mean candidate accuracy >= mean current accuracy - margin
+    margin: Annotated[float, Range(ge=0, le=1)] = 0.02
+    # decide with the reports so far (at least one) after this long
+    timeout_seconds: Annotated[float, Range(gt=0)] = 60.0
     serve_after_rounds: bool = False  # keep running after the last round, serving rollouts until stopped
 
-    def validate(self) -> None:
-        require(0 < self.canary_fraction <= 1, "canary_fraction must be in (0, 1]")
-        require(self.min_canaries >= 1, "min_canaries must be >= 1")
-        require(0 <= self.margin <= 1, "margin must be in [0, 1]")
-        require(self.timeout_seconds > 0, "timeout_seconds must be > 0")
+
+# [training] is the plan broadcast to the devices (a protocol message); its bounds as configuration:
+TRAINING_RANGES = FieldRanges(
+    epochs=Range(ge=1),
+    batch_size=Range(ge=1),
+    learning_rate=Range(gt=0),
+    proximal_mu=Range(ge=0),
+    max_examples=Range(ge=1, special=0, means="all local examples"),
+)
 
 
 @dataclass
@@ -167,7 +175,7 @@ class AggregatorConfig:
     federation: FederationSection
     model: ModelSection = field(default_factory=ModelSection)
     rounds: RoundsSection = field(default_factory=RoundsSection)
-    training: TrainingPlan = field(default_factory=TrainingPlan)
+    training: Annotated[TrainingPlan, TRAINING_RANGES] = field(default_factory=TrainingPlan)
     server: ServerSection = field(default_factory=ServerSection)
     broker: BrokerSection = field(default_factory=BrokerSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
@@ -178,9 +186,6 @@ class AggregatorConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
 
     def validate(self) -> None:
-        t = self.training
-        require(t.epochs >= 1 and t.batch_size >= 1, "training.epochs and training.batch_size must be >= 1")
-        require(t.learning_rate > 0 and t.proximal_mu >= 0, "training.learning_rate > 0, proximal_mu >= 0")
         p = self.privacy
         require(not p.enabled or self.server.aggregation == "mean",
                 "privacy.enabled needs server.aggregation = \"mean\" (DP-FedAvg noises a clipped sum)")

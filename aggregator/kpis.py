@@ -11,22 +11,31 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+
+from fedlite.settings import Range, require
 
 SKETCH_BUCKETS = 512
 
 
 @dataclass
 class KpiSettings:
-    drift_threshold: float = 0.3  # rise of a client's loss above its best of the window that raises a flag
-    drift_window: int = 5
-    anomaly_z: float = 3.5  # robust z-score of the update norm (median / MAD)
-    anomaly_min_cosine: float = 0.0  # an update pointing away from the aggregate is an outlier
-    anomaly_repeat: int = 3  # outlier this many rounds of the window: flagged
-    anomaly_window: int = 5
+    # rise of a client's loss above its best of the window that raises a flag
+    drift_threshold: Annotated[float, Range(ge=0)] = 0.3
+    drift_window: Annotated[int, Range(ge=2)] = 5  # rounds; a rise needs two of them
+    anomaly_z: Annotated[float, Range(gt=0)] = 3.5  # robust z-score of the update norm (median / MAD)
+    # an update pointing away from the aggregate is an outlier
+    anomaly_min_cosine: Annotated[float, Range(ge=-1, le=1)] = 0.0
+    anomaly_repeat: Annotated[int, Range(ge=1)] = 3  # outlier this many rounds of the window: flagged
+    anomaly_window: Annotated[int, Range(ge=1)] = 5
     exclude_flagged: bool = False  # stop selecting clients flagged as anomalous
+
+    def validate(self) -> None:
+        require(self.anomaly_repeat <= self.anomaly_window,
+                f"anomaly_repeat must be <= anomaly_window ({self.anomaly_window}), not {self.anomaly_repeat}: "
+                "no client could ever be flagged")
 
 
 class Sketcher:

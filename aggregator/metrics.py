@@ -22,6 +22,10 @@ class Metrics:
         self.rounds = counter("fedlite_rounds", "round attempts by outcome", ("status",))
         self.updates_accepted = counter("fedlite_updates_accepted", "updates accepted")
         self.updates_rejected = counter("fedlite_updates_rejected", "updates refused, by reason", ("reason",))
+        self.messages_rejected = counter("fedlite_messages_rejected", "messages of every kind refused, in or between "
+                                         "rounds, by kind (update, status, report) and reason", ("kind", "reason"))
+        self.retained_repairs = counter("fedlite_retained_repairs", "re-assertions of the aggregator's retained "
+                                        "topics after a reconnect or an overwrite")
         self.reports = counter("fedlite_device_reports", "declines and aborts reported by devices", ("kind",))
         self.bytes_in = counter("fedlite_bytes_in", "update payload bytes received")
         self.bytes_out = counter("fedlite_bytes_out", "model and weights bytes delivered to selected devices")
@@ -40,8 +44,15 @@ class Metrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def rejected(self, reason: str) -> None:
-        self.updates_rejected.labels(self._labels["federation"], reason).inc()
+    def refused(self, kind: str, reason: str) -> None:
+        """One refused message (the ledger's sink): by kind and reason, and updates also by reason alone."""
+        fed = self._labels["federation"]
+        self.messages_rejected.labels(fed, kind, reason).inc()
+        if kind == "update":
+            self.updates_rejected.labels(fed, reason).inc()
+
+    def retained_repaired(self) -> None:
+        self.retained_repairs.labels(self._labels["federation"]).inc()
 
     def report(self, kind: str) -> None:
         self.reports.labels(self._labels["federation"], kind).inc()

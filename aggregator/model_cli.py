@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedlite.aggregator.registry import Registry, RegistryError
+    from fedlite.fsutil import StorageError
 
     registry = Registry(args.state_dir)
     try:
@@ -48,14 +49,16 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "show":
             return _show(registry, args.version, args.json)
         return _request(registry, args.command, args.version, args.wait, args.queue)
-    except RegistryError as exc:
+    except (RegistryError, StorageError) as exc:
         print(f"fedlite model: {exc}", file=sys.stderr)
         return 2
 
 
 def _sync(registry: Any) -> None:
     """Register finished exports; read-only users (not the aggregator's account) just read what is there."""
-    with contextlib.suppress(PermissionError):
+    from fedlite.fsutil import StorageError
+
+    with contextlib.suppress(PermissionError, StorageError):
         registry.sync()
 
 

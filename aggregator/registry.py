@@ -10,8 +10,9 @@ State lives in ``state_dir/registry.json`` (read by the dashboard; keep its shap
      "requests": [{"id", "action", "version", "requested_at", "state", "message", "handled_at"}]}
 
 Every change is a read-modify-write under an exclusive lock on ``registry.json.lock`` (so the aggregator
-and the `fedlite model` CLI can both write), and every write is atomic (temporary file, fsync, rename), so
-a reader never sees half a file. ``deployments.jsonl`` beside it logs each fleet-wide deployment (the
+and the `fedlite model` CLI can both write), and every write is atomic (`fedlite.fsutil.write_atomic`:
+temporary file, fsync, rename, fsync of the directory), so a reader never sees half a file; a failed write
+raises `fedlite.fsutil.StorageError`. ``deployments.jsonl`` beside it logs each fleet-wide deployment (the
 default target of `fedlite model rollback`).
 """
 
@@ -29,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedlite.protocol.manifest import INFER_INT8_FILE, write_atomic
+from fedlite.fsutil import StorageError, append_durably, describe, ensure_dir, write_atomic
+from fedlite.protocol.manifest import INFER_INT8_FILE
 
 REGISTRY_FILE = "registry.json"
 DEPLOYMENTS_FILE = "deployments.jsonl"
@@ -101,8 +103,13 @@ class Registry:
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, Any]]:
         """Lock, read, let the caller change the state in place, write it back atomically."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(REGISTRY_FILE + ".lock"), "a+") as lock:
+        ensure_dir(self.state_dir)
+        lock_path = self.path.with_name(REGISTRY_FILE + ".lock")
+        try:
+            lock_file = open(lock_path, "a+")  # noqa: SIM115 (the with statement below closes it)
+        except OSError as exc:
+            raise StorageError(f"cannot open {lock_path}: {describe(exc)}", lock_path, exc) from exc
+        with lock_file as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 state = self.read()
@@ -115,7 +122,6 @@ class Registry:
 
     def _write(self, state: dict[str, Any]) -> None:
         write_atomic(self.path, (json.dumps(state, indent=1) + "\n").encode())
-        _fsync_dir(self.state_dir)
 
     # --- versions -------------------------------------------------------------------------------
 
@@ -159,10 +165,7 @@ class Registry:
 
     def log_deployment(self, version: int, how: str) -> None:
         line = json.dumps({"version": version, "how": how, "at": time.time()}) + "\n"
-        with open(self.state_dir / DEPLOYMENTS_FILE, "a") as out:
-            out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
+        append_durably(self.state_dir / DEPLOYMENTS_FILE, line.encode())
 
     def deployments(self) -> list[dict[str, Any]]:
         try:
@@ -191,10 +194,3 @@ class Registry:
             return False
         return time.time() - float(beat.get("updated_at", 0)) <= max_age
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

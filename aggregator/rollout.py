@@ -33,6 +33,7 @@ from typing import Any
 from fedlite.aggregator.config import RolloutSection
 from fedlite.aggregator.fleet import Fleet
 from fedlite.aggregator.registry import Registry, RegistryError, find_version
+from fedlite.fsutil import StorageError
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, encode_model
 from fedlite.protocol.manifest import INFER_INT8_FILE, MANIFEST_NAME
@@ -48,8 +49,9 @@ REPORT_SKEW_SECONDS = 5.0  # a canary's report may carry a clock slightly behind
 
 class RolloutManager:
     def __init__(self, config: RolloutSection, registry: Registry, federation: str, fleet: Fleet,
-                 publish: Publish) -> None:
+                 publish: Publish, on_storage_failure: Callable[[StorageError], None] | None = None) -> None:
         self.config = config
+        self.on_storage_failure = on_storage_failure
         self.registry = registry
         self.federation = federation
         self.fleet = fleet
@@ -78,6 +80,11 @@ class RolloutManager:
         while not self._stop.is_set():
             try:
                 self.tick()
+            except StorageError as exc:  # registry.json cannot be written: the aggregator stops (exit code 3)
+                if self.on_storage_failure is None:
+                    raise
+                self.on_storage_failure(exc)
+                return
             except Exception:  # a bad request or a broker hiccup must not end rollouts for good
                 log.exception("rollout manager error")
             self._stop.wait(TICK_SECONDS)
@@ -101,6 +108,8 @@ class RolloutManager:
                 continue
             try:
                 message, ok = self._serve(request), True
+            except StorageError:
+                raise
             except (RegistryError, OSError, ValueError) as exc:
                 message, ok = str(exc), False
             log.log(logging.INFO if ok else logging.WARNING, "request %s %s %s: %s", request["action"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from collections import Counter
@@ -12,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from fedlite.aggregator.kpis import Sketcher, cosine_to_aggregate
-from fedlite.aggregator.validation import Rejected, RoundContext, ValidUpdate, validate_update
+from fedlite.aggregator.strategies.robust import clip_by_global_norm
+from fedlite.aggregator.validation import Rejected, RoundContext, ValidUpdate, check_update, precheck
 from fedlite.protocol.codec import Limits
 from fedlite.protocol.messages import DeviceReport
 
@@ -36,7 +38,13 @@ class RoundOutcome:
 
 @dataclass
 class RoundAttempt:
-    """One attempt at one round. Thread-safe: updates arrive on the network thread."""
+    """One attempt at one round. Thread-safe: inbox workers offer updates concurrently.
+
+    Decoding and checking an update happen outside the lock; only admission (the duplicate re-check and the
+    fold into the running sum) holds it. Influence bounds (see `influence`): each weight is capped at
+    `max_weight`; with a `norm_reference` (None: no adaptive bound) each update is clipped to `norm_multiple`
+    times its median, and with an empty reference the first `warmup` updates are held until the bound is known.
+    """
 
     number: int
     session: str
@@ -59,31 +67,109 @@ class RoundAttempt:
     sketcher: Sketcher | None = None
     sketches: dict[str, np.ndarray] = field(default_factory=dict)
     example_counts: dict[str, float] = field(default_factory=dict)
+    max_weight: float = math.inf
+    norm_reference: list[float] | None = None
+    norm_multiple: float = 2.0
+    refuse_multiple: float = 10.0  # 0: never refuse, only clip
+    warmup: int = 3
+    examples_capped: int = 0
+    norm_flagged: list[str] = field(default_factory=list)
+    refused_after_hold: list[str] = field(default_factory=list)  # held, then refused once the bound was known
+    _median: float | None = None
+    _held: list[ValidUpdate] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.norm_reference:
+            self._median = statistics.median(self.norm_reference)
 
     @property
     def accepted(self) -> set[str]:
         return self.context.accepted
 
+    @property
+    def norm_bound(self) -> float | None:
+        """The adaptive clip bound in force (None: none, or still warming up)."""
+        return None if self._median is None else self.norm_multiple * self._median
+
+    def _outlier(self, update: ValidUpdate) -> bool:
+        """Beyond `refuse_multiple` times the reference median: refused, not merely clipped."""
+        limit = self.refuse_multiple * self._median if self._median is not None else 0.0
+        return limit > 0 and update.norm > limit
+
     def offer(self, payload: bytes, topic_client: str) -> ValidUpdate:
         """Validate and fold in one update; raises Rejected (already counted) if it is refused."""
         with self._lock:
             self.bytes_up += len(payload)
-            try:
-                if self.closed:
-                    raise Rejected("late", f"round {self.number} is already closed")
-                update = validate_update(payload, topic_client, self.context, self.limits)
-            except Rejected as exc:
+            self._refuse_early(topic_client)
+        try:
+            update = check_update(payload, topic_client, self.context, self.limits)
+        except Rejected as exc:
+            with self._lock:
                 self.rejected[exc.reason] += 1
-                raise
-            self.aggregator.add(update.delta, float(update.num_examples))  # validation recorded it as accepted
-            self.clipped += int(update.clipped)
-            self.client_metrics[update.client_id] = dict(update.metrics)
-            self.norms[update.client_id] = update.norm
-            self.example_counts[update.client_id] = float(update.num_examples)
-            if self.sketcher is not None:
-                self.sketches[update.client_id] = self.sketcher.sketch(update.delta)
-            return update
+            raise
+        with self._lock:
+            self._refuse_early(topic_client)  # another worker may have admitted this client meanwhile
+            if self._outlier(update):
+                self.rejected["norm_outlier"] += 1
+                self.norm_flagged.append(topic_client)
+                raise Rejected("norm_outlier", f"update norm {update.norm:.4g} is over {self.refuse_multiple:g} x "
+                               f"the median of recent norms ({self._median:.4g})")
+            self.accepted.add(topic_client)
+            self._admit(update)
+        return update
+
+    def _refuse_early(self, client: str) -> None:
+        """Refusals that need no decoding (lock held): a closed round, an unselected sender, a duplicate."""
+        try:
+            if self.closed:
+                raise Rejected("late", f"round {self.number} is already closed")
+            precheck(client, self.context)
+        except Rejected as exc:
+            self.rejected[exc.reason] += 1
+            raise
+
+    def _admit(self, update: ValidUpdate) -> None:
+        """Fold in an accepted update, or hold it while the round's norm bound is not known yet (lock held)."""
+        self.client_metrics[update.client_id] = dict(update.metrics)
+        self.norms[update.client_id] = update.norm
+        if self.norm_reference is not None and self._median is None:
+            self._held.append(update)
+            if len(self._held) >= self.warmup:
+                self._release_held()
+            return
+        self._fold(update)
+
+    def _release_held(self) -> None:
+        """The warm-up is over: the held updates' median norm becomes the reference; refuse or fold each."""
+        self._median = statistics.median(u.norm for u in self._held)
+        held, self._held = self._held, []
+        for update in held:
+            if self._outlier(update):
+                self.accepted.discard(update.client_id)
+                self.rejected["norm_outlier"] += 1
+                self.norm_flagged.append(update.client_id)
+                self.refused_after_hold.append(update.client_id)
+                self.norms.pop(update.client_id, None)
+                self.client_metrics.pop(update.client_id, None)
+            else:
+                self._fold(update)
+
+    def _fold(self, update: ValidUpdate) -> None:
+        delta, clipped, bound = update.delta, update.clipped, self.norm_bound
+        if bound and update.norm > bound:
+            delta, _ = clip_by_global_norm(delta, bound, inplace=True)
+            self.norm_flagged.append(update.client_id)
+            clipped = True
+        weight = float(update.num_examples)
+        if weight > self.max_weight:
+            weight = self.max_weight
+            self.examples_capped += 1
+        self.aggregator.add(delta, weight)
+        self.clipped += int(clipped)
+        self.example_counts[update.client_id] = weight
+        if self.sketcher is not None:
+            self.sketches[update.client_id] = self.sketcher.sketch(delta)
 
     def report(self, report: DeviceReport) -> bool:
         """Record a decline or abort from a selected device; False if the report does not belong here."""
@@ -110,9 +196,11 @@ class RoundAttempt:
 
     def close(self, now: float | None = None) -> RoundOutcome:
         now = now or time.time()
-        complete = len(self.accepted) >= self.quorum and len(self.accepted) > 0
         with self._lock:
             self.closed = True
+            if self._held:
+                self._release_held()
+            complete = len(self.accepted) >= self.quorum and len(self.accepted) > 0
             silent = [c for c in self.selected if c not in self.accepted and c not in self.declined
                       and c not in self.aborted]
             record = {
@@ -127,6 +215,11 @@ class RoundAttempt:
                 "timed_out": len(silent),
                 "rejected": dict(self.rejected),
                 "clipped": self.clipped,
+                "norm_bound": self.norm_bound,
+                "norm_flagged": sorted(self.norm_flagged),
+                "norm_refused": sorted(c for c in self.norm_flagged if c not in self.accepted),
+                "examples_capped": self.examples_capped,
+                "max_weight": None if math.isinf(self.max_weight) else self.max_weight,
                 "examples": int(sum(self.example_counts.values())),
                 "bytes_up": self.bytes_up,
                 "started_at": self.started_at,

@@ -8,25 +8,29 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedlite.aggregator.checkpoint import Checkpoint, check_writable, load_latest, save_checkpoint
+from fedlite.aggregator.checkpoint import HISTORY_FILE, Checkpoint, check_writable, load_for_resume, save_checkpoint
 from fedlite.aggregator.config import AggregatorConfig
-from fedlite.aggregator.export import Exporter, export_round, version_dir
+from fedlite.aggregator.export import Exporter, export_round, redo_missed_exports, version_dir
 from fedlite.aggregator.fleet import Fleet
+from fedlite.aggregator.inbox import Inbox, Item
+from fedlite.aggregator.influence import reference_norms, weight_cap
 from fedlite.aggregator.kpis import KpiTracker, Sketcher
+from fedlite.aggregator.ledger import Ledger
 from fedlite.aggregator.metrics import Metrics
 from fedlite.aggregator.registry import Registry
 from fedlite.aggregator.rollout import RolloutManager
 from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
+from fedlite.aggregator.run_identity import RunIdentity
 from fedlite.aggregator.strategies import dp, make_aggregator, make_server_optimizer
-from fedlite.aggregator.validation import Rejected, RoundContext
+from fedlite.aggregator.validation import Rejected, RoundContext, check_metrics
+from fedlite.fsutil import StorageError, ensure_dir, write_atomic
 from fedlite.protocol import topics
-from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights
+from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights, update_limits
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import flatten, num_params, unflatten, weight_specs
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
@@ -40,6 +44,10 @@ class RunFailed(RuntimeError):
     """The federation cannot go on (e.g. a round stayed below quorum on every attempt)."""
 
 
+class CommitRefused(RuntimeError):
+    """A round's new global weights are not fit to be the model (non-finite, or a step beyond the bound)."""
+
+
 class Aggregator:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
@@ -47,22 +55,29 @@ class Aggregator:
         self.state_dir = Path(config.federation.state_dir)
         self.models_dir = self.state_dir / "models"
         self.checkpoints_dir = self.state_dir / "checkpoints"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.models_dir)
         self.metrics = Metrics(self.federation)
         self.fleet = Fleet(config.rounds.status_ttl_seconds)
         self.rollout = RolloutManager(config.rollout, Registry(self.state_dir), self.federation, self.fleet,
-                                      self._broadcast)
+                                      self._broadcast, on_storage_failure=self._storage_failed)
+        self.storage_fault: StorageError | None = None  # set by a background thread's failed write
         self.stop_event = threading.Event()
-        self.rejections: Counter = Counter()
+        self.ledger = Ledger(self.metrics)
         self.history: list[dict[str, Any]] = []
         self.kpis = KpiTracker(config.kpis)
         self._fleet_written = 0.0
         self.current: RoundAttempt | None = None
         self.limits = Limits(max_payload_bytes=config.server.max_update_bytes)
         self.test_set = _load_test_set(config.evaluation.test_data)
-        self._logged: set[tuple[int, str]] = set()
         self._notifier = _notifier()
-        self.link = Link(_broker_settings(config), _client_id(config), self._on_message)
+        self.inbox = Inbox(self._handle_item, self._refuse_busy, workers=max(1, min(2, os.cpu_count() or 1)))
+        self.run_identity: RunIdentity | None = None
+        self._retained: dict[str, bytes] = {}  # what this aggregator holds retained on the broker, as sent
+        self._retained_lock = threading.Lock()
+        self._reassert = threading.Event()  # set on reconnect or when the broker holds something else
+        self.repairs = 0
+        self.link = Link(_broker_settings(config), _client_id(config), self._on_message,
+                         on_connect=self._reassert.set)
         self.signer = Signer.from_file(config.signing.key_file) if config.signing.key_file else None
         if self.signer is None:
             log.warning("broadcasts are not signed: agents that pin a key will refuse them ([signing] key_file)")
@@ -76,11 +91,16 @@ class Aggregator:
         self.model_hash = manifest["model_hash"]
         self._evaluator = _Evaluator(train_bytes, manifest)
         self._sketcher = Sketcher(num_params(manifest))
+        self.limits = update_limits([tuple(s) for _, s in weight_specs(manifest)], self.limits)
         self.kpis.initial_accuracy = self._evaluate(weights)["accuracy"]
         optimizer = make_server_optimizer(self.config.server.optimizer, **_optimizer_params(self.config))
         done, weights, opt_state = self._resume(weights, optimizer)
+        self.run_identity = RunIdentity.start(self.state_dir)
+        log.info("run %s, epoch %d (process start %d of this run)", self.run_identity.run,
+                 self.run_identity.epoch, self.run_identity.epoch)
         self.kpis.replay(self.history)
-        exporter = Exporter(self.config.model, self.models_dir, self._representative())
+        exporter = Exporter(self.config.model, self.models_dir, self._representative(), self._storage_failed)
+        redo_missed_exports(exporter, self.checkpoints_dir, self.history, done, self.config.rounds.total)
         self._connect()
         self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
                                                               model_hash=self.model_hash, extra={"manifest": manifest}))
@@ -88,25 +108,42 @@ class Aggregator:
         self.rollout.start()
         try:
             for number in range(done + 1, self.config.rounds.total + 1):
-                outcome = self._run_round(number, weights)
-                if outcome is None:
+                committed = self._run_round(number, weights, optimizer, opt_state, exporter)
+                if committed is None:
                     break  # stopping
-                weights, opt_state = self._commit(number, outcome, weights, optimizer, opt_state, exporter)
+                weights, opt_state = committed
             else:
                 self._announce_done()
                 self._serve_after_rounds()
+        except StorageError as exc:
+            self._storage_failed(exc)
+            raise
         finally:
             self.rollout.stop()
-            exporter.close()
+            self.inbox.stop()
+            # pending exports are finished (feeding the watchdog), unless storage failed: then they are redone
+            # at the next start
+            exporter.close(lambda: self._notifier("WATCHDOG=1"), wait=self.storage_fault is None)
             self._notifier("STOPPING=1")
             self.link.close()
+        if self.storage_fault is not None:
+            raise self.storage_fault
         return self.history
 
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _storage_failed(self, exc: StorageError) -> None:
+        """A write failed (any thread): stop now, and `run` raises it (the CLI's exit code 3)."""
+        if self.storage_fault is None:
+            self.storage_fault = exc
+        self.stop_event.set()
+
     def _connect(self) -> None:
         share = self.config.broker.share_group or None
+        for topic in topics.aggregator_retained(self.federation):  # to repair what the broker holds
+            self.link.subscribe(topic)
+        self.inbox.start()
         self.link.subscribe(topics.all_statuses(self.federation))
         self.link.subscribe(topics.all_updates(self.federation, share))
         self.link.subscribe(topics.all_reports(self.federation, share))
@@ -126,7 +163,7 @@ class Aggregator:
         return manifest, train_bytes, unflatten(_Evaluator(train_bytes, manifest).get_weights(), manifest)
 
     def _resume(self, weights: dict[str, np.ndarray], optimizer: Any) -> tuple[int, dict[str, np.ndarray], Any]:
-        checkpoint = load_latest(self.checkpoints_dir)
+        checkpoint = load_for_resume(self.checkpoints_dir, self.state_dir / HISTORY_FILE)  # refuses a lost history
         if checkpoint is None:
             return 0, weights, optimizer.init(weights)
         if checkpoint.meta.get("model_hash") != self.model_hash:
@@ -138,7 +175,9 @@ class Aggregator:
 
     # --- one round ----------------------------------------------------------------------------
 
-    def _run_round(self, number: int, weights: dict[str, np.ndarray]) -> RoundOutcome | None:
+    def _run_round(self, number: int, weights: dict[str, np.ndarray], optimizer: Any, opt_state: Any,
+                   exporter: Exporter) -> tuple[dict[str, np.ndarray], Any] | None:
+        """Attempts at one round until one commits; None when stopping. Failed attempts stay in the history."""
         for attempt in range(1, self.config.rounds.max_attempts + 1):
             selected = self._wait_and_select(number, attempt)
             if selected is None:
@@ -147,11 +186,23 @@ class Aggregator:
             if outcome is None:
                 return None
             if outcome.complete:
-                return outcome
-            self.history.append(outcome.record)
-            log.warning("round %d attempt %d abandoned: %d accepted of quorum %d", number, attempt,
-                        outcome.record["accepted"], self.config.rounds.min_accepted)
-        raise RunFailed(f"round {number} stayed below quorum on {self.config.rounds.max_attempts} attempts")
+                try:
+                    return self._commit(number, outcome, weights, optimizer, opt_state, exporter)
+                except CommitRefused as exc:
+                    outcome.record |= {"status": "failed", "reason": str(exc)}
+                    log.error("round %d attempt %d not committed: %s; the round-%d model stays current", number,
+                              attempt, exc, number - 1)
+            else:
+                log.warning("round %d attempt %d abandoned: %d accepted of quorum %d", number, attempt,
+                            outcome.record["accepted"], self.config.rounds.min_accepted)
+            self._record(outcome.record)
+        raise RunFailed(f"round {number} was not completed in {self.config.rounds.max_attempts} attempts")
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Append a round record, with every refusal since the previous one, and write history.json."""
+        record["refusals"] = self.ledger.take()
+        self.history.append(record)
+        _write_json_atomic(self.state_dir / "history.json", self.history)
 
     def _wait_and_select(self, number: int, attempt: int) -> list[str] | None:
         r = self.config.rounds
@@ -159,6 +210,7 @@ class Aggregator:
         started, last_log = time.time(), 0.0
         while not self.stop_event.is_set():
             self._notifier("WATCHDOG=1")
+            self._repair_retained()
             self._write_fleet(number, "waiting")
             eligible = self._selectable()
             waited = time.time() - started
@@ -178,10 +230,11 @@ class Aggregator:
             number=number, session=uuid.uuid4().hex[:12], selected=selected, deadline=deadline,
             clients_per_round=cfg.rounds.clients_per_round, quorum=cfg.rounds.min_accepted,
             context=self._context(number, selected), limits=self.limits,
-            aggregator=self._round_aggregator(number), sketcher=self._sketcher,
+            aggregator=self._round_aggregator(number), sketcher=self._sketcher, **self._influence(selected),
         )
         weights_payload = encode_weights(weights, Header(kind="weights", federation=self.federation, round=number,
-                                                         model_hash=self.model_hash), dtype=cfg.model.downlink_dtype)
+                                                         model_hash=self.model_hash, run=self._run()),
+                                         dtype=cfg.model.downlink_dtype)
         bytes_down = self._bytes_down(selected, len(weights_payload))
         self._broadcast(topics.weights_topic(self.federation, number), weights_payload)
         self.current = attempt
@@ -192,11 +245,25 @@ class Aggregator:
             if self.stop_event.wait(0.05):
                 return None
             self._notifier("WATCHDOG=1")
+            self._repair_retained()
             self._write_fleet(number, "open")
         outcome = attempt.close()
+        for client in attempt.refused_after_hold:  # refused once the warm-up fixed the norm bound
+            self._refuse("update", "norm_outlier", f"update from {client}: its norm is an outlier", number)
         outcome.record["bytes_down"] = bytes_down
-        self.link.publish(topics.weights_topic(self.federation, number), b"", retain=True)  # drop the retained copy
+        self._clear_retained(topics.weights_topic(self.federation, number))
         return outcome
+
+    def _influence(self, selected: list[str]) -> dict[str, Any]:
+        """The round's bounds on one device's influence (see `influence`): weight cap and adaptive norm bound."""
+        s = self.config.server
+        advertised = [view.status.num_examples for cid, view in self.fleet.snapshot().items() if cid in selected]
+        bounds: dict[str, Any] = {"max_weight": weight_cap(advertised, s.example_multiple, s.max_examples)}
+        if s.norm_multiple > 0 and not self.config.privacy.enabled:  # DP clips every update to S already
+            bounds |= {"norm_reference": reference_norms(self.history, s.norm_window),
+                       "norm_multiple": s.norm_multiple, "refuse_multiple": s.norm_refuse_multiple,
+                       "warmup": s.norm_warmup}
+        return bounds
 
     def _round_aggregator(self, number: int) -> Any:
         cfg, specs = self.config, weight_specs(self.manifest)
@@ -244,8 +311,11 @@ class Aggregator:
         return RoundContext(
             federation=self.federation, round=number, model_hash=self.model_hash, manifest=self.manifest,
             selected=frozenset(selected), accepted=set(), max_examples=s.max_examples,
-            max_update_norm=bound, norm_policy=policy, max_abs_value=s.max_abs_value,
+            max_update_norm=bound, norm_policy=policy, max_abs_value=s.max_abs_value, run=self._run(),
         )
+
+    def _run(self) -> str:
+        return self.run_identity.run if self.run_identity else ""
 
     def _announcement(self, attempt: RoundAttempt) -> RoundAnnouncement:
         return RoundAnnouncement(
@@ -253,7 +323,12 @@ class Aggregator:
             model_topic=topics.model_topic(self.federation, self.model_hash),
             weights_topic=topics.weights_topic(self.federation, attempt.number), selected=attempt.selected,
             deadline=attempt.deadline, plan=self.config.training, session=attempt.session, issued_at=time.time(),
+            **self._run_fields(),
         )
+
+    def _run_fields(self) -> dict[str, Any]:
+        ident = self.run_identity
+        return {"run": ident.run, "run_started_at": ident.started_at, "epoch": ident.epoch} if ident else {}
 
     def _bytes_down(self, selected: list[str], weights_bytes: int) -> int:
         """Payload bytes the broker delivers to the selected devices: weights, plus the model where not cached."""
@@ -262,12 +337,15 @@ class Aggregator:
 
     def _commit(self, number: int, outcome: RoundOutcome, weights: dict[str, np.ndarray], optimizer: Any,
                 opt_state: Any, exporter: Exporter) -> tuple[dict[str, np.ndarray], Any]:
-        weights, opt_state = optimizer.step(weights, outcome.aggregate, opt_state)
+        new_weights, opt_state = optimizer.step(weights, outcome.aggregate, opt_state)
+        _check_step(weights, new_weights, self.config.server.max_step_ratio)
+        weights = new_weights
         record = outcome.record
         record.update(self._evaluate(weights))
         record.update(self._privacy(record))
         record["kpis"] = self.kpis.observe(record, outcome.cosines)
         record["completed_at"] = time.time()
+        record["refusals"] = self.ledger.take()
         self.history.append(record)
         save_checkpoint(self.checkpoints_dir, Checkpoint(
             round=number, weights=weights, optimizer_state=optimizer.state_to_arrays(opt_state),
@@ -309,7 +387,7 @@ class Aggregator:
         final = RoundAnnouncement(
             federation=self.federation, round=self.config.rounds.total, model_hash=self.model_hash,
             model_topic=topics.model_topic(self.federation, self.model_hash), weights_topic="", selected=[],
-            deadline=0.0, plan=self.config.training, state="done", issued_at=time.time(),
+            deadline=0.0, plan=self.config.training, state="done", issued_at=time.time(), **self._run_fields(),
         )
         self._broadcast(topics.round_topic(self.federation), to_json(final))
         log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
@@ -321,51 +399,106 @@ class Aggregator:
         log.info("serving rollouts after the last round until stopped")
         while not self.stop_event.wait(1.0):
             self._notifier("WATCHDOG=1")
+            self._repair_retained()
 
     def _broadcast(self, topic: str, payload: bytes) -> None:
-        """Publish retained, signed when a key is configured."""
-        self.link.publish(topic, self.signer.sign(topic, payload) if self.signer else payload, retain=True)
+        """Publish retained, signed when a key is configured; remembered, so it can be re-asserted."""
+        signed = self.signer.sign(topic, payload) if self.signer else payload
+        with self._retained_lock:
+            self._retained[topic] = signed
+        self.link.publish(topic, signed, retain=True)
+
+    def _clear_retained(self, topic: str) -> None:
+        with self._retained_lock:
+            self._retained.pop(topic, None)
+        self.link.publish(topic, b"", retain=True)
+
+    def _on_retained(self, topic: str, payload: bytes) -> None:
+        """What the broker holds on a topic this aggregator owns (network thread): schedule a repair if it differs."""
+        with self._retained_lock:
+            ours = self._retained.get(topic)
+        if ours is not None and payload != ours:
+            log.warning("the broker holds %s B on %s that this aggregator did not send: re-publishing its own",
+                        len(payload), topic)
+            self._reassert.set()
+
+    def _repair_retained(self) -> None:
+        """Re-publish every retained broadcast after a reconnect or when one was overwritten (main thread)."""
+        if not self._reassert.is_set():
+            return
+        self._reassert.clear()
+        with self._retained_lock:
+            retained = dict(self._retained)
+        for topic, payload in retained.items():
+            try:
+                self.link.publish(topic, payload, retain=True, timeout=10)
+            except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+                log.warning("could not re-assert %s: %s; will retry", topic, exc)
+                self._reassert.set()
+                return
+        self.repairs += 1
+        self.metrics.retained_repaired()
+        log.info("re-asserted %d retained topics on the broker", len(retained))
 
     def _representative(self) -> np.ndarray | None:
         if self.test_set is None:
             return None
         return self.test_set[0][: self.config.evaluation.calibration_examples]
 
-    # --- messages (network thread) ------------------------------------------------------------
+    # --- messages (network thread: classify and enqueue only) --------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        kind = topic.split("/")[2] if topic.count("/") >= 3 else ""
-        client = topics.client_of(topic)
+        parsed = topics.parse(topic)
+        if parsed is None or parsed[0] != self.federation:
+            return
+        _, kind, client = parsed
         if kind == "updates":
-            self._on_update(client, payload)
-        elif kind == "status" and payload:
-            self._on_json(client, payload, DeviceStatus, self.fleet.update)
+            self.metrics.update_received(len(payload))
+            self.inbox.put(Item("update", client, payload))
         elif kind == "reports":
-            self._on_json(client, payload, DeviceReport, self._on_report)
+            self.inbox.put(Item("report", client, payload))
+        elif kind == "status" and payload:  # small and bounded: parsed here, straight into the fleet
+            self._on_json("status", client, payload, DeviceStatus, self.fleet.update)
+        elif kind in topics.AGGREGATOR_KINDS:
+            self._on_retained(topic, payload)
+
+    # --- messages (inbox workers) ---------------------------------------------------------------
+
+    def _handle_item(self, item: Item) -> None:
+        if item.kind == "update":
+            self._on_update(item.client, item.payload)
+        else:
+            self._on_json("report", item.client, item.payload, DeviceReport, self._on_report)
+
+    def _refuse_busy(self, item: Item) -> None:
+        self._refuse(item.kind, "busy", f"{item.kind} from {item.client}: the inbox is full")
 
     def _on_update(self, client: str, payload: bytes) -> None:
-        self.metrics.update_received(len(payload))
         attempt = self.current
         if attempt is None:
-            self._reject(-1, "late", f"update from {client} before any round")
+            self._refuse("update", "late", f"update from {client} before any round")
             return
         try:
             attempt.offer(payload, client)
         except Rejected as exc:
-            self._reject(attempt.number, exc.reason, f"update from {client} refused: {exc}")
+            self._refuse("update", exc.reason, f"update from {client}: {exc}", attempt.number)
 
-    def _on_json(self, client: str, payload: bytes, cls: type, handle: Any) -> None:
+    def _on_json(self, kind: str, client: str, payload: bytes, cls: type, handle: Any) -> None:
         try:
             message = from_json(cls, payload)
         except ProtocolError as exc:
-            self._reject(self.current.number if self.current else -1, exc.reason, f"message from {client}: {exc}")
+            self._refuse(kind, exc.reason, f"{kind} from {client}: {exc}")
             return
         if message.client_id != client:
-            self._reject(-1, "sender", f"{client} wrote a message for {message.client_id}")
+            self._refuse(kind, "sender", f"{client} wrote a {kind} for {message.client_id}")
             return
         handle(message)
 
     def _on_report(self, report: DeviceReport) -> None:
+        problem = check_metrics(report.metrics)
+        if problem:
+            self._refuse("report", "metrics", f"{report.kind} report from {report.client_id}: {problem}")
+            return
         if report.kind == "deployed":  # an inference model installed: the rollout's business, not a round's
             self.rollout.on_report(report)
             return
@@ -374,14 +507,11 @@ class Aggregator:
             self.metrics.report(report.kind)
             log.info("round %d: %s %s: %s", report.round, report.client_id, report.kind, report.reason)
 
-    def _reject(self, number: int, reason: str, message: str) -> None:
-        self.rejections[reason] += 1
-        self.metrics.rejected(reason)
-        if (number, reason) not in self._logged:  # once per reason per round
-            self._logged.add((number, reason))
-            level = logging.INFO if reason == "late" else logging.WARNING  # over-selection makes late ones normal
-            log.log(level, "round %d: %s (further '%s' refusals this round are counted, not logged)",
-                        number, message, reason)
+    def _refuse(self, kind: str, reason: str, detail: str, number: int | None = None) -> None:
+        attempt = self.current
+        if number is None and attempt is not None and not attempt.closed:
+            number = attempt.number
+        self.ledger.refuse(kind, reason, number, detail)
 
 
 class _Evaluator:
@@ -441,7 +571,18 @@ def _notifier() -> Any:
     return send
 
 
+def _check_step(old: dict[str, np.ndarray], new: dict[str, np.ndarray], max_ratio: float) -> None:
+    """Raise CommitRefused if `new` is non-finite, or moved further than `max_ratio` x the old weights' norm."""
+    for name, value in new.items():
+        if not np.all(np.isfinite(value)):
+            raise CommitRefused(f"the new weights hold NaN or Inf (in {name!r})")
+    if max_ratio <= 0:
+        return
+    step = float(np.sqrt(sum(np.sum(np.square(new[k] - old[k], dtype=np.float64)) for k in old)))
+    scale = float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in old.values())))
+    if step > max_ratio * max(scale, 1.0):
+        raise CommitRefused(f"the step's norm {step:.4g} exceeds {max_ratio:g} x the weights' norm {scale:.4g}")
+
+
 def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=1).encode())

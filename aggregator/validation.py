@@ -1,15 +1,16 @@
 """Admission of client updates: every check an uplink payload must pass before it is aggregated.
 
 `validate_update` either returns a `ValidUpdate` or raises `Rejected` with a short reason tag for counters.
-Checks run cheapest and most identity-related first: the codec (frame, limits, finiteness), kind,
-federation, round (stale / future), sender (the header's client id must be the topic's: the broker ACL lets
-a device publish only to its own topic, so the topic is the authenticated identity), selection, duplicates
-(first wins), model hash, tensor names and shapes, example count, value magnitude, and the update norm.
+Checks run cheapest and most identity-related first. Before anything is decompressed (`precheck`): the
+sender's selection and duplicates (first wins), from the topic alone (the broker ACL lets a device publish
+only to its own topic, so the topic is the authenticated identity). Then the codec, within limits sized from
+the model (frame, decompressed size, finiteness), kind, federation, run, round (stale / future), sender (the
+header's client id must be the topic's), model hash, tensor names and shapes, example count, value magnitude,
+and the update norm.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ class RoundContext:
     max_update_norm: float = 0.0  # 0: no bound
     norm_policy: str = "clip"  # "clip" | "reject"
     max_abs_value: float = 1e3  # any dequantized delta entry beyond this is a giant-scale update
+    run: str = ""  # the aggregator run; an update naming another run is refused ("" : not checked)
 
     def __post_init__(self) -> None:
         if self.norm_policy not in NORM_POLICIES:
@@ -69,6 +71,22 @@ class ValidUpdate:
 
 def validate_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits()) -> ValidUpdate:
     """Decode and check one uplink payload; on success the client is added to ``ctx.accepted``."""
+    precheck(topic_client_id, ctx)
+    update = check_update(payload, topic_client_id, ctx, limits)
+    ctx.accepted.add(topic_client_id)
+    return update
+
+
+def precheck(topic_client_id: str, ctx: RoundContext) -> None:
+    """The checks that need only the topic: run before a payload is decompressed or parsed."""
+    if topic_client_id not in ctx.selected:
+        raise Rejected("unselected", f"client {topic_client_id!r} was not selected for round {ctx.round}")
+    if topic_client_id in ctx.accepted:
+        raise Rejected("duplicate", f"client {topic_client_id!r} already has an accepted update in round {ctx.round}")
+
+
+def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits()) -> ValidUpdate:
+    """Decode and check one uplink payload against the round; pure (``ctx`` is not changed)."""
     size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
     try:
         message = decode(payload, limits=limits)
@@ -81,16 +99,14 @@ def validate_update(payload: bytes, topic_client_id: str, ctx: RoundContext, lim
         raise Rejected("kind", f"expected an int8 update, got kind {header.kind!r} encoding {header.encoding!r}")
     if header.federation != ctx.federation:
         raise Rejected("federation", f"update for federation {header.federation!r}, this is {ctx.federation!r}")
+    if ctx.run and header.run != ctx.run:
+        raise Rejected("run", f"update for run {header.run[:16]!r}, this run is {ctx.run[:16]!r}")
     if header.round < ctx.round:
         raise Rejected("stale", f"update for round {header.round}, the open round is {ctx.round}")
     if header.round > ctx.round:
         raise Rejected("future", f"update for round {header.round}, the open round is {ctx.round}")
     if header.client_id != topic_client_id:
         raise Rejected("sender", f"header says client {header.client_id!r} but it came on {topic_client_id!r}'s topic")
-    if topic_client_id not in ctx.selected:
-        raise Rejected("unselected", f"client {topic_client_id!r} was not selected for round {ctx.round}")
-    if topic_client_id in ctx.accepted:
-        raise Rejected("duplicate", f"client {topic_client_id!r} already has an accepted update in round {ctx.round}")
     if header.model_hash != ctx.model_hash:
         raise Rejected("model_hash", f"update is for model {header.model_hash[:16]!r}, the round uses "
                        f"{ctx.model_hash[:16]!r}")
@@ -110,9 +126,31 @@ def validate_update(payload: bytes, topic_client_id: str, ctx: RoundContext, lim
             raise Rejected("norm", f"update norm {norm:.4g} exceeds {ctx.max_update_norm:.4g}")
         delta, _ = clip_by_global_norm(delta, ctx.max_update_norm, inplace=True)
         clipped = True
-    ctx.accepted.add(topic_client_id)
+    problem = check_metrics(header.metrics)
+    if problem:
+        raise Rejected("metrics", problem)
     metrics = {key: float(value) for key, value in header.metrics.items()}
     return ValidUpdate(topic_client_id, delta, header.num_examples, metrics, norm, clipped, size)
+
+
+MAX_METRIC = 1e12  # any reported metric beyond this magnitude is not a measurement
+
+
+def check_metrics(metrics: dict[str, float]) -> str | None:
+    """Why device-reported metrics cannot be used (None: they can): accuracies in [0, 1], losses >= 0, all bounded.
+
+    Metrics feed the KPIs, the fairness view and the rollout's promotion rule, so a device must not be able
+    to move them with an impossible number (e.g. an accuracy of 1e308).
+    """
+    for name, value in metrics.items():
+        value = float(value)
+        if not abs(value) <= MAX_METRIC:
+            return f"metric {name!r} = {value:.3g} is out of range"
+        if "accuracy" in name and not 0.0 <= value <= 1.0:
+            return f"metric {name!r} = {value:.3g} is not an accuracy in [0, 1]"
+        if "loss" in name and value < 0:
+            return f"metric {name!r} = {value:.3g} is a negative loss"
+    return None
 
 
 def max_abs(tensors: dict[str, np.ndarray]) -> float:
@@ -122,33 +160,3 @@ def max_abs(tensors: dict[str, np.ndarray]) -> float:
         if value.size:
             largest = max(largest, float(value.max()), -float(value.min()))
     return largest
-
-
-class RejectionCounter:
-    """Counts rejections by reason, and tells the caller when a reason is new for a round (log it once)."""
-
-    def __init__(self) -> None:
-        self._counts: Counter[str] = Counter()
-        self._round: int | None = None
-        self._seen: set[str] = set()
-
-    def record(self, reason: str) -> int:
-        """Count one rejection; returns the running count for `reason`."""
-        self._counts[reason] += 1
-        return self._counts[reason]
-
-    def first_in_round(self, round_: int, reason: str) -> bool:
-        """True the first time `reason` is seen in `round_` (only the latest round is remembered)."""
-        if round_ != self._round:
-            self._round, self._seen = round_, set()
-        if reason in self._seen:
-            return False
-        self._seen.add(reason)
-        return True
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(sorted(self._counts.items()))
-
-    @property
-    def total(self) -> int:
-        return sum(self._counts.values())

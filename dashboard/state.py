@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlite.aggregator.ledger import run_totals
+
 FILES = ("history", "fleet", "registry")
 
 # Per-round fields the charts use, copied as they are when present.
 ROUND_FIELDS = ("round", "status", "selected", "accepted", "declined", "declined_by_gate", "aborted", "timed_out",
-                "rejected", "clipped", "examples", "bytes_up", "bytes_down", "accuracy", "loss", "duration_seconds",
-                "started_at", "completed_at", "epsilon", "delta")
+                "rejected", "refusals", "clipped", "examples", "bytes_up", "bytes_down", "accuracy", "loss",
+                "duration_seconds", "started_at", "completed_at", "epsilon", "delta")
 # KPI fields kept for every round (the bulky per-client ones only for the latest round).
 ROUND_KPIS = ("successful_client_rounds", "cumulative_successful_client_rounds", "bytes_per_accuracy_point",
               "epsilon", "client_accuracy_mean", "client_accuracy_std", "client_accuracy_p10")
@@ -178,6 +180,7 @@ def totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes_down": sum(int(_number(r.get("bytes_down")) or 0) for r in rounds),
         "declined_by_gate": gates,
         "rejected": reasons,
+        "refused": run_totals(rounds),
         "accuracy": last.get("accuracy"),
         "loss": last.get("loss"),
         "epsilon": last.get("epsilon"),

@@ -1,19 +1,97 @@
-"""TOML configuration read into dataclasses, with an error that names the bad key and why."""
+"""TOML configuration read into dataclasses, with an error that names the bad key and why.
+
+A numeric setting declares the values it may take next to its type, and the loader enforces it:
+
+    learning_rate: Annotated[float, Range(gt=0)] = 1.0
+    port: Annotated[int, PORT] = 1883
+    max_update_norm: Annotated[float, Range(gt=0, special=0, means="no bound")] = 0.0
+
+A section whose dataclass lives elsewhere (a protocol message, an agent component) gets its fields'
+ranges from the configuration that holds it: `plan: Annotated[TrainingPlan, FieldRanges(epochs=...)]`.
+Every float must be finite: TOML's nan, inf and -inf are refused for every key.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: ge/gt a lower bound (inclusive/exclusive), le/lt an upper one,
+    and optionally one special value outside them with its meaning (0: off, -1: unseeded, ...)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    special: float | None = None
+    means: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ge is not None and self.gt is not None or self.le is not None and self.lt is not None:
+            raise TypeError("give ge or gt, and le or lt, not both")
+        if (self.special is None) != (not self.means):
+            raise TypeError("a special value needs `means`, and `means` a special value")
+
+    def allows(self, value: float) -> bool:
+        if self.special is not None and value == self.special:
+            return True
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self, integer: bool = False, finite: bool = False) -> str:
+        """E.g. "> 0", "1-65535", "in [0, 0.5)", "> 0 and finite (or 0 for no bound)"."""
+        low, high = _first(self.ge, self.gt), _first(self.le, self.lt)
+        if low is not None and high is not None:
+            if integer and self.ge is not None and self.le is not None and low >= 0:
+                text = f"{_num(low)}-{_num(high)}"
+            else:
+                opening, closing = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+                text = f"in {opening}{_num(low)}, {_num(high)}{closing}"
+        elif low is not None:
+            text = f"{'>=' if self.ge is not None else '>'} {_num(low)}"
+        elif high is not None:
+            text = f"{'<=' if self.le is not None else '<'} {_num(high)}"
+        else:
+            text = "a number"
+        if finite:
+            text += " and finite"
+        if self.special is not None:
+            text += f" (or {_num(self.special)} for {self.means})"
+        return text
+
+
+PORT = Range(ge=1, le=65535)
+SEED = Range(ge=0)
+
+
+class FieldRanges(dict[str, Range]):
+    """Ranges for the fields of a section whose dataclass is declared outside the configuration."""
+
+    def __init__(self, **ranges: Range) -> None:
+        super().__init__(ranges)
+
+
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
 
 
 def load_toml(cls: type[T], path: str | Path) -> T:
@@ -28,51 +106,116 @@ def load_toml(cls: type[T], path: str | Path) -> T:
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    """Build dataclass `cls` from a mapping, refusing unknown keys, wrong types and values out of range.
+
+    Errors read `<where>: <section>.<key> must be ...`. A section's validate() runs last; a message of
+    it that starts with one of the section's keys is reported as `section.key ...` too.
+    """
+    return _build(cls, raw, where, "", {})
+
+
+def _build(cls: type[T], raw: Any, where: str, prefix: str, extra: Mapping[str, Range]) -> T:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+        raise ConfigError(f"{where}: {prefix or 'the configuration'} must be a table, not {raw!r}")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = [f.name for f in dataclasses.fields(cls)]
+    misplaced = sorted(set(extra) - set(names))
+    if misplaced:
+        raise TypeError(f"ranges for {cls.__name__} name unknown fields {misplaced}")
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        known = f"known in [{prefix}]" if prefix else "known"
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(_key(prefix, k) for k in unknown)}; "
+                          f"{known}: {', '.join(sorted(names))}")
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
-            values[f.name] = _coerce(hints[f.name], raw[f.name], f"{where}: {f.name}")
+            values[f.name] = _coerce(hints[f.name], raw[f.name], where, _key(prefix, f.name), extra.get(f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: {f.name} is required")
+            raise ConfigError(f"{where}: {_key(prefix, f.name)} is required")
     obj = cls(**values)
     check = getattr(obj, "validate", None)
     if check:
         try:
             check()
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{where}: {_qualify(str(exc), prefix, names)}") from None
     return obj
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _qualify(message: str, prefix: str, names: list[str]) -> str:
+    if not prefix:
+        return message
+    if message.split(" ", 1)[0] in names:
+        return f"{prefix}.{message}"
+    return f"[{prefix}] {message}"
+
+
+def _unwrap(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """(the type, its Annotated metadata)."""
+    if typing.get_origin(hint) is Annotated:
+        return hint.__origin__, hint.__metadata__
+    return hint, ()
+
+
+def _coerce(hint: Any, value: Any, where: str, key: str, bound: Range | None = None) -> Any:
+    hint, meta = _unwrap(hint)
+    bound = bound or next((m for m in meta if isinstance(m, Range)), None)
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
+        nested = next((m for m in meta if isinstance(m, FieldRanges)), FieldRanges())
+        return _build(hint, value, where, key, nested)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(options[0], value, where)
+        return _coerce(options[0], value, where, key, bound)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list")
+            raise ConfigError(f"{where}: {key} must be a list, not {value!r}")
         (item,) = typing.get_args(hint)
-        return [_coerce(item, v, where) for v in value]
+        return [_coerce(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a table")
+            raise ConfigError(f"{where}: {key} must be a table, not {value!r}")
         return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{where} must be {hint.__name__}, not {value!r}")
+    if hint in (int, float, str, bool):
+        written = value
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: {key} must be {hint.__name__}, not {written!r}")
+        if hint is float and not math.isfinite(value):
+            what = bound.describe(finite=True) if bound else "finite"
+            raise ConfigError(f"{where}: {key} must be {what}, not {written!r}")
+        if bound and not bound.allows(value):
+            raise ConfigError(f"{where}: {key} must be {bound.describe(integer=hint is int)}, not {written!r}")
     return value
+
+
+def numeric_keys(cls: type, prefix: str = "", extra: Mapping[str, Range] | None = None
+                 ) -> dict[str, tuple[type, Range | None]]:
+    """Every int and float key of configuration `cls` ("server.learning_rate", lists as "model.input_shape[]"),
+    with its type and declared range (None: none declared)."""
+    found: dict[str, tuple[type, Range | None]] = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        key, (hint, meta) = _key(prefix, f.name), _unwrap(hints[f.name])
+        bound = (extra or {}).get(f.name) or next((m for m in meta if isinstance(m, Range)), None)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint, meta = _unwrap(next(a for a in typing.get_args(hint) if a is not type(None)))
+        if dataclasses.is_dataclass(hint):
+            nested = next((m for m in meta if isinstance(m, FieldRanges)), None)
+            found |= numeric_keys(hint, key, nested)
+        elif typing.get_origin(hint) is list:
+            item, item_meta = _unwrap(typing.get_args(hint)[0])
+            if item in (int, float):
+                found[f"{key}[]"] = (item, next((m for m in item_meta if isinstance(m, Range)), None))
+        elif hint in (int, float):
+            found[key] = (hint, bound)
+    return found
 
 
 def read_secret(value: str, file: str, what: str) -> str | None:

@@ -1,3 +1,3 @@
 """The wire protocol shared by agents and aggregators: topics, message schema, codec."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

@@ -56,6 +56,28 @@ class Limits:
     max_header_bytes: int = 1024 * 1024
 
 
+# Room for an update's JSON header (metrics, ids, hashes) in its safetensors table.
+HEADER_ALLOWANCE = 16 * 1024
+
+
+def update_limits(shapes: list[tuple[int, ...]], base: Limits = Limits()) -> Limits:
+    """Limits sized from a model: an int8 update of these tensor shapes, plus room for its header.
+
+    The decoded body of a genuine update is its safetensors table and header (bounded by `HEADER_ALLOWANCE`
+    plus a little per tensor), one byte per weight and four per scale; anything that expands beyond that is
+    refused while decompressing, so a decompression bomb costs O(model), not O(what it claims).
+    """
+    weights = sum(math.prod(shape) for shape in shapes)
+    scales = sum(shape[-1] if len(shape) >= 2 else 1 for shape in shapes)
+    table = HEADER_ALLOWANCE + 256 * 2 * len(shapes)
+    decoded = 8 + table + weights + 4 * scales
+    payload = 5 + decoded + decoded // 128 + 1024  # zstd's worst case for incompressible input, and the prefix
+    return Limits(max_payload_bytes=min(base.max_payload_bytes, payload),
+                  max_decoded_bytes=min(base.max_decoded_bytes, decoded),
+                  max_tensors=min(base.max_tensors, 2 * len(shapes) + 8),  # slack: extra names refused by name
+                  max_header_bytes=min(base.max_header_bytes, table))
+
+
 @dataclass
 class Header:
     """What a frame says about itself; travels as JSON in the safetensors metadata."""
@@ -71,6 +93,7 @@ class Header:
     protocol: int = PROTOCOL_VERSION
     sent_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    run: str = ""  # the aggregator run an update answers (from the round announcement); "" in broadcasts
 
 
 @dataclass
@@ -269,7 +292,7 @@ def _load_tensors(body: bytes) -> dict[str, np.ndarray]:
 _HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "kind": (str,), "federation": (str,), "round": (int,), "model_hash": (str,), "client_id": (str,),
     "num_examples": (int,), "metrics": (dict,), "encoding": (str,), "protocol": (int,),
-    "sent_at": (int, float), "extra": (dict,),
+    "sent_at": (int, float), "extra": (dict,), "run": (str,),
 }
 
 

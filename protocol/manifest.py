@@ -23,13 +23,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedlite.fsutil import write_atomic
 from fedlite.protocol.layout import flatten, unflatten  # noqa: F401  (re-exported: the manifest layout)
 
 FORMAT = "fedlite-model"
@@ -99,21 +99,6 @@ def compute_model_hash(manifest: Mapping[str, Any]) -> str:
 def file_entry(path: Path) -> dict[str, Any]:
     data = Path(path).read_bytes()
     return {"path": Path(path).name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:

@@ -51,6 +51,9 @@ class RoundAnnouncement:
     session: str = ""  # unique per announcement: a retried or resumed round is a new session
     state: str = "open"  # open | done
     issued_at: float = 0.0
+    run: str = ""  # the aggregator run (random id, unique per state directory)
+    run_started_at: float = 0.0  # when that run began: a later one supersedes it
+    epoch: int = 0  # the aggregator process start within the run: rounds are ordered by (epoch, round)
     type: str = "round"
     protocol: int = PROTOCOL_VERSION
 

@@ -67,6 +67,30 @@ def all_reports(federation: str, share_group: str | None = None) -> str:
     return f"$share/{share_group}/{topic}" if share_group else topic
 
 
+# The kinds of topic only the aggregator writes, all retained (the third part of their names).
+AGGREGATOR_KINDS = ("round", "model", "weights", "deploy")
+
+
+def aggregator_retained(federation: str) -> list[str]:
+    """Subscriptions to every retained topic the aggregator owns (to see and repair what the broker holds)."""
+    return [round_topic(federation), f"{ROOT}/{federation}/model/+", f"{ROOT}/{federation}/weights/+",
+            deploy_topic(federation)]
+
+
 def client_of(topic: str) -> str:
     """The client id at the end of a per-device topic."""
     return topic.rsplit("/", 1)[-1]
+
+
+def parse(topic: str) -> tuple[str, str, str] | None:
+    """(federation, kind, client or key) of a fedlite topic, e.g. ("wearables", "updates", "pi-1"); None if not one.
+
+    The inverse of the builders above for per-device and keyed topics; the round and deploy topics parse with an
+    empty last part.
+    """
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == ROOT and parts[2] in ("round", "deploy"):
+        return parts[1], parts[2], ""
+    if len(parts) != 4 or parts[0] != ROOT or not parts[1] or not parts[3]:
+        return None
+    return parts[1], parts[2], parts[3]

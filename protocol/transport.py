@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 
 log = logging.getLogger("fedlite.transport")
 
-MessageHandler = Callable[[str, bytes], None]
+MessageHandler = Callable[..., None]  # (topic, payload), or (topic, payload, retained) with with_retain=True
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and properties beyond the topic itself
 
 
@@ -62,8 +62,17 @@ class Link:
         on_message: MessageHandler,
         *,
         will: tuple[str, bytes] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        with_retain: bool = False,
     ) -> None:
+        """`on_connect` is called on the network thread after every (re)connect; it must not block.
+
+        With `with_retain`, the handler also gets whether the broker delivered a message as retained (a stored
+        copy sent on subscribing) rather than live.
+        """
         self.settings = settings
+        self._on_connect = on_connect
+        self._with_retain = with_retain
         self.client_id = client_id
         self.max_packet_size: int | None = None
         self.connected = threading.Event()
@@ -182,6 +191,8 @@ class Link:
             client.subscribe(topic, qos)
         log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
         self.connected.set()
+        if self._on_connect is not None:
+            self._on_connect()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if self.connected.is_set() and not self._closing:
@@ -190,7 +201,10 @@ class Link:
 
     def _handle_message(self, client, userdata, message) -> None:  # noqa: ANN001
         try:
-            self._on_message(message.topic, bytes(message.payload))
+            if self._with_retain:
+                self._on_message(message.topic, bytes(message.payload), bool(message.retain))
+            else:
+                self._on_message(message.topic, bytes(message.payload))
         except Exception:  # a handler bug must not kill the network thread
             log.exception("error while handling a message on %s", message.topic)
 

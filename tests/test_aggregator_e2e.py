@@ -106,7 +106,7 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
 
         def update(client: str, round_number: int, tensors: dict) -> bytes:
             header = Header(kind="update", federation=FED, round=round_number, model_hash=manifest["model_hash"],
-                            client_id=client, num_examples=10)
+                            client_id=client, num_examples=10, run=announcement["run"])
             return encode_update(tensors, header)
 
         wrong_shape = dict(good, **{manifest["weights"][0]["name"]: np.zeros((3, 3), np.float32)})
@@ -116,7 +116,7 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
             ("dev-1", update("dev-1", 7, good)),  # future
             (silent, update(silent, 1, wrong_shape)),
             (silent, update(silent, 1, nan)),
-            (silent, b"FLT\x01\x00" + bytes(300_000)),  # oversized
+            (silent, b"FLT\x02\x00" + bytes(300_000)),  # oversized
             (silent, b"not a frame at all"),
             (outsider, update(outsider, 1, good)),  # not selected
         ]

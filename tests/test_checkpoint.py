@@ -1,4 +1,4 @@
-"""Round checkpoints: exact round trip, pruning, fallback past a corrupt newest one, failed writes."""
+"""Round checkpoints: round trip, pruning by validity, fallback past corrupt ones, failed writes, resume, reset."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from fedlite.aggregator.checkpoint import (
     META_FILE,
     Checkpoint,
     CheckpointError,
+    ResumeRefused,
     list_checkpoints,
+    load_for_resume,
     load_latest,
+    reset_state,
     save_checkpoint,
 )
+from fedlite.fsutil import StorageError, write_atomic
 
 
 def _ckpt(round_: int, size: int = 12) -> Checkpoint:
@@ -147,3 +151,87 @@ def test_check_writable_refuses_a_directory_that_cannot_hold_files(tmp_path):
     with pytest.raises(CheckpointError, match="is not writable"):
         check_writable(tmp_path / "a-file" / "checkpoints")
 
+
+
+def _corrupt(path) -> None:
+    blob = bytearray((path / ARRAYS_FILE).read_bytes())
+    blob[-5] ^= 0xFF
+    (path / ARRAYS_FILE).write_bytes(bytes(blob))
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written_when_the_newer_ones_are_corrupt(tmp_path, caplog):
+    """Every checkpoint of rounds 4-6 corrupt, the federation started again: its round 1 checkpoint stays."""
+    for path in [save_checkpoint(tmp_path, _ckpt(r), keep=3) for r in (4, 5, 6)]:
+        _corrupt(path)
+    with caplog.at_level(logging.WARNING, logger="fedlite.aggregator.checkpoint"):
+        save_checkpoint(tmp_path, _ckpt(1), keep=3)
+    assert [r for r, _ in list_checkpoints(tmp_path)] == [1]
+    _assert_same(load_latest(tmp_path), _ckpt(1))
+    quarantined = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir() if p.name.startswith("corrupt-"))
+    assert quarantined == ["corrupt-round-000004", "corrupt-round-000005", "corrupt-round-000006"]  # not deleted
+    assert "checkpoint of round 6 fails to verify" in caplog.text
+
+
+def test_pruning_keeps_the_newest_valid_checkpoints_past_a_corrupt_one(tmp_path):
+    for r in (1, 2, 3):
+        save_checkpoint(tmp_path, _ckpt(r), keep=3)
+    _corrupt(tmp_path / "round-000003")
+    save_checkpoint(tmp_path, _ckpt(4), keep=3)
+    assert [r for r, _ in list_checkpoints(tmp_path)] == [1, 2, 4]  # 3 quarantined: 1 is still one of the 3 valid
+    save_checkpoint(tmp_path, _ckpt(5), keep=3)
+    assert [r for r, _ in list_checkpoints(tmp_path)] == [2, 4, 5]
+
+
+def _history(folder, rounds) -> None:
+    write_atomic(folder / "history.json", json.dumps([{"round": r, "status": "complete"} for r in rounds]).encode())
+
+
+def test_resume_of_a_fresh_state_is_round_zero_and_of_a_valid_one_its_newest_checkpoint(tmp_path):
+    assert load_for_resume(tmp_path / "checkpoints", tmp_path / "history.json") is None
+    (tmp_path / "history.json").write_text("[]")
+    assert load_for_resume(tmp_path / "checkpoints", tmp_path / "history.json") is None
+    save_checkpoint(tmp_path / "checkpoints", _ckpt(1))
+    _corrupt(save_checkpoint(tmp_path / "checkpoints", _ckpt(2)))
+    _history(tmp_path, [1, 2])
+    _assert_same(load_for_resume(tmp_path / "checkpoints", tmp_path / "history.json"), _ckpt(1))
+
+
+def test_resume_refuses_a_state_whose_checkpoints_all_fail_to_verify(tmp_path):
+    for path in [save_checkpoint(tmp_path / "checkpoints", _ckpt(r)) for r in (4, 5, 6)]:
+        _corrupt(path)
+    with pytest.raises(ResumeRefused) as info:
+        load_for_resume(tmp_path / "checkpoints", tmp_path / "history.json")
+    message = str(info.value)
+    assert "rounds 4, 5, 6 fail to verify" in message and "--reset" in message and "\n" not in message
+    assert isinstance(info.value, StorageError)  # the CLI's exit code 3
+    assert [r for r, _ in list_checkpoints(tmp_path / "checkpoints")] == [4, 5, 6]  # nothing removed
+
+
+@pytest.mark.parametrize("history", ["completed", "garbage"])
+def test_resume_refuses_a_history_without_any_checkpoint(tmp_path, history):
+    if history == "completed":
+        _history(tmp_path, [1, 2, 3])
+    else:
+        (tmp_path / "history.json").write_text("[{truncated")
+    with pytest.raises(ResumeRefused, match="no valid checkpoint in .*history.json records "
+                       + ("3 completed rounds" if history == "completed" else "a history that does not parse")):
+        load_for_resume(tmp_path / "checkpoints", tmp_path / "history.json")
+
+
+def test_reset_moves_the_progress_aside_and_keeps_the_initial_model(tmp_path):
+    save_checkpoint(tmp_path / "checkpoints", _ckpt(3))
+    _history(tmp_path, [1, 2, 3])
+    for name in ("registry.json", "fleet.json", "registry.json.lock", "keep-me.toml"):
+        (tmp_path / name).write_text("{}")
+    for r in (0, 2, 3):
+        (tmp_path / "models" / f"round-{r:05d}").mkdir(parents=True)
+    aside, moved = reset_state(tmp_path)
+    assert aside.parent == tmp_path and aside.name.startswith("previous-")
+    assert moved == ["checkpoints", "history.json", "registry.json", "fleet.json", "models/round-00002",
+                     "models/round-00003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["models", "registry.json.lock", "keep-me.toml",
+                                                                 aside.name])
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["round-00000"]
+    assert load_latest(aside / "checkpoints").round == 3 and (aside / "models" / "round-00003").is_dir()
+    assert load_for_resume(tmp_path / "checkpoints", tmp_path / "history.json") is None  # a fresh start
+    assert reset_state(tmp_path) is None  # nothing left to move

@@ -140,10 +140,10 @@ def test_header_with_wrong_types_or_unknown_fields_is_refused():
     from safetensors.numpy import save
 
     for bad in ['{"kind": "update"}', '{"kind":"update","federation":"f","round":"1","model_hash":"h",'
-                '"encoding":"int8","protocol":1}', "[1, 2]", "not json"]:
+                '"encoding":"int8","protocol":2}', "[1, 2]", "not json"]:
         body = save({"w": np.zeros(2, np.float32)}, metadata={"fedlite": bad})
         with pytest.raises(CodecError, match="header"):
-            decode(b"FLT\x01\x00" + body)
+            decode(b"FLT\x02\x00" + body)
 
 
 _payload = encode_update({"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(3, np.float32)},
@@ -154,7 +154,7 @@ _raw = encode_update({"a": np.arange(12, dtype=np.float32).reshape(3, 4)}, _head
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096))
 def test_garbage_bytes_always_raise_codec_error(data):
-    for candidate in (data, b"FLT\x01\x00" + data, b"FLT\x01\x01" + data):
+    for candidate in (data, b"FLT\x02\x00" + data, b"FLT\x02\x01" + data):
         with pytest.raises(CodecError):
             decode(candidate)
 

@@ -1,15 +1,23 @@
 """Fault injection against a real federation: Mosquitto, the aggregator and agents as real processes.
 
 Vanishing agents, an aggregator SIGKILLed mid-round, a broker restart mid-round, a gate closing during
-training, and a checkpoint directory that cannot take the next checkpoint.
+training, a checkpoint directory that cannot take the next checkpoint, a disk filling up during an export,
+the state directory remounted read-only, and a state whose every checkpoint is corrupt.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import resource
 import signal
+import subprocess
+import sys
 import time
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +36,13 @@ from federation_helpers import (
     updates_for,
 )
 
-from fedlite.aggregator.checkpoint import ARRAYS_FILE, checkpoint_name, load_latest
+from fedlite.aggregator.checkpoint import ARRAYS_FILE, Checkpoint, checkpoint_name, load_latest, save_checkpoint
 from fedlite.aggregator.cli import STORAGE_FAILURE
+from fedlite.aggregator.export import export_complete, version_dir
 from fedlite.demo.cluster import LocalFederation, Process, wait_for
 from fedlite.protocol import topics
 from fedlite.protocol.codec import decode
+from fedlite.settings import dump_toml
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +59,37 @@ def _wait_exit(process: Process, timeout: float, others: list[Process]) -> int:
 
 def _record(fed: LocalFederation, number: int, timeout: float) -> dict:
     return wait_for(lambda: completed(fed, number), timeout, f"round {number} to complete", fed.processes.values())
+
+
+def _set(config: Path, table: str, **values: object) -> None:
+    """Change values of one table of a written configuration file."""
+    tables = tomllib.loads(config.read_text())
+    tables[table] |= values
+    config.write_text(dump_toml(tables))
+
+
+def _errors(process: Process) -> list[str]:
+    return [line for line in process.log.read_text().splitlines() if " ERROR " in line]
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator:
+    """`mount(*options, target)` as root; every mount is undone after the test. Skips where mounting is not allowed."""
+    done: list[Path] = []
+
+    def run(*args: str) -> None:
+        target = Path(args[-1])
+        result = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if result.returncode != 0:
+            if not done:
+                pytest.skip(f"cannot mount here ({result.stderr.strip()}): needs root with CAP_SYS_ADMIN")
+            raise RuntimeError(f"mount {' '.join(args)}: {result.stderr.strip()}")
+        if target not in done:  # a remount changes a mount made before
+            done.append(target)
+
+    yield run
+    for target in reversed(done):
+        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 # --- (a) agents vanish mid-round ------------------------------------------------------------------------
@@ -228,3 +269,153 @@ def test_unwritable_checkpoint_stops_the_aggregator_with_a_clear_error_and_keeps
         assert record["accepted"] == 3 and load_latest(directory).round >= 2
         assert "resuming after round 1" in restarted.log.read_text()
 
+
+
+# --- (f) the disk fills up during an export -------------------------------------------------------------
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of `folder` to the last byte (no reserve on tmpfs: root gets ENOSPC too)."""
+    filler = folder / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * (1 << 20))
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    with pytest.raises(OSError, match="No space left"):
+        (folder / "probe").write_bytes(b"x" * 65536)
+    return filler
+
+
+@pytest.mark.parametrize("when", ["mid_run", "final_round"])
+def test_disk_full_during_an_export_stops_within_seconds_and_a_restart_redoes_the_export(tmp_path, model, mount,
+                                                                                          when):
+    """models/ on a small tmpfs filled to the last byte: the export's first write fails with ENOSPC (checkpoints
+    live on another file system and keep working). mid_run: round 1's export fails while round 2 trains;
+    final_round: the last round's export fails while the main thread waits for it before exiting."""
+    agents = ["dev-1", "dev-2", "dev-3"]
+    total, every, failing = (3, 1, 1) if when == "mid_run" else (2, 0, 2)
+    with LocalFederation(tmp_path / "run", FED, agents) as fed:
+        models = fed.run_dir / "aggregator" / "models"
+        models.mkdir(parents=True)
+        mount("-t", "tmpfs", "-o", "size=16m", "tmpfs", str(models))
+        config = start_federation(fed, tmp_path / "data", agents, model, rounds={"total": total})
+        _set(config, "model", export_every=every)
+        filler = _fill(models)
+        aggregator = fed.start("aggregator", "aggregator", config)
+        record = _record(fed, failing, 120)
+        stop_line = f"export of round {failing} hit a storage failure: the aggregator stops"
+        wait_for(lambda: stop_line in aggregator.log.read_text(), 120, "the export to fail", fed.processes.values(),
+                 poll=0.05)
+        noticed = time.time()
+        others = [p for p in fed.processes.values() if p is not aggregator]
+        assert _wait_exit(aggregator, 60, others) == STORAGE_FAILURE, aggregator.log_tail(40)
+        exited = time.time()
+        print(f"{when}: exit {exited - noticed:.1f} s after the failed export, "
+              f"{exited - record['completed_at']:.1f} s after round {failing} completed (export included)")
+        assert exited - noticed < 5.0  # not minutes in the exporter's queue
+        log = aggregator.log.read_text()
+        assert "Traceback" not in log
+        (error,) = _errors(aggregator)
+        assert (f"export of round {failing} failed: cannot write {version_dir(models, failing)}/train.tflite: "
+                "No space left on device; not restarting until the storage is fixed") in error, error
+        assert not export_complete(version_dir(models, failing))
+        kept, runs = load_latest(checkpoints_dir(fed)), history(fed)
+        assert kept is not None and kept.round == runs[-1]["round"] >= failing and kept.history == runs
+
+        # room again: the restart re-exports the missed round from its checkpoint and completes the run
+        filler.unlink()
+        restarted = fed.start("aggregator-2", "aggregator", config)
+        assert _wait_exit(restarted, 240, others) == 0, restarted.log_tail(40)
+        redone = re.search(r"re-exporting rounds? ([\d, ]+): (its export is|their exports are) missing",
+                           restarted.log.read_text())
+        assert redone is not None, restarted.log_tail(40)
+        assert int(redone.group(1).split(", ")[0]) == failing  # and any later round whose export was still queued
+        assert [r["round"] for r in history(fed) if r["status"] == "complete"] == list(range(1, total + 1))
+        expected = list(range(1, total + 1)) if every else [total]
+        assert [n for n in range(1, total + 1) if export_complete(version_dir(models, n))] == expected
+        metrics = json.loads((version_dir(models, failing) / "metrics.json").read_text())
+        assert metrics == {"round": failing, "accuracy": record["accuracy"], "loss": record["loss"]}
+
+
+# --- (g) the state directory is remounted read-only ----------------------------------------------------
+
+
+def test_read_only_state_dir_stops_the_aggregator_within_seconds_with_one_error_line(tmp_path, model, mount):
+    agents, silent = ["dev-1", "dev-2", "dev-3"], "dev-ghost"
+    with LocalFederation(tmp_path / "run", FED, [*agents, silent]) as fed:
+        config = start_federation(fed, tmp_path / "data", agents, model,
+                                  rounds={"clients_per_round": 4, "quorum": 3, "deadline_seconds": 8.0})
+        ghost(fed, silent)  # holds round 2 open: the remount hits the aggregator mid-round
+        aggregator = fed.start("aggregator", "aggregator", config)
+        state = fed.run_dir / "aggregator"
+        _record(fed, 1, 90)
+        good = load_latest(checkpoints_dir(fed))
+        mount("--bind", str(state), str(state))
+        mount("-o", "remount,bind,ro", str(state))
+        remounted = time.time()
+        with pytest.raises(OSError, match="Read-only file system"):
+            (state / "probe").write_text("x")
+
+        others = [p for p in fed.processes.values() if p is not aggregator]
+        assert _wait_exit(aggregator, 30, others) == STORAGE_FAILURE, aggregator.log_tail(40)
+        print(f"read-only: exit {time.time() - remounted:.1f} s after the remount")
+        assert time.time() - remounted < 10.0
+        log = aggregator.log.read_text()
+        assert "Traceback" not in log, log[-3000:]
+        (error,) = _errors(aggregator)
+        assert f"cannot write {state}/" in error and "Read-only file system; not restarting" in error, error
+        kept = load_latest(checkpoints_dir(fed))
+        assert kept is not None and kept.round == good.round and kept.history == good.history
+
+        # started again while still read-only: refused before any round, the same way
+        again = fed.start("aggregator-2", "aggregator", config)
+        assert _wait_exit(again, 60, others) == STORAGE_FAILURE, again.log_tail(40)
+        assert "Traceback" not in again.log.read_text()
+        (error,) = _errors(again)
+        assert f"checkpoint directory {state}/checkpoints is not writable: Read-only file system" in error, error
+
+
+# --- (h) every checkpoint is corrupt -------------------------------------------------------------------
+
+
+def test_a_history_whose_checkpoints_are_all_corrupt_is_refused_unless_reset(tmp_path, model):
+    agents = ["dev-1", "dev-2", "dev-3"]
+    with LocalFederation(tmp_path / "run", FED, agents) as fed:
+        config = start_federation(fed, tmp_path / "data", agents, model, rounds={"total": 2})
+        state, directory = fed.run_dir / "aggregator", checkpoints_dir(fed)
+        # the state of a federation after round 6, whose three kept checkpoints were all damaged on disk
+        weights = {"w": np.ones((4, 3), np.float32)}
+        records = [{"round": r, "status": "complete", "accepted": 3} for r in range(1, 7)]
+        for path in [save_checkpoint(directory, Checkpoint(r, weights, history=records[:r])) for r in (4, 5, 6)]:
+            arrays = path / ARRAYS_FILE
+            arrays.write_bytes(arrays.read_bytes()[:-8] + b"\xff" * 8)
+        (state / "history.json").write_text(json.dumps(records))
+        before = {p.name: (p / ARRAYS_FILE).read_bytes() for p in directory.iterdir()}
+
+        refused = fed.start("aggregator", "aggregator", config)
+        started = time.time()
+        assert _wait_exit(refused, 60, list(fed.processes.values())) == STORAGE_FAILURE, refused.log_tail(40)
+        print(f"refusal: exit {time.time() - started:.1f} s after start")
+        log = refused.log.read_text()
+        assert "Traceback" not in log and "round 1: selected" not in log
+        (error,) = _errors(refused)
+        assert (f"no valid checkpoint in {directory}, but the checkpoints of rounds 4, 5, 6 fail to verify and "
+                f"{state}/history.json records 6 completed rounds (last: 6): refusing to start the federation over "
+                "at round 1") in error and "--reset" in error, error
+        assert {p.name: (p / ARRAYS_FILE).read_bytes() for p in directory.iterdir()} == before  # nothing touched
+        assert [r["round"] for r in history(fed)] == list(range(1, 7))
+
+        command = [sys.executable, "-m", "fedlite.cli", "aggregator", "--config", str(config), "--reset"]
+        reset = fed.start_command("aggregator-reset", command)
+        assert _wait_exit(reset, 240, list(fed.processes.values())) == 0, reset.log_tail(40)
+        log = reset.log.read_text()
+        (aside,) = [p for p in state.iterdir() if p.name.startswith("previous-")]
+        assert f"--reset: moved the previous state (checkpoints, history.json) to {aside}" in log, log[-3000:]
+        assert [(r["round"], r["status"]) for r in history(fed)] == [(1, "complete"), (2, "complete")]
+        assert sorted(p.name for p in directory.iterdir()) == [checkpoint_name(1), checkpoint_name(2)]
+        assert load_latest(directory).round == 2
+        assert {p.name: (p / ARRAYS_FILE).read_bytes() for p in (aside / "checkpoints").iterdir()} == before
+        assert [r["round"] for r in json.loads((aside / "history.json").read_text())] == list(range(1, 7))

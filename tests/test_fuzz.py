@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlite.aggregator.config import AggregatorConfig, FederationSection
+from fedlite.aggregator.ledger import Ledger
 from fedlite.aggregator.rounds import RoundAttempt
 from fedlite.aggregator.service import Aggregator
 from fedlite.aggregator.strategies import make_aggregator
@@ -268,11 +269,11 @@ def test_decode_with_hypothesis_built_headers_only_raises_codec_error(values: di
 
 
 @pytest.mark.parametrize("text", [
-    '{"kind":"update","federation":"f","round":1,"model_hash":"m","encoding":"int8","protocol":1,'
+    '{"kind":"update","federation":"f","round":1,"model_hash":"m","encoding":"int8","protocol":2,'
     '"metrics":{"loss":' + big_int_text(400) + "}}",  # an integer no float can hold
     '{"kind":"update","federation":"f","round":' + big_int_text(5000) + ',"model_hash":"m","encoding":"int8",'
-    '"protocol":1}',  # beyond Python's int parsing limit
-    '{"kind":"update","federation":"f","round":1,"model_hash":"m","encoding":"int8","protocol":1,'
+    '"protocol":2}',  # beyond Python's int parsing limit
+    '{"kind":"update","federation":"f","round":1,"model_hash":"m","encoding":"int8","protocol":2,'
     '"metrics":{"loss":NaN}}',
 ])
 def test_decode_refuses_numbers_json_accepts_but_no_float_holds(text: str) -> None:
@@ -479,10 +480,13 @@ def status_json(client: str) -> st.SearchStrategy[bytes]:
 def test_aggregator_message_handler_never_raises_and_counts_every_refusal(aggregator: Aggregator,
                                                                         data: st.DataObject) -> None:
     sequence = data.draw(rounds())
+    aggregator.inbox.drain()  # nothing of an earlier example is left in the inbox
     aggregator.current = attempt = new_attempt()
-    aggregator.rejections.clear()
+    aggregator.ledger = Ledger()
     for offer in sequence:
         aggregator._on_message(topics.update_topic(FED, offer.client), offer.payload)  # must not raise
+    assert attempt.bytes_up == 0  # the network thread only enqueued: nothing was decoded on it
+    assert aggregator.inbox.drain()
     json_refusals: Counter = Counter()
     for client in data.draw(st.lists(st.sampled_from(HONEST + [OUTSIDER]), max_size=4)):
         status = data.draw(status_json(client))
@@ -492,9 +496,15 @@ def test_aggregator_message_handler_never_raises_and_counts_every_refusal(aggreg
         report = data.draw(st.binary(max_size=40) | st.just(to_json(DeviceReport(client, ROUND, "declined"))))
         json_refusals[_json_refusal(DeviceReport, client, report)] += 1
         aggregator._on_message(topics.report_topic(FED, client), report)
+    aggregator.inbox.drain()
     del json_refusals[None]
     assert sum(attempt.rejected.values()) == sum(not o.valid for o in sequence)
-    assert aggregator.rejections == attempt.rejected + json_refusals
+    totals = aggregator.ledger.totals()
+    assert Counter(totals.get("update", {})) == attempt.rejected
+    refused = Counter()
+    for reasons in totals.values():
+        refused.update(reasons)
+    assert refused == attempt.rejected + json_refusals, (totals, json_refusals)
 
 
 def _json_refusal(cls: type, client: str, payload: bytes) -> str | None:

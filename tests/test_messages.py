@@ -36,7 +36,7 @@ def test_round_trip_keeps_every_field():
         (b'{"type":"round"}', "is missing"),
         (to_json(_announcement()).replace(b'"round":2', b'"round":"2"'), "round must be int"),
         (to_json(_announcement()).replace(b'"epochs":2', b'"epochs":true'), "epochs must be int"),
-        (to_json(_announcement()).replace(b'"protocol":1', b'"protocol":7'), "protocol 7"),
+        (to_json(_announcement()).replace(b'"protocol":2', b'"protocol":7'), "protocol 7"),
         (to_json(DeviceReport(client_id="a", round=1, kind="declined")), "is missing"),
         (b" " * (2 * 1024 * 1024), "exceeds"),
     ],

@@ -10,14 +10,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedlite.aggregator.ledger import Ledger
 from fedlite.aggregator.validation import (
     Rejected,
-    RejectionCounter,
     RoundContext,
     ValidUpdate,
+    check_metrics,
     validate_update,
 )
-from fedlite.protocol.codec import Header, Limits, encode_update, encode_weights
+from fedlite.protocol import PROTOCOL_VERSION
+from fedlite.protocol.codec import Header, Limits, encode_update, encode_weights, update_limits
+
+V = bytes([PROTOCOL_VERSION])
 
 MANIFEST = {"weights": [{"name": "w", "shape": [4, 3]}, {"name": "b", "shape": [3]}]}
 HASH = "ab" * 32
@@ -139,27 +143,57 @@ def test_context_refuses_an_unknown_norm_policy():
 
 def test_deeply_nested_header_is_rejected_not_raised():
     body = b"[" * 100_000
-    payload = b"FLT\x01\x00" + struct.pack("<Q", len(body)) + body
+    payload = b"FLT" + V + b"\x00" + struct.pack("<Q", len(body)) + body
     assert _reason(payload) in {"header", "malformed"}
 
 
-def test_counter_counts_by_reason_and_logs_once_per_round():
-    counter, ctx = RejectionCounter(), _ctx()
+def test_ledger_counts_by_kind_and_reason_and_logs_once_per_round(caplog):
+    ledger, ctx = Ledger(), _ctx()
     validate_update(_payload(), "dev-1", ctx)
     bad = [(_payload(), "dev-1"), (_payload(round=4), "dev-2"), (_payload(round=3, client_id="dev-2"), "dev-2"),
            (_payload(client_id="dev-9"), "dev-2")]
-    logged = []
-    for payload, topic in bad:
-        try:
-            validate_update(payload, topic, ctx)
-        except Rejected as exc:
-            counter.record(exc.reason)
-            if counter.first_in_round(ctx.round, exc.reason):
-                logged.append(exc.reason)
-    assert counter.as_dict() == {"duplicate": 1, "sender": 1, "stale": 2}
-    assert counter.total == 4
-    assert logged == ["duplicate", "stale", "sender"]
-    assert counter.first_in_round(6, "stale") and not counter.first_in_round(6, "stale")
+    with caplog.at_level("INFO", logger="fedlite.aggregator"):
+        for payload, topic in bad:
+            with pytest.raises(Rejected) as refused:
+                validate_update(payload, topic, ctx)
+            ledger.refuse("update", refused.value.reason, ctx.round, str(refused.value))
+        ledger.refuse("status", "sender", None, "dev-2 wrote a status for dev-1")
+    assert ledger.totals() == {"update": {"duplicate": 1, "sender": 1, "stale": 2}, "status": {"sender": 1}}
+    assert ledger.count("update") == 4 and ledger.count() == 5
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 4 and "between rounds: status refused (sender)" in logged[-1]
+    assert ledger.take() == ledger.totals() and ledger.take() == {}  # take() empties what goes into a record
+
+
+def test_update_limits_sized_from_the_model_refuse_a_bomb_before_expanding_it():
+    limits = update_limits([(4, 3), (3,)])
+    assert validate_update(_payload(), "dev-1", _ctx(), limits).client_id == "dev-1"
+    import zstandard
+
+    bomb = b"FLT" + V + b"\x01" + zstandard.ZstdCompressor(level=19).compress(bytes(255 * 1024 * 1024))
+    assert len(bomb) < 16 * 1024
+    assert _reason(bomb, limits=limits) == "too_large"  # the declared size alone refuses it
+    streamed = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(bytes(64 * 1024 * 1024))
+    assert _reason(b"FLT" + V + b"\x01" + streamed, limits=limits) == "too_large"  # stopped at the model's size
+
+
+def test_unselected_and_duplicate_senders_are_refused_before_decoding():
+    ctx = _ctx()
+    validate_update(_payload(), "dev-1", ctx)
+    assert _reason(b"not even a frame", "dev-1", ctx) == "duplicate"
+    assert _reason(b"not even a frame", "dev-7", ctx) == "unselected"
+
+
+def test_metrics_out_of_range_are_refused():
+    assert _reason(_payload(metrics={"eval_accuracy_after": 1e308})) == "metrics"
+    assert _reason(_payload(metrics={"train_loss": -1.0})) == "metrics"
+    assert check_metrics({"accuracy_candidate": 0.9, "train_loss": 0.3, "steps": 40.0}) is None
+    assert "accuracy" in check_metrics({"accuracy_candidate": 1e308})
+
+
+def test_an_update_for_another_run_is_refused():
+    assert _reason(_payload(run="old"), ctx=_ctx(run="new")) == "run"
+    assert validate_update(_payload(run="new"), "dev-1", _ctx(run="new")).client_id == "dev-1"
 
 
 _VALID = _payload()
@@ -168,8 +202,8 @@ _VALID = _payload()
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(
     st.binary(max_size=512),
-    st.binary(max_size=512).map(lambda b: b"FLT\x01\x00" + b),
-    st.binary(max_size=512).map(lambda b: b"FLT\x01\x01" + b),
+    st.binary(max_size=512).map(lambda b: b"FLT" + V + b"\x00" + b),
+    st.binary(max_size=512).map(lambda b: b"FLT" + V + b"\x01" + b),
     st.tuples(st.integers(0, len(_VALID) - 1), st.integers(1, 255)).map(
         lambda t: _VALID[: t[0]] + bytes([_VALID[t[0]] ^ t[1]]) + _VALID[t[0] + 1:]),
     st.integers(0, len(_VALID)).map(lambda n: _VALID[:n]),

@@ -261,6 +261,10 @@ function renderTiles(state) {
   setText("t-accuracy", pct(t.accuracy));
   setText("t-accuracy-sub", isNum(t.loss) ? `loss ${fixed(t.loss)}` : "");
   setText("t-clientrounds", String(t.successful_client_rounds));
+  const ledger = Object.entries(t.refused || {}).map(([kind, reasons]) => `${kind}: ` + Object.entries(reasons)
+    .map(([reason, n]) => `${reason} ${n}`).join(", "));
+  setText("t-refused", ledger.length ? `every refusal this run, in or between rounds: ${ledger.join(" · ")}`
+    : "nothing refused this run");
   setText("t-bytes", bytes(t.bytes_up + t.bytes_down));
   setText("t-bytes-sub", `↑ ${bytes(t.bytes_up)} · ↓ ${bytes(t.bytes_down)}`);
   setText("t-bytes-sub2", isNum(t.bytes_per_accuracy_point) ? `${bytes(t.bytes_per_accuracy_point)} per accuracy point`

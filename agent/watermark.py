@@ -1,0 +1,74 @@
+"""A device's high-water mark of the aggregator's announcements: which run it follows and how far it has seen.
+
+The rule (protocol v2, README "Run identity and ordering"): within one run, announcements are ordered by
+``(epoch, round, issued_at)``; an announcement below the mark is a replay and refused. A different run is
+followed only if it began later (``run_started_at``) than the one the device follows; otherwise it is stale.
+The same announcement delivered again as a retained message (after a reconnect) is normal; delivered again
+live, it is a replay.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from fedlite.fsutil import write_atomic
+from fedlite.protocol.messages import RoundAnnouncement
+
+
+@dataclass(frozen=True)
+class Watermark:
+    run: str = ""
+    run_started_at: float = 0.0
+    epoch: int = 0
+    round: int = -1
+    issued_at: float = 0.0
+    done_session: str = ""  # the last session this device finished (trained and uploaded)
+
+    def key(self) -> tuple[int, int, float]:
+        return self.epoch, self.round, self.issued_at
+
+
+def announcement_key(a: RoundAnnouncement) -> tuple[int, int, float]:
+    return a.epoch, a.round, a.issued_at
+
+
+def judge(mark: Watermark, a: RoundAnnouncement, retained: bool) -> str | None:
+    """Why `a` must be refused given the mark (a counter reason), or None to follow it."""
+    if not a.run:
+        return "no_run"
+    if a.run != mark.run:
+        return "stale_run" if mark.run and a.run_started_at <= mark.run_started_at else None
+    key = announcement_key(a)
+    if key < mark.key() or (key == mark.key() and not retained):
+        return "replayed"
+    return None
+
+
+def advance(mark: Watermark, a: RoundAnnouncement) -> Watermark:
+    """The mark after following `a` (a new run starts from it)."""
+    done = mark.done_session if a.run == mark.run else ""
+    return Watermark(a.run, a.run_started_at, a.epoch, a.round, a.issued_at, done)
+
+
+def superseded(mark: Watermark, a: RoundAnnouncement) -> bool:
+    """True once the device has seen a later round (or another run) than `a`: training for `a` is pointless."""
+    return mark.run != a.run or (mark.epoch, mark.round) > (a.epoch, a.round)
+
+
+def finished(mark: Watermark, session: str) -> Watermark:
+    return replace(mark, done_session=session)
+
+
+def load(path: Path) -> Watermark:
+    try:
+        raw = json.loads(path.read_text())
+        return Watermark(str(raw["run"]), float(raw["run_started_at"]), int(raw["epoch"]), int(raw["round"]),
+                         float(raw["issued_at"]), str(raw["done_session"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return Watermark()
+
+
+def save(path: Path, mark: Watermark) -> None:
+    write_atomic(path, json.dumps(asdict(mark)).encode())

@@ -1,0 +1,45 @@
+"""Bounds on one device's influence on a round: its example weight and its update norm, both robust and adaptive.
+
+A device states its own example count and computes its own update, so neither can be trusted as is:
+
+- **Weight**: the weight of an update is ``min(num_examples, max_examples, example_multiple * m)``, where m is
+  the median example count the round's selected devices advertise in their statuses. One device claiming
+  10^6 examples weighs at most `example_multiple` times a typical device.
+- **Norm**: an update beyond ``norm_refuse_multiple * median`` of a reference set of norms is refused as an
+  outlier (``norm_outlier``); any other is clipped to ``norm_multiple * median``
+  (norm bounding, Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?", 2019; the bound
+  tracks the norms the fleet actually sends, in the spirit of Andrew, Thakkar, McMahan, Ramaswamy, "Differentially
+  Private Learning with Adaptive Clipping", NeurIPS 2021). The reference is the accepted updates' norms of the
+  last `norm_window` complete rounds. In a run's first round there is no reference yet: the round holds its first
+  `warmup` valid updates, takes the median of their norms as the reference, then clips and folds them.
+  Clipped and refused updates are flagged (``record["norm_flagged"]``; refused ones also in ``norm_refused``).
+  With the defaults (2x weight, 2x norm) one device moves a round at most about 4x as much as a typical one.
+
+The configured absolute ``[server] max_update_norm`` (if > 0) still applies on top.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from typing import Any
+
+
+def weight_cap(advertised: Iterable[int], multiple: float, max_examples: int) -> float:
+    """The largest weight an update may carry this round, from the selected devices' advertised counts."""
+    counts = [n for n in advertised if n > 0]
+    if not counts:
+        return float(max_examples)
+    return float(min(max_examples, max(1.0, multiple * statistics.median(counts))))
+
+
+def reference_norms(history: list[dict[str, Any]], window: int) -> list[float]:
+    """Accepted update norms of the last `window` complete rounds of the history."""
+    complete = [r for r in history if r.get("status") == "complete"][-window:] if window else []
+    return [float(n) for r in complete for n in (r.get("update_norms") or {}).values() if n > 0]
+
+
+def norm_bound(reference: list[float], multiple: float, absolute: float) -> float:
+    """The clip bound for a round: `multiple` times the reference median, within the absolute bound (0: none)."""
+    bounds = [b for b in (multiple * statistics.median(reference) if reference else 0.0, absolute) if b > 0]
+    return min(bounds) if bounds else 0.0
