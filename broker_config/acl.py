@@ -10,6 +10,7 @@ from fedlite.protocol import topics
 
 Role = Literal["device", "aggregator"]
 ROLES: tuple[Role, ...] = ("device", "aggregator")
+AGGREGATOR_CLIENT_ID_PREFIX = "fedlite-aggregator-"  # the aggregator connects as <prefix><federation>
 
 
 def _subtree(topic: str) -> str:
@@ -65,9 +66,25 @@ def save_principals(paths: BrokerPaths, principals: dict[str, dict[str, list[str
     paths.principals.write_text(json.dumps(principals, indent=2, sort_keys=True) + "\n")
 
 
+def check_device_id(name: str, principals: dict[str, dict[str, list[str]]]) -> str:
+    """`name` if a device may have it: not an aggregator's name, nor an aggregator's client id.
+
+    On device listeners a device's client id is its username, so such a name would let the device
+    take over the aggregator's MQTT session.
+    """
+    if name.startswith(AGGREGATOR_CLIENT_ID_PREFIX):
+        raise ValueError(f"device id {name!r} is reserved: ids starting with {AGGREGATOR_CLIENT_ID_PREFIX!r} "
+                         "are aggregator client ids")
+    if name in principals["aggregator"]:
+        raise ValueError(f"{name!r} is already enrolled as aggregator; use another name for the device")
+    return name
+
+
 def add_principal(paths: BrokerPaths, role: Role, name: str, federation: str) -> None:
     """Record that `name` takes part in `federation` as `role`; a name has one role only."""
     principals = load_principals(paths)
+    if role == "device":
+        check_device_id(name, principals)
     for other in ROLES:
         if other != role and name in principals[other]:
             raise ValueError(f"{name!r} is already enrolled as {other}; use another name for the {role}")
@@ -76,20 +93,25 @@ def add_principal(paths: BrokerPaths, role: Role, name: str, federation: str) ->
     save_principals(paths, principals)
 
 
-def render_acl(principals: dict[str, dict[str, list[str]]]) -> str:
-    """The acl_file text: one `user` block per principal, nothing granted outside them."""
+def render_acl(principals: dict[str, dict[str, list[str]]], roles: tuple[Role, ...] = ("aggregator", "device")) -> str:
+    """The acl_file text for `roles`: one `user` block per principal, nothing granted outside them."""
     lines = [
         "# fedlite ACL, generated from principals.json by fedlite.broker_config; do not edit by hand.",
         "# No rules before the first `user` line: anonymous and unknown clients get nothing.",
     ]
-    for name, federations in sorted(principals["aggregator"].items()):
-        lines += ["", "# aggregator", f"user {name}"]
-        lines += [rule for f in federations for rule in aggregator_rules(f)]
-    for name, federations in sorted(principals["device"].items()):
-        lines += ["", "# device", f"user {name}"]
-        lines += [rule for f in federations for rule in device_rules(f, name)]
+    if "aggregator" in roles:
+        for name, federations in sorted(principals["aggregator"].items()):
+            lines += ["", "# aggregator", f"user {name}"]
+            lines += [rule for f in federations for rule in aggregator_rules(f)]
+    if "device" in roles:
+        for name, federations in sorted(principals["device"].items()):
+            lines += ["", "# device", f"user {name}"]
+            lines += [rule for f in federations for rule in device_rules(f, name)]
     return "\n".join(lines) + "\n"
 
 
 def write_acl(paths: BrokerPaths) -> None:
-    paths.acl_file.write_text(render_acl(load_principals(paths)))
+    """The device listeners' ACL (devices only) and the aggregator listener's (aggregators only)."""
+    principals = load_principals(paths)
+    paths.acl_file.write_text(render_acl(principals, ("device",)))
+    paths.aggregator_acl_file.write_text(render_acl(principals, ("aggregator",)))

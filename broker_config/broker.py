@@ -88,12 +88,23 @@ class Broker:
 
     @property
     def host(self) -> str:
-        """Address of the plain (loopback) listener."""
+        """Address of the aggregator listener (plain, loopback)."""
         return _client_host(self.settings.plain_bind)
 
     @property
     def port(self) -> int:
+        """Port of the aggregator listener: only aggregator accounts can log in there."""
         return self.settings.port
+
+    @property
+    def device_host(self) -> str:
+        """Address of the plain device listener (loopback)."""
+        return _client_host(self.settings.plain_bind)
+
+    @property
+    def device_port(self) -> int | None:
+        """Port of the plain device listener on loopback, if the broker has one."""
+        return self.settings.device_port
 
     @property
     def tls_host(self) -> str:
@@ -120,6 +131,8 @@ class Broker:
         found = [(self.host, self.port)]
         if self.tls_port is not None:
             found.append((self.tls_host, self.tls_port))
+        if self.device_port is not None:
+            found.append((self.device_host, self.device_port))
         return found
 
     def log_tail(self, lines: int = 30) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedlite.broker_config import broker, certs, config, credentials, permissions
+from fedlite.broker_config import broker, certs, config, credentials, limits, permissions
 
 
 def _add_common(p: argparse.ArgumentParser, name: str | None = None) -> None:
@@ -22,16 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("init", help="create or refresh a broker directory (mosquitto.conf, ACL, test certs)")
     _add_common(p)
     p.add_argument("--federation", action="append", required=True, help="federation served (repeatable)")
-    p.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="loopback listener (0: a free port)")
+    p.add_argument("--port", type=int, default=config.DEFAULT_PORT,
+                   help="aggregator listener on loopback (0: a free port)")
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--tls-port", type=int, default=config.DEFAULT_TLS_PORT, help="TLS listener for devices")
-    tls.add_argument("--no-tls", action="store_true", help="no TLS listener (loopback-only broker)")
+    tls.add_argument("--no-tls", action="store_true", help="no TLS listener (devices then need --device-port)")
     p.add_argument("--bind", default="127.0.0.1", help="address of the TLS listener (0.0.0.0 for devices)")
+    p.add_argument("--device-port", type=int, default=None,
+                   help="also a plain listener for devices on loopback (simulated fleets; 0: a free port)")
     p.add_argument("--max-queued-messages", type=int, default=100_000)
-    p.add_argument(
-        "--message-size-limit", type=int, default=None,
-        help="last-resort cap in bytes: a larger publish gets its client disconnected",
-    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--max-packet-size", type=int, metavar="BYTES", default=None,
+                      help=f"largest MQTT packet (default {limits.DEFAULT_MAX_PACKET_SIZE}: a float32 model "
+                           "of about 4 M parameters)")
+    size.add_argument("--model-dir", type=Path, metavar="DIR", default=None,
+                      help="derive the largest MQTT packet from an exported model (manifest.json + train.tflite)")
 
     for action, what, help_ in (
         ("enrol", "CLIENT_ID", "add a device to a federation (new password, ACL entries, credentials file)"),
@@ -54,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
+    if args.model_dir is not None:
+        max_packet_size, source = limits.packet_limit_for_model_dir(args.model_dir), f"from {args.model_dir}"
+    elif args.max_packet_size is not None:
+        max_packet_size, source = args.max_packet_size, "as given"
+    else:
+        max_packet_size, source = limits.DEFAULT_MAX_PACKET_SIZE, "default"
     settings = config.init_broker_dir(
         args.dir,
         federations=args.federation,
@@ -61,13 +72,17 @@ def _init(args: argparse.Namespace) -> int:
         tls_port=None if args.no_tls else args.tls_port,
         bind=args.bind,
         max_queued_messages=args.max_queued_messages,
-        message_size_limit=args.message_size_limit,
+        max_packet_size=max_packet_size,
+        device_port=args.device_port,
     )
     paths = config.BrokerPaths(args.dir.resolve())
     print(f"broker directory {paths.root} ready for federation(s) {', '.join(settings.federations)}")
-    print(f"  plain listener {settings.plain_bind}:{settings.port} (aggregator)")
+    print(f"  aggregator listener {settings.plain_bind}:{settings.port} (plain; aggregator accounts only)")
     if settings.tls_port is not None:
-        print(f"  TLS listener   {settings.bind}:{settings.tls_port} (devices), CA {paths.ca_cert}")
+        print(f"  device listener     {settings.bind}:{settings.tls_port} (TLS), CA {paths.ca_cert}")
+    if settings.device_port is not None:
+        print(f"  device listener     {settings.plain_bind}:{settings.device_port} (plain, loopback)")
+    print(f"  max packet size     {settings.max_packet_size} B ({source})")
     print(f"next: fedlite broker aggregator {paths.root} NAME --federation F; fedlite broker enrol ...")
     return 0
 

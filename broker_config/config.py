@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from fedlite.broker_config.limits import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 from fedlite.protocol.topics import check_id
 
 SETTINGS_FILE = "fedlite-broker.json"
@@ -34,11 +35,23 @@ class BrokerPaths:
 
     @property
     def password_file(self) -> Path:
+        """Devices' passwords: read by the device listeners only."""
         return self.root / "passwd"
 
     @property
     def acl_file(self) -> Path:
+        """Devices' ACL (device listeners)."""
         return self.root / "acl"
+
+    @property
+    def aggregator_password_file(self) -> Path:
+        """Aggregators' passwords: read by the aggregator listener only."""
+        return self.root / "aggregators.passwd"
+
+    @property
+    def aggregator_acl_file(self) -> Path:
+        """Aggregators' ACL (aggregator listener)."""
+        return self.root / "aggregators.acl"
 
     @property
     def principals(self) -> Path:
@@ -94,7 +107,8 @@ class BrokerSettings:
     bind: str = "127.0.0.1"
     plain_bind: str = "127.0.0.1"
     max_queued_messages: int = 100_000
-    message_size_limit: int | None = None
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    device_port: int | None = None  # plain listener for devices on this host (loopback), if any
 
     def save(self, paths: BrokerPaths) -> None:
         paths.settings.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -107,7 +121,9 @@ class BrokerSettings:
                 f"{directory} is not a fedlite broker directory (no {SETTINGS_FILE}); "
                 "create it with `fedlite broker init`"
             )
-        return cls(**json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        values.pop("message_size_limit", None)  # replaced by max_packet_size
+        return cls(**values)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -146,27 +162,33 @@ def _template(name: str) -> Template:
 
 def render_conf(paths: BrokerPaths, settings: BrokerSettings) -> str:
     """mosquitto.conf for `settings`, with absolute paths into the broker directory."""
-    tls_section = ""
+    device_auth = _template("device_auth.conf.tmpl").substitute(
+        password_file=paths.password_file, acl_file=paths.acl_file
+    )
+    sections = []
     if settings.tls_port is not None:
-        tls_section = _template("tls_listener.conf.tmpl").substitute(
+        sections.append(_template("tls_listener.conf.tmpl").substitute(
             tls_port=settings.tls_port,
             bind=settings.bind,
             cafile=paths.ca_cert,
             certfile=paths.server_cert,
             keyfile=paths.server_key,
-        )
-    limit = settings.message_size_limit
-    limit_line = f"message_size_limit {limit}" if limit else "#message_size_limit 16777216"
+            device_auth=device_auth,
+        ))
+    if settings.device_port is not None:
+        sections.append(_template("device_listener.conf.tmpl").substitute(
+            device_port=settings.device_port, plain_bind=settings.plain_bind, device_auth=device_auth
+        ))
     return _template("mosquitto.conf.tmpl").substitute(
-        password_file=paths.password_file,
-        acl_file=paths.acl_file,
+        aggregator_password_file=paths.aggregator_password_file,
+        aggregator_acl_file=paths.aggregator_acl_file,
         persistence_location=paths.data,
         pid_file=paths.pid_file,
         max_queued_messages=settings.max_queued_messages,
-        message_size_limit_line=limit_line,
+        max_packet_size=settings.max_packet_size,
         port=settings.port,
         plain_bind=settings.plain_bind,
-        tls_section=tls_section,
+        device_listeners="\n".join(sections),
     )
 
 
@@ -178,17 +200,21 @@ def init_broker_dir(
     tls_port: int | None = DEFAULT_TLS_PORT,
     bind: str = "127.0.0.1",
     max_queued_messages: int = 100_000,
-    message_size_limit: int | None = None,
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+    device_port: int | None = None,
     make_certs: bool = True,
 ) -> BrokerSettings:
-    """Create (or refresh) a broker directory: mosquitto.conf, empty password and ACL files, data dirs.
+    """Create (or refresh) a broker directory: mosquitto.conf, password and ACL files, data dirs.
 
-    `port` is the plain listener on loopback (for the aggregator), `tls_port` the TLS listener for
-    devices on `bind` (None: no TLS listener). A port of 0 picks a free one now. With `make_certs`,
-    a missing CA / server certificate is generated (a test PKI; replace it in production).
-    Re-running keeps users, passwords, credentials and certificates.
+    `port` is the plain listener on loopback for aggregators (only aggregator accounts can log in
+    there), `tls_port` the TLS listener for devices on `bind` (None: no TLS listener), `device_port` an
+    optional plain listener for devices on loopback (simulated fleets, agents on the broker's host).
+    On device listeners a client's id is its username. A port of 0 picks a free one now.
+    `max_packet_size` bounds every MQTT packet (see `limits.packet_limit_for_model`). With
+    `make_certs`, a missing CA / server certificate is generated (a test PKI; replace it in
+    production). Re-running keeps users, passwords, credentials and certificates.
     """
-    from fedlite.broker_config import acl, certs, permissions
+    from fedlite.broker_config import acl, certs, credentials, permissions
 
     paths = BrokerPaths(Path(directory).resolve())
     settings = BrokerSettings(
@@ -197,10 +223,12 @@ def init_broker_dir(
         federations=_federation_list(federations),
         bind=bind,
         max_queued_messages=max_queued_messages,
-        message_size_limit=message_size_limit,
+        max_packet_size=check_max_packet_size(max_packet_size),
+        device_port=None if device_port is None else _check_port(device_port, "device port"),
     )
-    if settings.tls_port is not None and settings.tls_port == settings.port:
-        raise ValueError(f"port and TLS port must differ (both {settings.port})")
+    ports = [p for p in (settings.port, settings.tls_port, settings.device_port) if p is not None]
+    if len(set(ports)) != len(ports):
+        raise ValueError(f"the listeners need different ports (given {', '.join(map(str, ports))})")
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.root.chmod(0o755)
     account = permissions.broker_account()
@@ -212,8 +240,10 @@ def init_broker_dir(
     paths.credentials.chmod(0o700)
     if settings.tls_port is not None and make_certs:
         certs.ensure_test_pki(paths.certs, *server_names(bind))
-    if not paths.password_file.exists():
-        paths.password_file.touch(mode=0o600)
+    for password_file in (paths.password_file, paths.aggregator_password_file):
+        if not password_file.exists():
+            password_file.touch(mode=0o600)
+    credentials.separate_aggregator_passwords(paths)
     settings.save(paths)
     paths.conf.write_text(render_conf(paths, settings))
     acl.write_acl(paths)

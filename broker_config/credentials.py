@@ -29,16 +29,45 @@ def _check_password(password: str) -> str:
     return password
 
 
-def set_password(paths: BrokerPaths, username: str, password: str) -> None:
-    """Add or replace `username` in the password file with `mosquitto_passwd -b` (creating the file)."""
+def password_file(paths: BrokerPaths, role: acl.Role) -> Path:
+    """The password file of `role`'s listener(s): devices' and aggregators' accounts are kept apart."""
+    return paths.password_file if role == "device" else paths.aggregator_password_file
+
+
+def set_password(paths: BrokerPaths, username: str, password: str, role: acl.Role = "device") -> None:
+    """Add or replace `username` in `role`'s password file with `mosquitto_passwd -b` (creating the file)."""
+    file = password_file(paths, role)
     cmd = [find_executable("mosquitto_passwd")]
-    if not paths.password_file.exists() or paths.password_file.stat().st_size == 0:
+    if not file.exists() or file.stat().st_size == 0:
         cmd.append("-c")
-    cmd += ["-b", str(paths.password_file), username, password]
+    cmd += ["-b", str(file), username, password]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         detail = result.stderr.strip() or result.stdout.strip()
         raise RuntimeError(f"mosquitto_passwd failed for {username!r}: {detail}")
+
+
+def _password_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def separate_aggregator_passwords(paths: BrokerPaths) -> None:
+    """Move aggregator accounts out of the devices' password file into the aggregators' one.
+
+    Brokers made before the listeners had their own password files kept every account in one file;
+    a device listener must not know aggregator accounts, nor the aggregator listener device ones.
+    """
+    aggregators = set(acl.load_principals(paths)["aggregator"])
+    lines = _password_lines(paths.password_file)
+    moved = [line for line in lines if line.split(":", 1)[0] in aggregators]
+    if not moved:
+        return
+    known = {line.split(":", 1)[0] for line in _password_lines(paths.aggregator_password_file)}
+    kept = _password_lines(paths.aggregator_password_file)
+    kept += [line for line in moved if line.split(":", 1)[0] not in known]
+    _write_private(paths.aggregator_password_file, "\n".join(kept) + "\n")
+    rest = [line for line in lines if line not in moved]
+    _write_private(paths.password_file, "".join(line + "\n" for line in rest))
 
 
 def credentials_path(directory: str | os.PathLike, name: str) -> Path:
@@ -62,10 +91,15 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def _connection(paths: BrokerPaths, settings: BrokerSettings, role: acl.Role) -> dict[str, Any]:
-    if role == "device" and settings.tls_port is not None:
+    if role == "aggregator":
+        return {"host": settings.plain_bind, "port": settings.port, "tls": False}
+    if settings.tls_port is not None:
         host = "localhost" if settings.bind in LOOPBACK | {"0.0.0.0", "::"} else settings.bind
         return {"host": host, "port": settings.tls_port, "tls": True, "ca_file": str(paths.ca_cert)}
-    return {"host": settings.plain_bind, "port": settings.port, "tls": False}
+    if settings.device_port is not None:
+        return {"host": settings.plain_bind, "port": settings.device_port, "tls": False}
+    raise ValueError(f"the broker in {paths.root} has no listener for devices; "
+                     "run `fedlite broker init` with --tls-port or --device-port")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -111,8 +145,10 @@ def _enrol(
             f"(it serves {', '.join(settings.federations)}); add it with `fedlite broker init --federation`"
         )
     password = _check_password(password) if password is not None else generate_password()
+    if role == "device":
+        _connection(paths, settings, role)  # the device has a listener to use, before anything is written
     acl.add_principal(paths, role, name, federation)
-    set_password(paths, name, password)
+    set_password(paths, name, password, role)
     acl.write_acl(paths)
     _write_credentials(paths, role, name, federation, password)
     permissions.grant_broker_access(paths)
@@ -153,9 +189,8 @@ def enrol_devices(directory: str | os.PathLike, client_ids: list[str], federatio
         raise ValueError(f"federation {federation!r} is not served by the broker in {paths.root}")
     passwords = {check_id(cid, "device name"): generate_password() for cid in client_ids}
     principals = acl.load_principals(paths)
-    clash = sorted(set(passwords) & set(principals["aggregator"]))
-    if clash:
-        raise ValueError(f"{clash[0]!r} is already enrolled as aggregator")
+    for cid in passwords:
+        acl.check_device_id(cid, principals)
     for cid in passwords:
         principals["device"][cid] = sorted(set(principals["device"].get(cid, [])) | {federation})
     acl.save_principals(paths, principals)

@@ -59,8 +59,10 @@ def grant_broker_access(paths: BrokerPaths) -> None:
     stay private to the caller.
     """
     account = broker_account()
-    _own(paths.password_file, account, 0o600)
-    _own(paths.acl_file, account, 0o640)
+    for password_file in (paths.password_file, paths.aggregator_password_file):
+        _own(password_file, account, 0o600)
+    for acl_file in (paths.acl_file, paths.aggregator_acl_file):
+        _own(acl_file, account, 0o640)
     _own(paths.server_key, account, 0o600)
     _own(paths.server_cert, account, 0o644)
     _own(paths.ca_cert, account, 0o644)

@@ -23,6 +23,7 @@ from fedlite.broker_config import permissions
 from fedlite.broker_config.broker import Broker
 from fedlite.broker_config.config import init_broker_dir
 from fedlite.broker_config.credentials import add_aggregator, enrol_devices
+from fedlite.broker_config.limits import DEFAULT_MAX_PACKET_SIZE
 from fedlite.protocol.signing import Signer, generate_keypair
 from fedlite.settings import dump_toml
 
@@ -72,9 +73,12 @@ class LocalFederation:
         """Sign a broadcast as the aggregator does (for tests that play the aggregator's part)."""
         return Signer.from_file(self.signing_key).sign(topic, payload)
 
-    def start_broker(self) -> Broker:
+    def start_broker(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> Broker:
+        """Init and start the broker on free ports: the aggregator listener, and TLS for the agents (or,
+        with `tls=False`, a plain device listener on loopback); `max_packet_size` bounds every packet."""
         home = self._broker_home()
-        init_broker_dir(home, federations=self.federation, port=0, tls_port=0 if self.tls else None)
+        init_broker_dir(home, federations=self.federation, port=0, tls_port=0 if self.tls else None,
+                        device_port=None if self.tls else 0, max_packet_size=max_packet_size)
         self.passwords[AGGREGATOR_USER] = add_aggregator(home, AGGREGATOR_USER, self.federation)
         self.passwords |= enrol_devices(home, self.devices, self.federation)
         self.broker = Broker(home).start()
@@ -125,7 +129,7 @@ class LocalFederation:
             broker |= {"host": self.broker.tls_host, "port": self.broker.tls_port, "tls": True,
                        "ca_file": str(self.broker.ca_file)}
         else:
-            broker |= {"host": self.broker.host, "port": self.broker.port, "tls": False}
+            broker |= {"host": self.broker.device_host, "port": self.broker.device_port, "tls": False}
         config = {
             "device": {"client_id": client_id, "federation": self.federation, "state_dir": str(home / "state")},
             "data": {"source": "npz", "path": str(data_path)},

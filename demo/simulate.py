@@ -62,7 +62,8 @@ def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str
     for worker, chunk in enumerate(np.array_split(np.array(devices), plan.processes)):
         spec = {
             "worker": worker, "run_dir": str(fed.run_dir), "federation": FEDERATION, "data": str(data),
-            "host": fed.broker.host, "port": fed.broker.port, "devices": {c: fed.passwords[c] for c in chunk},
+            "host": fed.broker.device_host, "port": fed.broker.device_port,  # the plain device listener
+            "devices": {c: fed.passwords[c] for c in chunk},
             "examples_per_client": plan.examples_per_client,
             "status_interval_seconds": plan.status_interval_seconds,
             "aggregator_key": str(fed.signing_key.with_suffix(".pub")),

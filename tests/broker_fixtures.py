@@ -56,7 +56,7 @@ class RunningBroker:
 
     @property
     def host(self) -> str:
-        """Plain loopback listener (what the aggregator uses)."""
+        """Aggregator listener (plain, loopback): only aggregator accounts can log in."""
         return self.broker.host
 
     @property
@@ -70,6 +70,15 @@ class RunningBroker:
     @property
     def tls_port(self) -> int | None:
         return self.broker.tls_port
+
+    @property
+    def device_host(self) -> str:
+        """Plain device listener on loopback (with `running_broker(..., device_port=0)`)."""
+        return self.broker.device_host
+
+    @property
+    def device_port(self) -> int | None:
+        return self.broker.device_port
 
     @property
     def ca(self) -> Path | None:
@@ -131,10 +140,17 @@ def running_broker(
     *,
     aggregator: str = AGGREGATOR,
     tls: bool = True,
+    device_port: int | None = None,
+    max_packet_size: int | None = None,
 ) -> Iterator[RunningBroker]:
-    """Init a broker directory on free ports, enrol `devices` and `aggregator`, start it; stop it after."""
+    """Init a broker directory on free ports, enrol `devices` and `aggregator`, start it; stop it after.
+
+    `device_port=0` adds a plain device listener on loopback; `max_packet_size` overrides the default.
+    """
     with broker_directory(tmp_path) as home:
-        init_broker_dir(home, federations=federation, port=0, tls_port=0 if tls else None)
+        limit = {} if max_packet_size is None else {"max_packet_size": max_packet_size}
+        init_broker_dir(home, federations=federation, port=0, tls_port=0 if tls else None,
+                        device_port=device_port, **limit)
         running = RunningBroker(Broker(home), federation, aggregator, list(devices))
         running.credentials[aggregator] = add_aggregator(home, aggregator, federation)
         for device in running.devices:
@@ -163,6 +179,8 @@ class Session:
     def __init__(self, client: mqtt.Client):
         self.client = client
         self.connack: ReasonCode | None = None
+        self.connack_properties: Properties | None = None
+        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._connected = threading.Event()
         self._acks: dict[int, object] = {}
@@ -171,9 +189,10 @@ class Session:
         client.on_publish = self._on_ack
         client.on_subscribe = self._on_subscribe
         client.on_message = lambda _c, _u, message: self.messages.put(message)
+        client.on_disconnect = lambda _c, _u, _flags, reason_code, _p: self.disconnects.put(reason_code)
 
-    def _on_connect(self, _client, _userdata, _flags, reason_code: ReasonCode, _properties) -> None:
-        self.connack = reason_code
+    def _on_connect(self, _client, _userdata, _flags, reason_code: ReasonCode, properties) -> None:
+        self.connack, self.connack_properties = reason_code, properties
         self._connected.set()
 
     def _on_ack(self, _client, _userdata, mid: int, reason_code, _properties) -> None:
@@ -214,6 +233,18 @@ class Session:
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"subscribe to {topic} failed locally: {mqtt.error_string(rc)}")
         return self._wait_ack(mid, "SUBACK", timeout)
+
+    @property
+    def max_packet_size(self) -> int | None:
+        """The MaximumPacketSize the broker advertised in CONNACK, if any."""
+        return getattr(self.connack_properties, "MaximumPacketSize", None)
+
+    def next_disconnect(self, timeout: float = TIMEOUT) -> ReasonCode:
+        """The reason code of the next disconnection; TimeoutError if the client stays connected."""
+        try:
+            return self.disconnects.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"still connected after {timeout} s") from None
 
     def next_message(self, timeout: float = TIMEOUT) -> mqtt.MQTTMessage:
         """The next message received; TimeoutError if none arrives within `timeout`."""

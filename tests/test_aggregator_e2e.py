@@ -82,7 +82,7 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
         observer.subscribe(topics.round_topic(FED))
         observer.subscribe(topics.update_topic(FED, "dev-1"))
         clients = {name: open_client(b.tls_host, b.tls_port, name, fed.passwords[name], client_id=f"{name}-t",
-                                     ca_file=b.ca_file) for name in ("dev-1", silent, outsider)}
+                                     ca_file=b.ca_file) for name in (silent, outsider)}
         # dev-x says it is eligible, so it is selected; it will only ever send bad updates
         status = DeviceStatus(client_id=silent, state="online", eligible=True, updated_at=time.time())
         clients[silent].publish(topics.status_topic(FED, silent), to_json(status), retain=True)
@@ -121,11 +121,17 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
             (outsider, update(outsider, 1, good)),  # not selected
         ]
         for client, payload in hostile:
-            clients[client].publish(topics.update_topic(FED, client), payload)
+            if client != "dev-1":
+                clients[client].publish(topics.update_topic(FED, client), payload)
         injected = {payload for _, payload in hostile}
         real = wait_for(lambda: [p for p in seen("updates") if p not in injected], 60, "dev-1's own update",
                         fed.processes.values())[0]
-        clients["dev-1"].publish(topics.update_topic(FED, "dev-1"), real)  # a replay: duplicate
+        # dev-1's own credentials: the broker makes the client id the username, so this connection takes
+        # over the running agent's session until it closes (the agent then reconnects)
+        dev_1 = open_client(b.tls_host, b.tls_port, "dev-1", fed.passwords["dev-1"], ca_file=b.ca_file)
+        for payload in [p for c, p in hostile if c == "dev-1"] + [real]:  # stale, future, a replay (duplicate)
+            dev_1.publish(topics.update_topic(FED, "dev-1"), payload)
+        dev_1.close()
 
         wait_for(lambda: _completed(fed), 60, "round 1 to close", fed.processes.values())
         with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/metrics", timeout=5) as response:
