@@ -112,8 +112,8 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
         wrong_shape = dict(good, **{manifest["weights"][0]["name"]: np.zeros((3, 3), np.float32)})
         nan = {k: np.full(v.shape, np.nan, np.float32) for k, v in good.items()}
         hostile = [
-            ("dev-1", update("dev-1", 0, good)),  # stale
-            ("dev-1", update("dev-1", 7, good)),  # future
+            (silent, update(silent, 0, good)),  # stale
+            (silent, update(silent, 7, good)),  # future
             (silent, update(silent, 1, wrong_shape)),
             (silent, update(silent, 1, nan)),
             (silent, b"FLT\x02\x00" + bytes(300_000)),  # oversized
@@ -121,17 +121,17 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
             (outsider, update(outsider, 1, good)),  # not selected
         ]
         for client, payload in hostile:
-            if client != "dev-1":
-                clients[client].publish(topics.update_topic(FED, client), payload)
+            clients[client].publish(topics.update_topic(FED, client), payload)
         injected = {payload for _, payload in hostile}
         real = wait_for(lambda: [p for p in seen("updates") if p not in injected], 60, "dev-1's own update",
                         fed.processes.values())[0]
-        # dev-1's own credentials: the broker makes the client id the username, so this connection takes
-        # over the running agent's session until it closes (the agent then reconnects)
+        # dev-1's own credentials: the broker makes the client id the username, so the agent is stopped first
+        # (two connections with one id would take the session from each other) and started again after
+        fed.kill("dev-1", signal.SIGTERM)
         dev_1 = open_client(b.tls_host, b.tls_port, "dev-1", fed.passwords["dev-1"], ca_file=b.ca_file)
-        for payload in [p for c, p in hostile if c == "dev-1"] + [real]:  # stale, future, a replay (duplicate)
-            dev_1.publish(topics.update_topic(FED, "dev-1"), payload)
+        dev_1.publish(topics.update_topic(FED, "dev-1"), real)  # a replay: a duplicate, refused before decoding
         dev_1.close()
+        fed.start("dev-1-again", "agent", fed.run_dir / "agents" / "dev-1" / "agent.toml")
 
         wait_for(lambda: _completed(fed), 60, "round 1 to close", fed.processes.values())
         with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/metrics", timeout=5) as response:
