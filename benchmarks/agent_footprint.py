@@ -180,7 +180,7 @@ def flower_client(model_dir: Path, trainer_kind: str, epochs: int) -> dict[str, 
     from uplink import flower_identity
 
     if trainer_kind == "tflite":
-        from fedlite.agent.trainer import Trainer, local_update
+        from fedlite.runtime.trainer import Trainer, local_update
     else:
         import tensorflow as tf
 
@@ -235,10 +235,10 @@ def tf_fit(model_dir: Path, parameters: list[np.ndarray], x: np.ndarray, y: np.n
     """The same model as a tf.function (the module fedlite converts), trained with the same SGD."""
     import tensorflow as tf
 
-    from fedlite.agent.trainer import one_hot
     from fedlite.model_export.architectures import build
     from fedlite.model_export.trainable import make_module
     from fedlite.protocol.manifest import load_manifest
+    from fedlite.runtime.trainer import one_hot
 
     manifest = load_manifest(model_dir)
     model_def = build(manifest["arch"], manifest["input"]["shape"], manifest["classes"], **manifest["options"])

@@ -79,7 +79,7 @@ STEPS = {"float32": float32_step, "int8": int8_step, "flower": flower_step}
 
 def run_variant(variant: str, model_dir: Path, rounds: int, seed: int) -> list[float]:
     """Test accuracy after each round (index 0: the initial model)."""
-    from fedlite.agent.trainer import Trainer, local_update
+    from fedlite.runtime.trainer import Trainer, local_update
 
     x, y, x_test, y_test = digits_split()
     parts = dirichlet(y, CLIENTS, ALPHA, np.random.default_rng(seed))

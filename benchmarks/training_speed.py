@@ -24,7 +24,7 @@ BATCH = 32
 
 def tflite_rate(model_dir: Path, x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
     """(samples/s, initial flat weights) of Trainer.train_epochs, one epoch per repeat."""
-    from fedlite.agent.trainer import Trainer
+    from fedlite.runtime.trainer import Trainer
 
     trainer = Trainer.from_dir(model_dir, num_threads=1)
     start = trainer.get_weights()
@@ -42,10 +42,10 @@ def tf_rate(model: str, start: np.ndarray, x: np.ndarray, y: np.ndarray, repeats
     """samples/s of the same model's `train` tf.function over the same batches."""
     import tensorflow as tf
 
-    from fedlite.agent.trainer import one_hot
     from fedlite.model_export.architectures import build
     from fedlite.model_export.trainable import make_module
     from fedlite.protocol.layout import unflatten
+    from fedlite.runtime.trainer import one_hot
 
     arch, shape, options = MODELS[model]
     model_def = build(arch, shape, 10, **options)

@@ -24,8 +24,8 @@ TARGET = 0.27
 
 def client_update(model_dir: Path, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """(delta, trained weights, num_examples) of one client's local round on a Dirichlet digits shard."""
-    from fedlite.agent.trainer import Trainer, local_update
     from fedlite.protocol.layout import unflatten
+    from fedlite.runtime.trainer import Trainer, local_update
 
     x, y, _, _ = digits_split()
     part = dirichlet(y, 10, 0.5, np.random.default_rng(seed))[0]

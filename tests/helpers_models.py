@@ -39,7 +39,7 @@ def softmax_regression(input_shape: tuple[int, ...], classes: int, **options: An
 
 def int8_accuracy(model: bytes, quantization: dict[str, Any], x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy of the full-integer inference model: quantize inputs, argmax the int8 outputs."""
-    from fedlite.agent.runtime import load_interpreter
+    from fedlite.runtime.interpreter import load_interpreter
 
     interpreter = load_interpreter(model)
     runner = interpreter.get_signature_runner()

@@ -8,8 +8,8 @@ import sys
 
 PROBE = """
 import json, sys
-import fedlite.agent.cli, fedlite.agent.service, fedlite.agent.trainer, fedlite.agent.runtime
-from fedlite.agent.runtime import load_interpreter, runtime_name
+import fedlite.agent.cli, fedlite.agent.service, fedlite.runtime.trainer, fedlite.runtime.interpreter
+from fedlite.runtime.interpreter import load_interpreter, runtime_name
 runtime_name()
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")
                         or m.startswith(("fedlite.aggregator", "fedlite.model_export", "fedlite.demo")))))

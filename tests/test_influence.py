@@ -68,7 +68,7 @@ def _shards(clients: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np
 
 def _federate(trainer, manifest: dict, shards, test, rounds: int, attack_from: int | None) -> list[float]:
     """FedAvg rounds through the real codec and RoundAttempt with the default influence bounds."""
-    from fedlite.agent.trainer import local_update
+    from fedlite.runtime.trainer import local_update
 
     server, specs = ServerSection(), weight_specs(manifest)
     weights = trainer.get_weights()
@@ -109,7 +109,7 @@ def _federate(trainer, manifest: dict, shards, test, rounds: int, attack_from: i
 
 
 def test_the_attack_leaves_accuracy_within_a_point_of_a_clean_run(tmp_path):
-    from fedlite.agent.trainer import Trainer
+    from fedlite.runtime.trainer import Trainer
 
     folder = initial_model(tmp_path / "model")
     manifest = __import__("json").loads((folder / "manifest.json").read_text())

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from helpers_models import softmax_regression
 
-from fedlite.agent.runtime import load_interpreter
-from fedlite.agent.trainer import Trainer, one_hot
 from fedlite.model_export import architectures
 from fedlite.model_export.convert import export_model, resolve, tflite_ops
 from fedlite.protocol.manifest import (
@@ -25,6 +23,8 @@ from fedlite.protocol.manifest import (
     read_model_file,
     unflatten,
 )
+from fedlite.runtime.interpreter import load_interpreter
+from fedlite.runtime.trainer import Trainer, one_hot
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -203,7 +203,7 @@ def test_cli_arch_with_options_and_calibration(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_importing_the_cli_and_trainer_does_not_import_tensorflow() -> None:
-    code = ("import sys, fedlite.model_export.cli, fedlite.model_export, fedlite.agent.trainer; "
+    code = ("import sys, fedlite.model_export.cli, fedlite.model_export, fedlite.runtime.trainer; "
             "print('tensorflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr

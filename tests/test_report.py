@@ -91,8 +91,8 @@ def test_human_bytes() -> None:
 
 @pytest.mark.parametrize("name", ["digits", "health"])
 def test_centralized_baseline_reaches_090(tmp_path: Path, name: str) -> None:
-    from fedlite.agent.trainer import Trainer
     from fedlite.model_export.convert import export_model
+    from fedlite.runtime.trainer import Trainer
 
     task = load_task(name, seed=0)
     export_model(task.arch, task.input_shape, task.classes, tmp_path, options=task.options,

@@ -114,10 +114,10 @@ def fleet(tmp_path: Path):
 
 def _scrambled_candidate(fleet: Fleet, source: int) -> None:
     """Export a real int8 model from `source`'s weights shuffled, as the aggregator's exporter lays it out."""
-    from fedlite.agent.trainer import Trainer
     from fedlite.aggregator.config import ModelSection
     from fedlite.aggregator.export import export_round, version_dir
     from fedlite.protocol.layout import unflatten
+    from fedlite.runtime.trainer import Trainer
 
     models = fleet.state_dir / "models"
     folder = version_dir(models, source)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers_models import digits_split, int8_accuracy
 
-from fedlite.agent.runtime import runtime_name
-from fedlite.agent.trainer import Trainer, local_update
 from fedlite.model_export.convert import export_model
 from fedlite.protocol.manifest import flatten, read_model_file, unflatten
+from fedlite.runtime.interpreter import runtime_name
+from fedlite.runtime.trainer import Trainer, local_update
 
 EPOCHS, BATCH, LR = 5, 32, 0.1
 

@@ -22,8 +22,8 @@ LEGACY_PYTHON = ROOT / ".venv-legacy" / "bin" / "python"
 DEVICE_SCRIPT = """
 import json, sys
 import numpy as np
-from fedlite.agent.runtime import runtime_name
-from fedlite.agent.trainer import Trainer
+from fedlite.runtime.interpreter import runtime_name
+from fedlite.runtime.trainer import Trainer
 
 model_dir, data_path = sys.argv[1], sys.argv[2]
 data = np.load(data_path)

@@ -522,7 +522,7 @@ class _Evaluator:
     """The global model in the same TFLite interpreter the devices use."""
 
     def __init__(self, train_bytes: bytes, manifest: dict[str, Any]) -> None:
-        from fedlite.agent.trainer import Trainer
+        from fedlite.runtime.trainer import Trainer
 
         self.trainer = Trainer(train_bytes, manifest)
 

@@ -19,7 +19,7 @@ def centralized_accuracy(task: Task, epochs: int, batch_size: int, lr: float, se
     Starts from the weights in the exported model (the federated run's round-0 weights) unless
     `initial_weights` (flat, manifest order) is given. Returns accuracy, loss, seconds and the steps run.
     """
-    from fedlite.agent.trainer import Trainer
+    from fedlite.runtime.trainer import Trainer
 
     started = time.perf_counter()
     trainer = Trainer.from_dir(model_dir, num_threads=num_threads)

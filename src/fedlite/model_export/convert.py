@@ -120,7 +120,7 @@ def _convert_int8(model_def: ModelDef, params: Mapping[str, np.ndarray], represe
 
 
 def _check_signatures(train: bytes, specs: Mapping[str, Any]) -> None:
-    from fedlite.agent.runtime import load_interpreter
+    from fedlite.runtime.interpreter import load_interpreter
 
     found = load_interpreter(train).get_signature_list()
     for name, spec in specs.items():
@@ -131,7 +131,7 @@ def _check_signatures(train: bytes, specs: Mapping[str, Any]) -> None:
 
 
 def _int8_quantization(model: bytes) -> dict[str, Any]:
-    from fedlite.agent.runtime import load_interpreter
+    from fedlite.runtime.interpreter import load_interpreter
 
     interpreter = load_interpreter(model)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]

@@ -195,7 +195,7 @@ def int8_accuracy(model: bytes, x: np.ndarray, y: np.ndarray) -> float | None:
     """Accuracy of a full-integer model on (x, y) in this device's TFLite runtime; None without examples."""
     if len(x) == 0:
         return None
-    from fedlite.agent.runtime import load_interpreter
+    from fedlite.runtime.interpreter import load_interpreter
 
     interpreter = load_interpreter(model)
     signatures = interpreter.get_signature_list()

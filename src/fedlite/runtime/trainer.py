@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedlite.protocol.manifest import load_manifest, read_model_file, unflatten
-
-from .runtime import load_interpreter
+from fedlite.runtime.interpreter import load_interpreter
 
 ShouldContinue = Callable[[], bool]
 

@@ -25,7 +25,7 @@ class ModelCache:
 
     @property
     def runtime(self) -> str:
-        from fedlite.agent.runtime import runtime_name
+        from fedlite.runtime.interpreter import runtime_name
 
         return runtime_name()
 
@@ -68,7 +68,7 @@ class ModelCache:
 
     def _trainer(self, model_hash: str) -> tuple[Any, dict[str, Any]]:
         if self._loaded is None or self._loaded[0] != model_hash:
-            from fedlite.agent.trainer import Trainer
+            from fedlite.runtime.trainer import Trainer
 
             folder = self.directory / model_hash
             manifest = json.loads((folder / "manifest.json").read_text())

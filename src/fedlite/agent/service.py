@@ -252,7 +252,7 @@ class Agent:
 
     def _train(self, a: RoundAnnouncement, trainer: Any, manifest: dict[str, Any],
                global_flat: np.ndarray) -> tuple[bytes, int]:
-        from fedlite.agent.trainer import local_update
+        from fedlite.runtime.trainer import local_update
 
         plan, data = a.plan, self.data
         x, y = data.x_train, data.y_train
