@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 RULE = "sha256-64"
-SEED_BYTES = 16  # 128 bits, fresh per round attempt
+SEED_BYTES = 16  # 128 bits, drawn anew for every round attempt
 MAX_THRESHOLD = 1 << 64  # a draw is below it always: every device selected
 _SEED = re.compile(r"[0-9a-f]{32}")
 
