@@ -98,13 +98,15 @@ class Coordinator:
         from fedlite.protocol import topics
         from fedlite.protocol.codec import Header, encode_weights
         from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
+        from fedlite.protocol.selection import choose
 
         model_hash = self.manifest["model_hash"]
         header = Header(kind="weights", federation=FED, round=number, model_hash=model_hash, run="bench")
         self.publish(topics.weights_topic(FED, number), encode_weights(weights, header))
         announcement = RoundAnnouncement(
             federation=FED, round=number, model_hash=model_hash, model_topic=topics.model_topic(FED, model_hash),
-            weights_topic=topics.weights_topic(FED, number), selected=[DEVICE], deadline=time.time() + 300,
+            weights_topic=topics.weights_topic(FED, number), selection=choose([DEVICE], 1, "00" * 16)[1],
+            deadline=time.time() + 300,
             plan=TrainingPlan(epochs=epochs, batch_size=32, learning_rate=0.05), session=f"s{number}",
             issued_at=time.time(), run="bench", run_started_at=1.0, epoch=1)
         self.publish(topics.round_topic(FED), to_json(announcement))

@@ -23,6 +23,7 @@ from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, Process, writ
 from fedlite.protocol import topics
 from fedlite.protocol.codec import decode
 from fedlite.protocol.messages import DeviceStatus, to_json
+from fedlite.protocol.selection import is_selected
 from fedlite.protocol.signing import MAGIC as SIGNED
 from fedlite.protocol.signing import Verifier
 
@@ -211,6 +212,11 @@ def announcement(number: int, state: str = "open") -> Callable[[Seen], bool]:
         a = m.json()
         return a["round"] == number and a["state"] == state
     return match
+
+
+def chosen(a: dict[str, Any], candidates: Iterable[str]) -> list[str]:
+    """The candidates a round announcement (its JSON) selects, by the rule each device applies to itself."""
+    return [c for c in candidates if is_selected(a, c)]
 
 
 def update_round(m: Seen) -> int | None:

@@ -1,4 +1,4 @@
-"""The agent as a real process against a real Mosquitto: train and send, decline, abort mid-training."""
+"""The agent as a real process against a real Mosquitto: train and send, decline, abort mid-training, sit out."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, decode, encode_model, encode_weights
 from fedlite.protocol.layout import num_params, unflatten
 from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
+from fedlite.protocol.selection import RULE, Selection, draw
 
 FED = "digits"
 DEVICE = "dev-a"
 RUN, RUN_STARTED = "a" * 32, time.time()  # the run this test plays the aggregator of
+SEED = "5e" * 16
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +53,19 @@ class Coordinator:
         self.inbox: dict[str, list[bytes]] = {"updates": [], "reports": [], "status": []}
 
     def announce(self, number: int, weights: dict[str, np.ndarray], plan: TrainingPlan, deadline: float = 60,
-                 signing: str = "good") -> None:
-        """Publish weights and the round; `signing` "none" sends the announcement unsigned, "forged" tampers."""
+                 signing: str = "good", selected: bool = True) -> None:
+        """Publish weights and the round; `signing` "none" sends the announcement unsigned, "forged" tampers.
+
+        The threshold sits on the device's draw: one above it selects the device, the draw itself does not.
+        """
         h = Header(kind="weights", federation=FED, round=number, model_hash=self.manifest["model_hash"], run=RUN)
         topic = topics.weights_topic(FED, number)
         self.client.publish(topic, self.sign(topic, encode_weights(weights, h)), retain=True)
         announcement = RoundAnnouncement(
             federation=FED, round=number, model_hash=self.manifest["model_hash"],
             model_topic=topics.model_topic(FED, self.manifest["model_hash"]),
-            weights_topic=topics.weights_topic(FED, number), selected=[DEVICE], deadline=time.time() + deadline,
+            weights_topic=topics.weights_topic(FED, number), deadline=time.time() + deadline,
+            selection=Selection(RULE, SEED, draw(SEED, DEVICE) + int(selected)),
             plan=plan, session=f"s{number}", issued_at=time.time(), run=RUN, run_started_at=RUN_STARTED, epoch=1,
         )
         topic, payload = topics.round_topic(FED), to_json(announcement)
@@ -136,3 +142,15 @@ def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
         coordinator.drain()
         assert len(coordinator.inbox["updates"]) == 1  # still only round 1's update
         assert "round 3 aborted: charged: on battery" in agent.log_tail(50)
+
+        # 5. a round whose threshold is the device's own draw: followed (its mark advances), but it sits out
+        fed.set_device_state(DEVICE)
+        seen = len(coordinator.statuses())
+        coordinator.announce(4, weights, TrainingPlan(epochs=1), selected=False)
+        progress = fed.run_dir / "agents" / DEVICE / "state" / "progress.json"
+        wait_for(lambda: json.loads(progress.read_text())["round"] == 4, 30, "round 4 to be followed", [agent])
+        time.sleep(1.5)
+        assert not [r for r in coordinator.reports() if r["round"] == 4]  # no decline either: it was not asked
+        assert len(coordinator.inbox["updates"]) == 1
+        assert all(s["state"] != "training" for s in coordinator.statuses()[seen:])
+        assert "round 4" not in agent.log_tail(50)

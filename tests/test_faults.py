@@ -27,6 +27,7 @@ from federation_helpers import (
     Tap,
     announcement,
     checkpoints_dir,
+    chosen,
     completed,
     ghost,
     history,
@@ -105,7 +106,7 @@ def test_thirty_percent_of_selected_agents_vanish_and_the_round_completes_at_its
         tap = Tap(fed)
         fed.start("aggregator", "aggregator", config)
         announced = tap.wait(announcement(1), 120, "round 1", fed.processes.values())
-        selected = announced.json()["selected"]
+        selected = chosen(announced.json(), agents)
         victims = selected[: round(0.3 * len(selected))]
         for victim in victims:  # the moment the round that selected them is announced: all at once, then reap
             os.killpg(fed.processes[victim].popen.pid, signal.SIGKILL)

@@ -55,6 +55,7 @@ from fedlite.protocol.messages import (
     from_json,
     to_json,
 )
+from fedlite.protocol.selection import MAX_THRESHOLD, RULE, Selection, nobody
 
 FED, ROUND = "fuzzfed", 3
 MODEL_HASH = "ab" * 32
@@ -303,7 +304,7 @@ def test_decode_refuses_a_container_table_with_a_giant_integer() -> None:
 def new_attempt(aggregation: str = "mean") -> RoundAttempt:
     context = RoundContext(federation=FED, round=ROUND, model_hash=MODEL_HASH, manifest=MANIFEST,
                            selected=frozenset(HONEST + EVIL), accepted=set(), max_examples=10_000)
-    return RoundAttempt(number=ROUND, session="fuzz", selected=HONEST + EVIL, deadline=time.time() + 60,
+    return RoundAttempt(number=ROUND, session="fuzz", selected=frozenset(HONEST + EVIL), deadline=time.time() + 60,
                         clients_per_round=len(HONEST + EVIL), quorum=1, context=context, limits=LIMITS,
                         aggregator=make_aggregator(aggregation, SPECS, sum_dtype="float64"))
 
@@ -519,12 +520,14 @@ def _json_refusal(cls: type, client: str, payload: bytes) -> str | None:
 
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z")
 numbers = st.floats(-1e12, 1e12, allow_nan=False)
+selections = st.builds(Selection, rule=st.just(RULE), seed=st.binary(min_size=16, max_size=16).map(bytes.hex),
+                       threshold=st.integers(0, MAX_THRESHOLD))
 plans = st.builds(TrainingPlan, epochs=st.integers(1, 100), batch_size=st.integers(1, 512), learning_rate=numbers,
                   proximal_mu=numbers, stochastic_rounding=st.booleans(), max_examples=st.integers(0, 10**6))
 VALID: dict[type, st.SearchStrategy[Any]] = {
     RoundAnnouncement: st.builds(RoundAnnouncement, federation=ids, round=st.integers(0, 10**9),
                                  model_hash=st.text(), model_topic=st.text(), weights_topic=st.text(),
-                                 selected=st.lists(ids), deadline=numbers, plan=plans, session=st.text(),
+                                 selection=selections, deadline=numbers, plan=plans, session=st.text(),
                                  state=st.sampled_from(["open", "done"]), issued_at=numbers),
     DeviceStatus: st.builds(DeviceStatus, client_id=ids, state=st.sampled_from(["online", "training", "offline"]),
                             eligible=st.booleans(), failed_gates=st.dictionaries(st.text(), st.text()),
@@ -577,7 +580,7 @@ def test_from_json_of_arbitrary_input_only_raises_message_error(cls: type, paylo
 @pytest.mark.parametrize("cls", MESSAGE_TYPES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("literal", [big_int_text(400), big_int_text(5000), "NaN", "-Infinity", "1e999"])
 def test_from_json_refuses_numbers_no_float_holds(cls: type, literal: str) -> None:
-    example = {RoundAnnouncement: RoundAnnouncement("f", 1, "h", "t", "w", ["a"], 1.5),
+    example = {RoundAnnouncement: RoundAnnouncement("f", 1, "h", "t", "w", nobody(), 1.5),
                DeviceStatus: DeviceStatus("a", "online"), DeviceReport: DeviceReport("a", 1, "declined"),
                DeployInstruction: DeployInstruction("f", "d1", None, None)}[cls]
     fields = json.loads(to_json(example))

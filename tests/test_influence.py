@@ -26,6 +26,7 @@ from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, Limits, encode_update
 from fedlite.protocol.layout import flatten, unflatten, weight_specs
 from fedlite.protocol.messages import DeviceStatus, to_json
+from fedlite.protocol.selection import is_selected
 
 ATTACK_VALUE, ATTACK_EXAMPLES = 990.0, 1_000_000
 
@@ -80,7 +81,8 @@ def _federate(trainer, manifest: dict, shards, test, rounds: int, attack_from: i
         context = RoundContext(federation=FED, round=number, model_hash=manifest["model_hash"], manifest=manifest,
                                selected=frozenset(selected), max_examples=server.max_examples)
         advertised = [len(x) for x, _ in shards] + ([ATTACK_EXAMPLES] if attack_from else [])
-        attempt = RoundAttempt(number=number, session=f"s{number}", selected=selected, deadline=time.time() + 60,
+        attempt = RoundAttempt(number=number, session=f"s{number}", selected=frozenset(selected),
+                               deadline=time.time() + 60,
                                clients_per_round=len(selected), quorum=1, context=context, limits=Limits(),
                                aggregator=make_aggregator("mean", specs),
                                max_weight=weight_cap(advertised, server.example_multiple, server.max_examples),
@@ -128,7 +130,7 @@ def test_an_attacker_held_in_warmup_is_clipped_even_when_it_arrives_first():
     specs = weight_specs(manifest)
     context = RoundContext(federation=FED, round=1, model_hash="h", manifest=manifest,
                            selected=frozenset({"evil", "a", "b", "c"}))
-    attempt = RoundAttempt(number=1, session="s", selected=["evil", "a", "b", "c"], deadline=time.time() + 60,
+    attempt = RoundAttempt(number=1, session="s", selected=context.selected, deadline=time.time() + 60,
                            clients_per_round=4, quorum=1, context=context, limits=Limits(),
                            aggregator=make_aggregator("mean", specs, sum_dtype="float64"), max_weight=300.0,
                            norm_reference=[], norm_multiple=2.0, warmup=3)
@@ -185,7 +187,7 @@ def test_one_attacking_device_cannot_destroy_a_real_run(tmp_path, model):
                 for m in list(tap.seen):
                     if m.kind == "round" and m.payload and m.json()["state"] == "open":
                         a = m.json()
-                        if a["session"] in answered or "evil" not in a["selected"]:
+                        if a["session"] in answered or not is_selected(a, "evil"):
                             continue
                         answered.add(a["session"])
                         header = Header(kind="update", federation=FED, round=a["round"], client_id="evil",

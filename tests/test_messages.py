@@ -13,11 +13,13 @@ from fedlite.protocol.messages import (
     from_json,
     to_json,
 )
+from fedlite.protocol.selection import RULE, Selection
 
 
 def _announcement() -> RoundAnnouncement:
     return RoundAnnouncement(federation="f", round=2, model_hash="h", model_topic="fl/f/model/h",
-                             weights_topic="fl/f/weights/2", selected=["a", "b"], deadline=12.5,
+                             weights_topic="fl/f/weights/2", selection=Selection(RULE, "ab" * 16, 2**63),
+                             deadline=12.5,
                              plan=TrainingPlan(epochs=2, learning_rate=0.1))
 
 

@@ -25,6 +25,7 @@ from fedlite.protocol.codec import Header, decode, encode_update
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import flatten
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
+from fedlite.protocol.selection import is_selected
 from fedlite.protocol.signing import SignatureError, Verifier
 from fedlite.protocol.transport import BrokerSettings, Link, PayloadTooLarge, PublishRefused
 from fedlite.sdnotify import Notifier
@@ -191,7 +192,7 @@ class Agent:
 
     def _should_take_part(self, a: RoundAnnouncement) -> bool:
         return (
-            a.federation == self.federation and a.state == "open" and self.client_id in a.selected
+            a.federation == self.federation and a.state == "open" and is_selected(a.selection, self.client_id)
             and a.session != self._mark.done_session and not watermark.superseded(self._mark, a)
             and time.time() < a.deadline
         )

@@ -15,15 +15,21 @@ import numpy as np
 from fedlite.aggregator.kpis import Sketcher, cosine_to_aggregate
 from fedlite.aggregator.strategies.robust import clip_by_global_norm
 from fedlite.aggregator.validation import Rejected, RoundContext, ValidUpdate, check_update, precheck
+from fedlite.protocol import selection
 from fedlite.protocol.codec import Limits
 from fedlite.protocol.messages import DeviceReport
+from fedlite.protocol.selection import Selection
 
 
-def select(eligible: list[str], clients_per_round: int, over_selection: float, rng: np.random.Generator) -> list[str]:
-    """K * (1 + over-selection) devices drawn without replacement (all of them when fewer are eligible)."""
+def select(eligible: list[str], clients_per_round: int, over_selection: float,
+           rng: np.random.Generator) -> tuple[frozenset[str], Selection]:
+    """K * (1 + over-selection) eligible devices (all of them when fewer are eligible) by the keyed-hash rule.
+
+    The seed is drawn from `rng` (so `[rounds] seed` makes selection reproducible); returns the aggregator's
+    selected set and the `Selection` the announcement carries, under which exactly that set of `eligible` falls.
+    """
     want = min(len(eligible), math.ceil(clients_per_round * (1 + over_selection)))
-    picked = rng.choice(len(eligible), size=want, replace=False) if want else []
-    return sorted(eligible[i] for i in picked)
+    return selection.choose(eligible, want, rng.bytes(selection.SEED_BYTES).hex())
 
 
 @dataclass
@@ -48,7 +54,7 @@ class RoundAttempt:
 
     number: int
     session: str
-    selected: list[str]
+    selected: frozenset[str]  # the aggregator's own set: eligible in its view and under the announced threshold
     deadline: float
     clients_per_round: int
     quorum: int
@@ -75,6 +81,7 @@ class RoundAttempt:
     examples_capped: int = 0
     norm_flagged: list[str] = field(default_factory=list)
     refused_after_hold: list[str] = field(default_factory=list)  # held, then refused once the bound was known
+    selection: Selection | None = None  # what the announcement carries (the rule that yields `selected`)
     _median: float | None = None
     _held: list[ValidUpdate] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -35,6 +35,7 @@ from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights,
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import flatten, num_params, unflatten, weight_specs
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
+from fedlite.protocol.selection import Selection, nobody
 from fedlite.protocol.signing import Signer
 from fedlite.protocol.transport import BrokerSettings, Link
 
@@ -181,10 +182,10 @@ class Aggregator:
                    exporter: Exporter) -> tuple[dict[str, np.ndarray], Any] | None:
         """Attempts at one round until one commits; None when stopping. Failed attempts stay in the history."""
         for attempt in range(1, self.config.rounds.max_attempts + 1):
-            selected = self._wait_and_select(number, attempt)
-            if selected is None:
+            picked = self._wait_and_select(number, attempt)
+            if picked is None:
                 return None
-            outcome = self._collect(number, selected, weights)
+            outcome = self._collect(number, *picked, weights)
             if outcome is None:
                 return None
             if outcome.complete:
@@ -206,7 +207,7 @@ class Aggregator:
         self.history.append(record)
         _write_json_atomic(self.state_dir / "history.json", self.history)
 
-    def _wait_and_select(self, number: int, attempt: int) -> list[str] | None:
+    def _wait_and_select(self, number: int, attempt: int) -> tuple[frozenset[str], Selection] | None:
         r = self.config.rounds
         want = int(np.ceil(r.clients_per_round * (1 + r.over_selection)))
         started, last_log = time.time(), 0.0
@@ -225,11 +226,12 @@ class Aggregator:
             time.sleep(0.1)
         return None
 
-    def _collect(self, number: int, selected: list[str], weights: dict[str, np.ndarray]) -> RoundOutcome | None:
+    def _collect(self, number: int, selected: frozenset[str], selection: Selection,
+                 weights: dict[str, np.ndarray]) -> RoundOutcome | None:
         cfg = self.config
         deadline = time.time() + cfg.rounds.deadline_seconds
         attempt = RoundAttempt(
-            number=number, session=uuid.uuid4().hex[:12], selected=selected, deadline=deadline,
+            number=number, session=uuid.uuid4().hex[:12], selected=selected, selection=selection, deadline=deadline,
             clients_per_round=cfg.rounds.clients_per_round, quorum=cfg.rounds.min_accepted,
             context=self._context(number, selected), limits=self.limits,
             aggregator=self._round_aggregator(number), sketcher=self._sketcher, **self._influence(selected),
@@ -256,7 +258,7 @@ class Aggregator:
         self._clear_retained(topics.weights_topic(self.federation, number))
         return outcome
 
-    def _influence(self, selected: list[str]) -> dict[str, Any]:
+    def _influence(self, selected: frozenset[str]) -> dict[str, Any]:
         """The round's bounds on one device's influence (see `influence`): weight cap and adaptive norm bound."""
         s = self.config.server
         advertised = [view.status.num_examples for cid, view in self.fleet.snapshot().items() if cid in selected]
@@ -305,7 +307,7 @@ class Aggregator:
                                                            "counts": self.fleet.counts(now), "devices": devices,
                                                            "current_round": current})
 
-    def _context(self, number: int, selected: list[str]) -> RoundContext:
+    def _context(self, number: int, selected: frozenset[str]) -> RoundContext:
         s = self.config.server
         bound, policy = s.max_update_norm, s.norm_policy
         if self.config.privacy.enabled:  # every update clipped to S on admission
@@ -320,10 +322,12 @@ class Aggregator:
         return self.run_identity.run if self.run_identity else ""
 
     def _announcement(self, attempt: RoundAttempt) -> RoundAnnouncement:
+        if attempt.selection is None:
+            raise ValueError(f"round {attempt.number} has no selection to announce")
         return RoundAnnouncement(
             federation=self.federation, round=attempt.number, model_hash=self.model_hash,
             model_topic=topics.model_topic(self.federation, self.model_hash),
-            weights_topic=topics.weights_topic(self.federation, attempt.number), selected=attempt.selected,
+            weights_topic=topics.weights_topic(self.federation, attempt.number), selection=attempt.selection,
             deadline=attempt.deadline, plan=self.config.training, session=attempt.session, issued_at=time.time(),
             **self._run_fields(),
         )
@@ -332,7 +336,7 @@ class Aggregator:
         ident = self.run_identity
         return {"run": ident.run, "run_started_at": ident.started_at, "epoch": ident.epoch} if ident else {}
 
-    def _bytes_down(self, selected: list[str], weights_bytes: int) -> int:
+    def _bytes_down(self, selected: frozenset[str], weights_bytes: int) -> int:
         """Payload bytes the broker delivers to the selected devices: weights, plus the model where not cached."""
         uncached = sum(1 for c in selected if not self.fleet.has_model(c, self.model_hash))
         return weights_bytes * len(selected) + len(self.model_payload) * uncached
@@ -388,7 +392,7 @@ class Aggregator:
     def _announce_done(self) -> None:
         final = RoundAnnouncement(
             federation=self.federation, round=self.config.rounds.total, model_hash=self.model_hash,
-            model_topic=topics.model_topic(self.federation, self.model_hash), weights_topic="", selected=[],
+            model_topic=topics.model_topic(self.federation, self.model_hash), weights_topic="", selection=nobody(),
             deadline=0.0, plan=self.config.training, state="done", issued_at=time.time(), **self._run_fields(),
         )
         self._broadcast(topics.round_topic(self.federation), to_json(final))

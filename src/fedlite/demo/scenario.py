@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedlite.demo.cluster import LocalFederation
+from fedlite.protocol.selection import Selection, is_selected
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class Vanisher:
         self.vanished_in: int | None = None
         self.returned = False
 
-    def on_round(self, round_number: int, selected: list[str]) -> None:
-        if self.vanished_in is None and round_number >= self.at_round and self.device in selected:
+    def on_round(self, round_number: int, selection: Selection) -> None:
+        if self.vanished_in is None and round_number >= self.at_round and is_selected(selection, self.device):
             self.fed.kill(self.device)
             self.vanished_in = round_number
             self.say(f"  {self.device} lost power in round {round_number}, right after being selected")

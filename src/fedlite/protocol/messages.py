@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from fedlite.protocol import PROTOCOL_VERSION
 from fedlite.protocol.errors import ProtocolError
+from fedlite.protocol.selection import Selection
 
 MAX_CONTROL_BYTES = 1024 * 1024
 
@@ -38,14 +39,14 @@ class TrainingPlan:
 
 @dataclass
 class RoundAnnouncement:
-    """Retained on the round topic: the current round and who takes part."""
+    """Retained on the round topic: the current round, and who takes part (`selection`: see protocol.selection)."""
 
     federation: str
     round: int
     model_hash: str
     model_topic: str
     weights_topic: str
-    selected: list[str]
+    selection: Selection  # seed and threshold: its size does not grow with the number selected
     deadline: float
     plan: TrainingPlan = field(default_factory=TrainingPlan)
     session: str = ""  # unique per announcement: a retried or resumed round is a new session
@@ -157,7 +158,10 @@ def _build(cls: type[M], raw: Any, where: str) -> M:
                 raise MessageError("malformed", f"{where}.{f.name} is missing")
             continue
         values[f.name] = _check(hints[f.name], raw[f.name], f"{where}.{f.name}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a field's own range check (e.g. Selection's seed and threshold)
+        raise MessageError("malformed", f"{where}: {exc}") from None
 
 
 def _check(hint: Any, value: Any, where: str) -> Any:
