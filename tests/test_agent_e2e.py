@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import time
@@ -51,6 +52,7 @@ class Coordinator:
         topic = topics.model_topic(FED, manifest["model_hash"])
         self.client.publish(topic, self.sign(topic, encode_model(train_bytes, header)), retain=True)
         self.inbox: dict[str, list[bytes]] = {"updates": [], "reports": [], "status": []}
+        self.announced: list[tuple[RoundAnnouncement, bytes]] = []  # each announcement, signed
 
     def announce(self, number: int, weights: dict[str, np.ndarray], plan: TrainingPlan, deadline: float = 60,
                  signing: str = "good", selected: bool = True) -> None:
@@ -73,6 +75,14 @@ class Coordinator:
         if signing == "forged":  # the aggregator's signature over another plan
             signed = signed.replace(b'"epochs":', b'"epochs":9')
         self.client.publish(topic, payload if signing == "none" else signed, retain=True)
+        self.announced.append((announcement, signed))
+
+    def close(self, reason: str = "quorum") -> None:
+        """Publish `closed` for the last announced attempt, as the aggregator does when it closes."""
+        opened = self.announced[-1][0]
+        closed = dataclasses.replace(opened, state="closed", accepted=1, reason=reason, issued_at=time.time())
+        topic = topics.round_topic(FED)
+        self.client.publish(topic, self.sign(topic, to_json(closed)), retain=True)
 
     def drain(self) -> None:
         while True:
@@ -154,3 +164,38 @@ def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
         assert len(coordinator.inbox["updates"]) == 1
         assert all(s["state"] != "training" for s in coordinator.statuses()[seen:])
         assert "round 4" not in agent.log_tail(50)
+
+def test_a_closed_round_stops_training_for_its_session_and_its_announcement_is_not_followed_again(tmp_path: Path,
+                                                                                                    exported):
+    manifest, train_bytes, weights = exported
+    x_train, y_train, _, _ = digits_split()
+    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
+        fed.start_broker()
+        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
+        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "max_epochs": 100000})
+        coordinator = Coordinator(fed, manifest, train_bytes)
+        agent = fed.start(DEVICE, "agent", config)
+        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
+
+        # 1. the attempt closes (its quorum reached by others) while this device trains: it stops, sends nothing
+        coordinator.announce(1, weights, TrainingPlan(epochs=20000, batch_size=8, learning_rate=0.01))
+        wait_for(lambda: any(s["state"] == "training" for s in coordinator.statuses()), 30, "training", [agent])
+        closed_at = time.time()
+        coordinator.close()
+        wait_for(lambda: "round 1 aborted: the round closed before training finished" in agent.log_tail(20), 30,
+                 "the training to stop", [agent])
+        assert time.time() - closed_at < 5
+        # 2. the genuine open announcement of the closed attempt, re-published: below the mark, never trained
+        opened = coordinator.announced[-1][1]
+        coordinator.client.publish(topics.round_topic(FED), opened, retain=False)
+        wait_for(lambda: "refused a round announcement (replayed)" in agent.log_tail(20), 30, "the replay refused",
+                 [agent])
+        time.sleep(1.0)
+        assert not coordinator.reports()  # nobody needs an answer for a closed attempt
+        assert not coordinator.inbox["updates"]
+
+        # 3. the next round's open announcement is followed and trained
+        coordinator.announce(2, weights, TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1))
+        wait_for(lambda: coordinator.drain() or coordinator.inbox["updates"], 60, "the round 2 update", [agent])
+        assert [decode(u).header.round for u in coordinator.inbox["updates"]] == [2]
+        assert "Traceback" not in agent.log.read_text()

@@ -266,3 +266,41 @@ def test_dashboard_in_chromium_during_a_demo(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 demo.kill()
                 demo.wait()
+
+
+# ---------- stale devices ----------
+
+
+def test_stale_devices_are_judged_when_read_and_greyed_out_in_chromium(tmp_path: Path) -> None:
+    now = time.time()
+    device = {"state": "online", "eligible": True, "failed_gates": {}, "deployed_model": "", "flags": []}
+    fleet = {"updated_at": now - 400, "federation": "f", "status_ttl_seconds": 90.0,  # the run ended 400 s ago
+             "counts": {"known": 3, "online": 2, "eligible": 2, "training": 0}, "current_round": None, "devices": [
+                 {**device, "client_id": "fresh", "stale": False, "last_seen": now - 5},
+                 {**device, "client_id": "ended", "stale": False, "last_seen": now - 410},  # fresh when written
+                 {**device, "client_id": "gone", "stale": True, "last_seen": now - 95}]}
+    (tmp_path / "fleet.json").write_text(json.dumps(fleet))
+    snap = DashboardState(tmp_path).snapshot()
+    assert {d["client_id"]: d["stale"] for d in snap["fleet"]["devices"]} == {"fresh": False, "ended": True,
+                                                                              "gone": True}
+    browser = None
+    with start_dashboard(tmp_path, port=0) as handle:
+        try:
+            browser = _browser()
+            browser.get(handle.url)
+            table = browser.find_element("id", "fleet-table")
+            _wait(lambda: table.get_attribute("data-devices") == "3", 15, "the fleet table")
+            rows = {row.get_attribute("data-client"): row
+                    for row in browser.find_elements("css selector", "#fleet-table tbody tr")}
+            greyed = {cid: row.get_attribute("data-stale") == "true" and "stale" in row.get_attribute("class")
+                      for cid, row in rows.items()}
+            assert greyed == {"fresh": False, "ended": True, "gone": True}
+            opacity = {cid: float(row.find_element("tag name", "td").value_of_css_property("opacity"))
+                       for cid, row in rows.items()}
+            assert opacity["fresh"] == 1.0 and opacity["ended"] < 1.0 and opacity["gone"] < 1.0
+            assert "stale" in rows["ended"].text and "stale" not in rows["fresh"].text
+            errors = [entry for entry in browser.get_log("browser") if entry.get("level") == "SEVERE"]
+            assert not errors, f"console errors: {errors}"
+        finally:
+            if browser is not None:
+                browser.quit()

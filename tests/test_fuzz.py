@@ -44,6 +44,8 @@ from fedlite.protocol.codec import (
     encode_weights,
 )
 from fedlite.protocol.messages import (
+    CLOSE_REASONS,
+    ROUND_STATES,
     CanaryTarget,
     DeployInstruction,
     DeployTarget,
@@ -494,7 +496,8 @@ def test_aggregator_message_handler_never_raises_and_counts_every_refusal(aggreg
         if status:  # an empty status clears a retained one: not a message
             json_refusals[_json_refusal(DeviceStatus, client, status)] += 1
         aggregator._on_message(topics.status_topic(FED, client), status)
-        report = data.draw(st.binary(max_size=40) | st.just(to_json(DeviceReport(client, ROUND, "declined"))))
+        report = data.draw(st.binary(max_size=40)
+                           | st.just(to_json(DeviceReport(client, ROUND, "declined", session="fuzz"))))
         json_refusals[_json_refusal(DeviceReport, client, report)] += 1
         aggregator._on_message(topics.report_topic(FED, client), report)
     aggregator.inbox.drain()
@@ -528,13 +531,15 @@ VALID: dict[type, st.SearchStrategy[Any]] = {
     RoundAnnouncement: st.builds(RoundAnnouncement, federation=ids, round=st.integers(0, 10**9),
                                  model_hash=st.text(), model_topic=st.text(), weights_topic=st.text(),
                                  selection=selections, deadline=numbers, plan=plans, session=st.text(),
-                                 state=st.sampled_from(["open", "done"]), issued_at=numbers),
+                                 state=st.sampled_from(ROUND_STATES), issued_at=numbers,
+                                 accepted=st.integers(0, 10**6), reason=st.sampled_from(("", *CLOSE_REASONS))),
     DeviceStatus: st.builds(DeviceStatus, client_id=ids, state=st.sampled_from(["online", "training", "offline"]),
                             eligible=st.booleans(), failed_gates=st.dictionaries(st.text(), st.text()),
                             num_examples=st.integers(0, 10**9), runtime=st.text(), agent_version=st.text(),
                             cached_models=st.lists(st.text()), deployed_model=st.text(), updated_at=numbers),
     DeviceReport: st.builds(DeviceReport, client_id=ids, round=st.integers(0, 10**9), kind=st.text(),
-                            reason=st.text(), metrics=st.dictionaries(st.text(), numbers), sent_at=numbers),
+                            reason=st.text(), metrics=st.dictionaries(st.text(), numbers), sent_at=numbers,
+                            run=st.text(), session=st.text()),
     DeployInstruction: st.builds(
         DeployInstruction, federation=ids, deployment_id=st.text(),
         stable=st.none() | st.builds(DeployTarget, version=st.integers(0, 10**6), sha256=st.text(),

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,13 @@ class Mailbox:
             self._items[topic] = payload
             self._cond.notify_all()
 
-    def wait(self, topic: str, deadline: float, stop: threading.Event) -> bytes | None:
+    def wait(self, topic: str, deadline: float, stop: threading.Event,
+             give_up: Callable[[], bool] = lambda: False) -> bytes | None:
+        """The payload once it arrives; None at the deadline, on `stop`, or once `give_up()` holds."""
         with self._cond:
             while topic not in self._items:
                 remaining = deadline - time.time()
-                if remaining <= 0 or stop.is_set():
+                if remaining <= 0 or stop.is_set() or give_up():
                     return None
                 self._cond.wait(min(remaining, 0.5))
             return self._items.pop(topic)
@@ -221,10 +224,10 @@ class Agent:
     def _fetch_model(self, a: RoundAnnouncement) -> tuple[Any, dict[str, Any]]:
         if not self.models.has(a.model_hash):
             self.link.subscribe(a.model_topic)
-            payload = self._mailbox.wait(a.model_topic, a.deadline, self.stop_event)
+            payload = self._mailbox.wait(a.model_topic, a.deadline, self.stop_event, self._closed(a))
             self.link.unsubscribe(a.model_topic)
             if payload is None:
-                raise RoundAbandoned("aborted", f"model {a.model_hash[:12]} did not arrive before the deadline")
+                raise RoundAbandoned("aborted", f"model {a.model_hash[:12]} did not arrive before the round closed")
             try:
                 self.models.store(a.model_hash, self._verified(a.model_topic, payload))
             except ProtocolError as exc:
@@ -234,10 +237,10 @@ class Agent:
 
     def _fetch_weights(self, a: RoundAnnouncement, manifest: dict[str, Any]) -> np.ndarray:
         self.link.subscribe(a.weights_topic)
-        payload = self._mailbox.wait(a.weights_topic, a.deadline, self.stop_event)
+        payload = self._mailbox.wait(a.weights_topic, a.deadline, self.stop_event, self._closed(a))
         self.link.unsubscribe(a.weights_topic)
         if payload is None:
-            raise RoundAbandoned("aborted", "global weights did not arrive before the deadline")
+            raise RoundAbandoned("aborted", "global weights did not arrive before the round closed")
         try:
             message = decode(self._verified(a.weights_topic, payload))
             if message.header.kind != "weights" or message.header.round != a.round:
@@ -299,16 +302,20 @@ class Agent:
         except (PayloadTooLarge, PublishRefused, TimeoutError) as exc:
             raise RoundAbandoned("aborted", f"update not delivered: {exc}") from None
 
+    def _closed(self, a: RoundAnnouncement) -> Callable[[], bool]:
+        """Whether the attempt `a` announced is over for this device (closed, retried, a later round or run)."""
+        return lambda: watermark.superseded(self._mark, a)
+
     def _abandon(self, a: RoundAnnouncement, exc: RoundAbandoned) -> None:
         if exc.kind == "declined":
             self.counters.rounds_declined += 1
         else:
             self.counters.rounds_aborted += 1
         log.warning("round %d %s: %s", a.round, exc.kind, exc.reason)
-        if not self.state.read().online:
-            return  # a device off the network says nothing
+        if not self.state.read().online or watermark.superseded(self._mark, a):
+            return  # a device off the network says nothing; nor does one whose round has closed
         report = DeviceReport(client_id=self.client_id, round=a.round, kind=exc.kind, reason=exc.reason,
-                              sent_at=time.time())
+                              sent_at=time.time(), run=a.run, session=a.session)
         try:
             self.link.publish(topics.report_topic(self.federation, self.client_id), to_json(report), timeout=10)
         except (PublishRefused, TimeoutError) as err:

@@ -4,7 +4,8 @@ The rule (protocol v2, README "Run identity and ordering"): within one run, anno
 ``(epoch, round, issued_at)``; an announcement below the mark is a replay and refused. A different run is
 followed only if it began later (``run_started_at``) than the one the device follows; otherwise it is stale.
 The same announcement delivered again as a retained message (after a reconnect) is normal; delivered again
-live, it is a replay.
+live, it is a replay. A `closed` or `done` announcement advances the mark like any other, and ends the session
+it names: training for that session stops.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Watermark:
     round: int = -1
     issued_at: float = 0.0
     done_session: str = ""  # the last session this device finished (trained and uploaded)
+    session: str = ""  # the session of the announcement at the mark
+    state: str = ""  # and its state: open | closed | done
 
     def key(self) -> tuple[int, int, float]:
         return self.epoch, self.round, self.issued_at
@@ -49,12 +52,15 @@ def judge(mark: Watermark, a: RoundAnnouncement, retained: bool) -> str | None:
 def advance(mark: Watermark, a: RoundAnnouncement) -> Watermark:
     """The mark after following `a` (a new run starts from it)."""
     done = mark.done_session if a.run == mark.run else ""
-    return Watermark(a.run, a.run_started_at, a.epoch, a.round, a.issued_at, done)
+    return Watermark(a.run, a.run_started_at, a.epoch, a.round, a.issued_at, done, a.session, a.state)
 
 
 def superseded(mark: Watermark, a: RoundAnnouncement) -> bool:
-    """True once the device has seen a later round (or another run) than `a`: training for `a` is pointless."""
-    return mark.run != a.run or (mark.epoch, mark.round) > (a.epoch, a.round)
+    """True once the device has followed a later attempt (another run, a later round, a retry) than `a`'s, or
+    the close of `a`'s own session: training for `a` is pointless."""
+    if mark.run != a.run or (mark.epoch, mark.round) > (a.epoch, a.round):
+        return True
+    return mark.session != a.session or mark.state != "open"
 
 
 def finished(mark: Watermark, session: str) -> Watermark:
@@ -65,7 +71,8 @@ def load(path: Path) -> Watermark:
     try:
         raw = json.loads(path.read_text())
         return Watermark(str(raw["run"]), float(raw["run_started_at"]), int(raw["epoch"]), int(raw["round"]),
-                         float(raw["issued_at"]), str(raw["done_session"]))
+                         float(raw["issued_at"]), str(raw["done_session"]), str(raw.get("session", "")),
+                         str(raw.get("state", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return Watermark()
 

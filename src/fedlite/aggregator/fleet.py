@@ -12,18 +12,27 @@ from fedlite.protocol.messages import DeviceStatus
 @dataclass
 class DeviceView:
     status: DeviceStatus
-    last_seen: float
+    last_seen: float  # the status's own updated_at, never later than its arrival: when the device was last heard of
+    received_at: float  # when the aggregator received it (a retained copy arrives on every (re)subscription)
 
 
 class Fleet:
+    """Devices by their last status. A status is fresh for `status_ttl_seconds` from its own `updated_at`, not from
+    its arrival: a retained status the broker delivers on a (re)subscription is as old as it says, and a device's
+    clock running ahead cannot make it fresh for longer than from the moment it arrived."""
+
     def __init__(self, status_ttl_seconds: float) -> None:
         self.ttl = status_ttl_seconds
         self._devices: dict[str, DeviceView] = {}
         self._lock = threading.Lock()
 
     def update(self, status: DeviceStatus, now: float | None = None) -> None:
+        received = now or time.time()
         with self._lock:
-            self._devices[status.client_id] = DeviceView(status, now or time.time())
+            self._devices[status.client_id] = DeviceView(status, min(status.updated_at, received), received)
+
+    def fresh(self, view: DeviceView, now: float | None = None) -> bool:
+        return (now or time.time()) - view.last_seen <= self.ttl
 
     def eligible(self, now: float | None = None) -> list[str]:
         """Devices online, eligible by their own gates, and heard from recently; sorted for determinism."""
@@ -31,7 +40,7 @@ class Fleet:
         with self._lock:
             return sorted(
                 cid for cid, view in self._devices.items()
-                if view.status.state == "online" and view.status.eligible and now - view.last_seen <= self.ttl
+                if view.status.state == "online" and view.status.eligible and self.fresh(view, now)
             )
 
     def snapshot(self) -> dict[str, DeviceView]:
@@ -47,7 +56,7 @@ class Fleet:
         now = now or time.time()
         with self._lock:
             views = list(self._devices.values())
-        fresh = [v for v in views if now - v.last_seen <= self.ttl and v.status.state != "offline"]
+        fresh = [v for v in views if self.fresh(v, now) and v.status.state != "offline"]
         return {
             "known": len(views),
             "online": len(fresh),

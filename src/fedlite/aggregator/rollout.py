@@ -253,7 +253,7 @@ class RolloutManager:
     def _online(self) -> list[str]:
         now = time.time()
         return sorted(cid for cid, view in self.fleet.snapshot().items()
-                      if view.status.state in ("online", "training") and now - view.last_seen <= self.fleet.ttl)
+                      if view.status.state in ("online", "training") and self.fleet.fresh(view, now))
 
     def _pick_canaries(self, online: list[str], version: int) -> list[str]:
         count = min(len(online), max(self.config.min_canaries, math.ceil(self.config.canary_fraction * len(online))))

@@ -201,19 +201,23 @@ class RoundAttempt:
             return "complete" if accepted >= self.quorum else "abandoned"
         return None
 
-    def close(self, now: float | None = None) -> RoundOutcome:
+    def close(self, now: float | None = None, abandon: bool = False) -> RoundOutcome:
+        """Close the attempt (`abandon`: whatever it holds, e.g. when the aggregator stops) and say why it closed:
+        ``close_reason`` quorum (enough before the deadline), deadline (the quorum at the deadline) or abandoned."""
         now = now or time.time()
         with self._lock:
             self.closed = True
             if self._held:
                 self._release_held()
-            complete = len(self.accepted) >= self.quorum and len(self.accepted) > 0
+            complete = not abandon and len(self.accepted) >= self.quorum and len(self.accepted) > 0
+            early = len(self.accepted) >= self.clients_per_round or now < self.deadline
             silent = [c for c in self.selected if c not in self.accepted and c not in self.declined
                       and c not in self.aborted]
             record = {
                 "round": self.number,
                 "session": self.session,
                 "status": "complete" if complete else "abandoned",
+                "close_reason": ("quorum" if early else "deadline") if complete else "abandoned",
                 "selected": len(self.selected),
                 "accepted": len(self.accepted),
                 "declined": len(self.declined),

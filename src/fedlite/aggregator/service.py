@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -69,6 +70,7 @@ class Aggregator:
         self.kpis = KpiTracker(config.kpis)
         self._fleet_written = 0.0
         self.current: RoundAttempt | None = None
+        self._opened: RoundAnnouncement | None = None  # the current attempt's open announcement
         self.limits = Limits(max_payload_bytes=config.server.max_update_bytes)
         self.test_set = _load_test_set(config.evaluation.test_data)
         self._notifier = _notifier()
@@ -192,7 +194,8 @@ class Aggregator:
                 try:
                     return self._commit(number, outcome, weights, optimizer, opt_state, exporter)
                 except CommitRefused as exc:
-                    outcome.record |= {"status": "failed", "reason": str(exc)}
+                    outcome.record |= {"status": "failed", "reason": str(exc), "close_reason": "failed"}
+                    self._announce_closed(outcome.record)
                     log.error("round %d attempt %d not committed: %s; the round-%d model stays current", number,
                               attempt, exc, number - 1)
             else:
@@ -242,16 +245,19 @@ class Aggregator:
         bytes_down = self._bytes_down(selected, len(weights_payload))
         self._broadcast(topics.weights_topic(self.federation, number), weights_payload)
         self.current = attempt
-        self._broadcast(topics.round_topic(self.federation), to_json(self._announcement(attempt)))
+        self._opened = self._announcement(attempt)
+        self._broadcast(topics.round_topic(self.federation), to_json(self._opened))
         log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
                  cfg.rounds.deadline_seconds)
         while attempt.decision() is None:
             if self.stop_event.wait(0.05):
+                self._announce_closed(attempt.close(abandon=True).record)  # stopping: nobody collects it
                 return None
             self._notifier("WATCHDOG=1")
             self._repair_retained()
             self._write_fleet(number, "open")
         outcome = attempt.close()
+        self._announce_closed(outcome.record)
         for client in attempt.refused_after_hold:  # refused once the warm-up fixed the norm bound
             self._refuse("update", "norm_outlier", f"update from {client}: its norm is an outlier", number)
         outcome.record["bytes_down"] = bytes_down
@@ -295,15 +301,16 @@ class Aggregator:
         attempt = self.current
         drift, anomaly = set(self.kpis.drifting()), set(self.kpis.anomalous())
         devices = [{
-            "client_id": cid, "state": view.status.state if now - view.last_seen <= self.fleet.ttl else "offline",
+            "client_id": cid, "state": view.status.state, "stale": not self.fleet.fresh(view, now),
             "eligible": view.status.eligible, "failed_gates": view.status.failed_gates, "last_seen": view.last_seen,
-            "deployed_model": view.status.deployed_model,
+            "received_at": view.received_at, "deployed_model": view.status.deployed_model,
             "flags": [name for name, ids in (("drift", drift), ("anomaly", anomaly)) if cid in ids],
         } for cid, view in sorted(self.fleet.snapshot().items())]
         current = {"round": number, "state": state, "selected": len(attempt.selected) if attempt else 0,
                    "accepted": len(attempt.accepted) if attempt else 0,
                    "deadline": attempt.deadline if attempt else None}
         _write_json_atomic(self.state_dir / "fleet.json", {"updated_at": now, "federation": self.federation,
+                                                           "status_ttl_seconds": self.fleet.ttl,
                                                            "counts": self.fleet.counts(now), "devices": devices,
                                                            "current_round": current})
 
@@ -331,6 +338,15 @@ class Aggregator:
             deadline=attempt.deadline, plan=self.config.training, session=attempt.session, issued_at=time.time(),
             **self._run_fields(),
         )
+
+    def _announce_closed(self, record: dict[str, Any]) -> None:
+        """The round topic says the open attempt is over (same run, epoch, round and session): devices wait."""
+        opened = self._opened
+        if opened is None or opened.session != record["session"]:
+            return
+        closed = dataclasses.replace(opened, state="closed", accepted=record["accepted"],
+                                     reason=record["close_reason"], issued_at=max(time.time(), opened.issued_at))
+        self._broadcast(topics.round_topic(self.federation), to_json(closed))
 
     def _run_fields(self) -> dict[str, Any]:
         ident = self.run_identity
@@ -390,10 +406,13 @@ class Aggregator:
         return {"accuracy": float(accuracy), "loss": float(loss)}
 
     def _announce_done(self) -> None:
+        last = next((r for r in reversed(self.history) if r.get("status") == "complete"), {})
         final = RoundAnnouncement(
             federation=self.federation, round=self.config.rounds.total, model_hash=self.model_hash,
             model_topic=topics.model_topic(self.federation, self.model_hash), weights_topic="", selection=nobody(),
-            deadline=0.0, plan=self.config.training, state="done", issued_at=time.time(), **self._run_fields(),
+            deadline=0.0, plan=self.config.training, session=str(last.get("session", "")), state="done",
+            issued_at=time.time(), accepted=int(last.get("accepted", 0)), reason=str(last.get("close_reason", "")),
+            **self._run_fields(),
         )
         self._broadcast(topics.round_topic(self.federation), to_json(final))
         log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
@@ -511,7 +530,14 @@ class Aggregator:
             self.rollout.on_report(report)
             return
         attempt = self.current
-        if attempt is not None and attempt.report(report):
+        if report.run != self._run():
+            self._refuse("report", "run", f"{report.kind} report from {report.client_id} for run "
+                         f"{report.run[:16]!r}", report.round)
+        elif attempt is None or attempt.closed or report.session != attempt.session:
+            reason = "future" if attempt is not None and report.round > attempt.number else "late"
+            self._refuse("report", reason, f"{report.kind} report from {report.client_id} for round {report.round} "
+                         f"session {report.session[:16]!r}, which is not open", report.round)
+        elif attempt.report(report):
             self.metrics.report(report.kind)
             log.info("round %d: %s %s: %s", report.round, report.client_id, report.kind, report.reason)
 

@@ -25,7 +25,8 @@ Endpoints (all ``GET``/``HEAD``; any other method gets ``405``; with a token set
           "latest": null | {round, client_accuracies [..], client_metrics {client: {metric: value}},
                             update_norms {client: norm}, cosine_similarity {client: value}, drift_flags [..],
                             anomaly_flags [..], client_accuracy_mean, client_accuracy_std, client_accuracy_p10},
-          "fleet": null | fleet.json as written by the aggregator,
+          "fleet": null | fleet.json as written by the aggregator, each device's ``stale`` judged again now
+                   (its ``last_seen`` older than the file's ``status_ttl_seconds``: e.g. once the run has ended),
           "registry": null | registry.json as written by the model registry
         }
 

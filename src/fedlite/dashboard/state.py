@@ -188,6 +188,23 @@ def totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def judge_staleness(fleet: dict[str, Any], now: float) -> dict[str, Any]:
+    """The fleet with each device's ``stale`` judged at `now`: stale as written, or its ``last_seen`` older than
+    ``status_ttl_seconds`` (fleet.json is no longer rewritten once the aggregator has stopped)."""
+    ttl = _number(fleet.get("status_ttl_seconds"))
+    devices = fleet.get("devices")
+    if not isinstance(devices, list):
+        return fleet
+    judged = []
+    for device in devices:
+        if isinstance(device, dict):
+            seen = _number(device.get("last_seen"))
+            old = ttl is not None and (seen is None or now - seen > ttl)
+            device = {**device, "stale": bool(device.get("stale")) or old}
+        judged.append(device)
+    return {**fleet, "devices": judged}
+
+
 def _records(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         return []
@@ -220,10 +237,11 @@ class DashboardState:
         records = _records(reads["history"].value)
         rounds = [summarize_round(r) for r in records]
         latest = next((r for r in reversed(records) if r.get("status") == "complete"), None)
-        fleet = reads["fleet"].value if isinstance(reads["fleet"].value, dict) else None
+        now = time.time()
+        fleet = judge_staleness(reads["fleet"].value, now) if isinstance(reads["fleet"].value, dict) else None
         registry = reads["registry"].value if isinstance(reads["registry"].value, dict) else None
         return {
-            "now": time.time(),
+            "now": now,
             "state_dir": os.fspath(self.state_dir),
             "files": {name: {"present": r.present, "stale": r.stale, "error": r.error} for name, r in reads.items()},
             "rounds": rounds,

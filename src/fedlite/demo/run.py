@@ -132,7 +132,8 @@ def _observe_rounds(fed: LocalFederation, vanisher: Vanisher | None) -> Link:
             announcement = from_json(RoundAnnouncement, verifier.verify(topic, payload))
         except ProtocolError:
             return
-        vanisher.on_round(announcement.round, announcement.selection)
+        if announcement.state == "open":  # a selection (`closed` and `done` repeat or clear it)
+            vanisher.on_round(announcement.round, announcement.selection)
 
     settings = BrokerSettings(host=fed.broker.host, port=fed.broker.port, username=AGGREGATOR_USER,
                               password=fed.passwords[AGGREGATOR_USER])

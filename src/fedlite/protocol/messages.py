@@ -37,9 +37,28 @@ class TrainingPlan:
     max_examples: int = 0
 
 
+# What the round topic says (`RoundAnnouncement.state`) and why an attempt closed (`RoundAnnouncement.reason`).
+ROUND_STATES = ("open", "closed", "done")
+CLOSE_REASONS = ("quorum", "deadline", "abandoned", "failed")
+
+
 @dataclass
 class RoundAnnouncement:
-    """Retained on the round topic: the current round, and who takes part (`selection`: see protocol.selection)."""
+    """Retained on the round topic: what the current round attempt (or the run) is doing right now.
+
+    Meaningful fields per `state`:
+
+    - ``open``: all but `accepted` and `reason`: the devices `selection` picks (see `protocol.selection`) train
+      from `weights_topic` before `deadline`;
+    - ``closed``: the attempt `session` of `round` is over: `accepted` updates, closed for `reason` (quorum,
+      deadline, abandoned, failed); the other fields repeat its `open` announcement, for the record. Wait, never
+      train for it;
+    - ``done``: the run is over: `round` is its last round, `session`, `accepted` and `reason` those of the attempt
+      that completed it; `selection` selects nobody, `weights_topic` "" and `deadline` 0.
+
+    `federation`, `model_hash`, `model_topic`, `issued_at` and the run fields (`run`, `run_started_at`, `epoch`)
+    are meaningful in every state.
+    """
 
     federation: str
     round: int
@@ -50,11 +69,13 @@ class RoundAnnouncement:
     deadline: float
     plan: TrainingPlan = field(default_factory=TrainingPlan)
     session: str = ""  # unique per announcement: a retried or resumed round is a new session
-    state: str = "open"  # open | done
+    state: str = "open"  # open | closed | done
     issued_at: float = 0.0
     run: str = ""  # the aggregator run (random id, unique per state directory)
     run_started_at: float = 0.0  # when that run began: a later one supersedes it
     epoch: int = 0  # the aggregator process start within the run: rounds are ordered by (epoch, round)
+    accepted: int = 0  # closed, done: the updates the attempt accepted
+    reason: str = ""  # closed, done: why the attempt closed (CLOSE_REASONS)
     type: str = "round"
     protocol: int = PROTOCOL_VERSION
 
@@ -79,7 +100,11 @@ class DeviceStatus:
 
 @dataclass
 class DeviceReport:
-    """A device's answer that is not an update: a decline, an abort, or evaluation numbers."""
+    """A device's answer that is not an update: a decline, an abort, or evaluation numbers.
+
+    A report about a round names the attempt it answers: the announcement's `run`, `round` and `session`
+    (a `deployed` report names a registry version in `round`, and no run or session).
+    """
 
     client_id: str
     round: int
@@ -87,6 +112,8 @@ class DeviceReport:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     sent_at: float = 0.0
+    run: str = ""  # the announcement's run
+    session: str = ""  # the announcement's session: a report for another attempt is refused as late
     type: str = "report"
     protocol: int = PROTOCOL_VERSION
 

@@ -3,7 +3,7 @@
  * Everything from the server is inserted with textContent (never innerHTML): device ids and reasons are data.
  * Rendered counts are exposed as data attributes for tests and scripts:
  *   body[data-rounds|data-complete|data-updates|data-status], #chart-*[data-points],
- *   #fleet-table[data-devices], #registry[data-versions].
+ *   #fleet-table[data-devices] (each row tr[data-client][data-stale]), #registry[data-versions].
  */
 "use strict";
 
@@ -344,9 +344,13 @@ function renderFleet(state) {
     const flags = (d.flags || []).map((f) => badge(String(f), f === "anomaly" ? "anomaly" : "drift"));
     const model = d.deployed_model ? el("span", { class: "mono", title: String(d.deployed_model) },
       short(String(d.deployed_model))) : el("span", { class: "muted", text: "–" });
-    return el("tr", { "data-client": id },
+    // a device whose last status is older than the aggregator's status window is greyed: its state is history
+    const stale = d.stale === true;
+    const ttl = isNum(fleet.status_ttl_seconds) ? ` (window ${Math.round(fleet.status_ttl_seconds)} s)` : "";
+    return el("tr", { "data-client": id, "data-stale": String(stale), class: stale ? "stale" : null,
+                      title: stale ? `stale: no status since ${clock(d.last_seen)}${ttl}` : null },
       el("td", { class: "mono", text: id }),
-      el("td", {}, badge(stateName, stateName)),
+      el("td", {}, badge(stateName, stateName), stale ? badge("stale", "stale") : null),
       el("td", {}, d.eligible ? badge("yes", "yes") : badge("no", "no")),
       el("td", {}, gates.length ? gates : el("span", { class: "muted", text: "–" })),
       el("td", { class: "num", title: clock(d.last_seen) }, ago(state.now - d.last_seen)),
