@@ -284,8 +284,8 @@ def test_a_second_run_on_the_same_broker_is_followed_by_the_agents_of_the_first(
 
 def _open(session: str = "s1", round_number: int = 1, issued_at: float = 10.0) -> RoundAnnouncement:
     return RoundAnnouncement(federation=FED, round=round_number, model_hash="h", model_topic="m",
-                             weights_topic="w", selection=choose(["a"], 1, "00" * 16)[1], deadline=100.0, session=session,
-                             issued_at=issued_at, run="r", run_started_at=1.0, epoch=1)
+                             weights_topic="w", selection=choose(["a"], 1, "00" * 16)[1], deadline=100.0,
+                             session=session, issued_at=issued_at, run="r", run_started_at=1.0, epoch=1)
 
 
 def test_a_closed_announcement_ends_its_session_and_is_not_replayable() -> None:
@@ -294,15 +294,13 @@ def test_a_closed_announcement_ends_its_session_and_is_not_replayable() -> None:
     assert not watermark.superseded(mark, opened)
     closed = RoundAnnouncement(**{**opened.__dict__, "state": "closed", "accepted": 1, "reason": "quorum",
                                   "issued_at": 11.0})
-    assert watermark.judge(mark, closed, retained=False) is None
+    assert watermark.judge(mark, closed) is None
     mark = watermark.advance(mark, closed)
     assert watermark.superseded(mark, opened)  # training for s1 stops
-    assert watermark.judge(mark, opened, retained=False) == "replayed"
-    assert watermark.judge(mark, opened, retained=True) == "replayed"
-    assert watermark.judge(mark, closed, retained=False) == "replayed"
-    assert watermark.judge(mark, closed, retained=True) is None  # the retained copy after a reconnect
+    assert watermark.judge(mark, opened) == "replayed"  # older than the mark: however it is delivered
+    assert watermark.judge(mark, closed) is None  # the same again (a reconnect, a repair): harmless, followed
     retry = _open("s2", issued_at=12.0)  # the same round again, a new session
-    assert watermark.judge(mark, retry, retained=False) is None
+    assert watermark.judge(mark, retry) is None
     mark = watermark.advance(mark, retry)
     assert not watermark.superseded(mark, retry) and watermark.superseded(mark, opened)
 

@@ -96,13 +96,13 @@ class Agent:
         self._mailbox = Mailbox()
         self._progress_path = self.state_dir / "progress.json"
         self._mark = watermark.load(self._progress_path)
+        self._mark_lock = threading.Lock()  # the network thread advances the mark, the agent's thread finishes it
         self._rng = np.random.default_rng(config.agent.seed or None)
         self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
         self.deployer = Deployer(config.deploy, self.state_dir, self.client_id, self.federation)
         self.link = Link(
             _broker_settings(config), self.client_id, self._on_message,
             will=(topics.status_topic(self.federation, self.client_id), to_json(self._status("offline", {}))),
-            with_retain=True,
         )
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Agent:
 
     # --- messages (network thread) ---------------------------------------------------------
 
-    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # the aggregator cleared a retained topic (e.g. a closed round's weights): not a message
         if topic == topics.round_topic(self.federation):
@@ -161,13 +161,8 @@ class Agent:
                 self.counters.bad_messages += 1
                 log.warning("ignored a malformed round announcement: %s", exc)
                 return
-            refusal = watermark.judge(self._mark, announcement, retained)
-            if refusal is not None:
-                self._refuse_announcement(announcement, refusal)
-                return
-            self._mark = watermark.advance(self._mark, announcement)
-            watermark.save(self._progress_path, self._mark)
-            self._announcements.put(announcement)
+            with self._mark_lock:
+                self._follow(announcement)
         elif topic == topics.deploy_topic(self.federation):
             self.deployer.offer(payload)  # verified and carried out on the agent's thread
         else:
@@ -184,6 +179,16 @@ class Agent:
             raise
 
     # --- one round ---------------------------------------------------------------------------
+
+    def _follow(self, announcement: RoundAnnouncement) -> None:
+        """Judge a verified announcement against the mark; follow it (advance, persist, queue) or count a refusal."""
+        refusal = watermark.judge(self._mark, announcement)
+        if refusal is not None:
+            self._refuse_announcement(announcement, refusal)
+            return
+        self._mark = watermark.advance(self._mark, announcement)
+        watermark.save(self._progress_path, self._mark)
+        self._announcements.put(announcement)
 
     def _refuse_announcement(self, a: RoundAnnouncement, reason: str) -> None:
         counts = self.counters.refused_announcements
@@ -209,8 +214,9 @@ class Agent:
             with self.models.lock:  # one interpreter per model; virtual agents in one process take turns
                 payload, steps = self._train(a, trainer, manifest, global_flat)
             self._publish_update(a, payload)
-            self._mark = watermark.finished(self._mark, a.session)
-            watermark.save(self._progress_path, self._mark)
+            with self._mark_lock:
+                self._mark = watermark.finished(self._mark, a.session)
+                watermark.save(self._progress_path, self._mark)
             self.counters.rounds_trained += 1
             log.info("round %d: sent update of %d B after %d steps", a.round, len(payload), steps)
         except RoundAbandoned as exc:

@@ -3,8 +3,8 @@
 The rule (protocol v2, README "Run identity and ordering"): within one run, announcements are ordered by
 ``(epoch, round, issued_at)``; an announcement below the mark is a replay and refused. A different run is
 followed only if it began later (``run_started_at``) than the one the device follows; otherwise it is stale.
-The same announcement delivered again as a retained message (after a reconnect) is normal; delivered again
-live, it is a replay. A `closed` or `done` announcement advances the mark like any other, and ends the session
+The same announcement delivered again (the retained copy after a reconnect, or the aggregator re-asserting its
+retained topics) is followed as before: it is harmless, since a device trains at most once per session. A `closed` or `done` announcement advances the mark like any other, and ends the session
 it names: training for that session stops.
 """
 
@@ -37,14 +37,14 @@ def announcement_key(a: RoundAnnouncement) -> tuple[int, int, float]:
     return a.epoch, a.round, a.issued_at
 
 
-def judge(mark: Watermark, a: RoundAnnouncement, retained: bool) -> str | None:
+def judge(mark: Watermark, a: RoundAnnouncement) -> str | None:
     """Why `a` must be refused given the mark (a counter reason), or None to follow it."""
     if not a.run:
         return "no_run"
     if a.run != mark.run:
         return "stale_run" if mark.run and a.run_started_at <= mark.run_started_at else None
     key = announcement_key(a)
-    if key < mark.key() or (key == mark.key() and not retained):
+    if key < mark.key():
         return "replayed"
     return None
 

@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 
 log = logging.getLogger("fedlite.transport")
 
-MessageHandler = Callable[..., None]  # (topic, payload), or (topic, payload, retained) with with_retain=True
+MessageHandler = Callable[[str, bytes], None]
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and properties beyond the topic itself
 
 
@@ -63,16 +63,10 @@ class Link:
         *,
         will: tuple[str, bytes] | None = None,
         on_connect: Callable[[], None] | None = None,
-        with_retain: bool = False,
     ) -> None:
-        """`on_connect` is called on the network thread after every (re)connect; it must not block.
-
-        With `with_retain`, the handler also gets whether the broker delivered a message as retained (a stored
-        copy sent on subscribing) rather than live.
-        """
+        """`on_connect` is called on the network thread after every (re)connect; it must not block."""
         self.settings = settings
         self._on_connect = on_connect
-        self._with_retain = with_retain
         self.client_id = client_id
         self.max_packet_size: int | None = None
         self.connected = threading.Event()
@@ -201,10 +195,7 @@ class Link:
 
     def _handle_message(self, client, userdata, message) -> None:  # noqa: ANN001
         try:
-            if self._with_retain:
-                self._on_message(message.topic, bytes(message.payload), bool(message.retain))
-            else:
-                self._on_message(message.topic, bytes(message.payload))
+            self._on_message(message.topic, bytes(message.payload))
         except Exception:  # a handler bug must not kill the network thread
             log.exception("error while handling a message on %s", message.topic)
 
