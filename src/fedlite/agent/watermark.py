@@ -4,8 +4,9 @@ The rule (protocol v2, README "Run identity and ordering"): within one run, anno
 ``(epoch, round, issued_at)``; an announcement below the mark is a replay and refused. A different run is
 followed only if it began later (``run_started_at``) than the one the device follows; otherwise it is stale.
 The same announcement delivered again (the retained copy after a reconnect, or the aggregator re-asserting its
-retained topics) is followed as before: it is harmless, since a device trains at most once per session. A `closed` or `done` announcement advances the mark like any other, and ends the session
-it names: training for that session stops.
+retained topics) is followed as before: it is harmless, since a device trains at most once per session.
+A `closed` or `done` announcement advances the mark like any other, and ends the session it names: training
+for that session stops.
 """
 
 from __future__ import annotations
