@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -15,22 +14,25 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.aggregator.checkpoint import HISTORY_FILE, Checkpoint, check_writable, load_for_resume, save_checkpoint
+from fedlite.aggregator.checkpoint import HISTORY_FILE, check_writable, load_for_resume
+from fedlite.aggregator.commit import CommitRefused, Committer, write_history
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.export import Exporter, export_round, redo_missed_exports, version_dir
 from fedlite.aggregator.fleet import Fleet
+from fedlite.aggregator.fleet_writer import FleetWriter
 from fedlite.aggregator.inbox import Inbox, Item
 from fedlite.aggregator.influence import reference_norms, weight_cap
 from fedlite.aggregator.kpis import KpiTracker, Sketcher
 from fedlite.aggregator.ledger import Ledger
 from fedlite.aggregator.metrics import Metrics
 from fedlite.aggregator.registry import Registry
+from fedlite.aggregator.retained import RetainedTopics
 from fedlite.aggregator.rollout import RolloutManager
 from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
 from fedlite.aggregator.run_identity import RunIdentity
 from fedlite.aggregator.strategies import dp, make_aggregator, make_server_optimizer
 from fedlite.aggregator.validation import Rejected, RoundContext, check_metrics
-from fedlite.fsutil import StorageError, ensure_dir, write_atomic
+from fedlite.fsutil import StorageError, ensure_dir
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, Limits, encode_model, encode_weights, update_limits
 from fedlite.protocol.errors import ProtocolError
@@ -47,10 +49,6 @@ class RunFailed(RuntimeError):
     """The federation cannot go on (e.g. a round stayed below quorum on every attempt)."""
 
 
-class CommitRefused(RuntimeError):
-    """A round's new global weights are not fit to be the model (non-finite, or a step beyond the bound)."""
-
-
 class Aggregator:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
@@ -61,14 +59,18 @@ class Aggregator:
         ensure_dir(self.models_dir)
         self.metrics = Metrics(self.federation)
         self.fleet = Fleet(config.rounds.status_ttl_seconds)
+        signer = Signer.from_file(config.signing.key_file) if config.signing.key_file else None
+        if signer is None:
+            log.warning("broadcasts are not signed: agents that pin a key will refuse them ([signing] key_file)")
+        self.retained = RetainedTopics(signer, self.metrics)
         self.rollout = RolloutManager(config.rollout, Registry(self.state_dir), self.federation, self.fleet,
-                                      self._broadcast, on_storage_failure=self._storage_failed)
+                                      self.retained.broadcast, on_storage_failure=self._storage_failed)
         self.storage_fault: StorageError | None = None  # set by a background thread's failed write
         self.stop_event = threading.Event()
         self.ledger = Ledger(self.metrics)
         self.history: list[dict[str, Any]] = []
         self.kpis = KpiTracker(config.kpis)
-        self._fleet_written = 0.0
+        self.fleet_writer = FleetWriter(self.state_dir / "fleet.json", self.federation, self.fleet, self.kpis)
         self.current: RoundAttempt | None = None
         self._opened: RoundAnnouncement | None = None  # the current attempt's open announcement
         self.limits = Limits(max_payload_bytes=config.server.max_update_bytes)
@@ -76,16 +78,9 @@ class Aggregator:
         self._notifier = _notifier()
         self.inbox = Inbox(self._handle_item, self._refuse_busy, workers=max(1, min(2, os.cpu_count() or 1)))
         self.run_identity: RunIdentity | None = None
-        self._retained: dict[str, bytes] = {}  # what this aggregator holds retained on the broker, as sent
-        self._sent: dict[str, list[bytes]] = {}  # sha256 of what it published lately per topic (echoes are fine)
-        self._retained_lock = threading.Lock()
-        self._reassert = threading.Event()  # set on reconnect or when the broker holds something else
-        self.repairs = 0
         self.link = Link(_broker_settings(config), _client_id(config), self._on_message,
-                         on_connect=self._reassert.set)
-        self.signer = Signer.from_file(config.signing.key_file) if config.signing.key_file else None
-        if self.signer is None:
-            log.warning("broadcasts are not signed: agents that pin a key will refuse them ([signing] key_file)")
+                         on_connect=self.retained.reconnected)
+        self.retained.attach(self.link)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -106,14 +101,17 @@ class Aggregator:
         self.kpis.replay(self.history)
         exporter = Exporter(self.config.model, self.models_dir, self._representative(), self._storage_failed)
         redo_missed_exports(exporter, self.checkpoints_dir, self.history, done, self.config.rounds.total)
+        committer = Committer(self.config, optimizer, self._evaluate, self.kpis, self.ledger, self.metrics,
+                              self.fleet, exporter, self.state_dir,
+                              {"federation": self.federation, "model_hash": self.model_hash}, self.history)
         self._connect()
         self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
                                                               model_hash=self.model_hash, extra={"manifest": manifest}))
-        self._broadcast(topics.model_topic(self.federation, self.model_hash), self.model_payload)
+        self.retained.broadcast(topics.model_topic(self.federation, self.model_hash), self.model_payload)
         self.rollout.start()
         try:
             for number in range(done + 1, self.config.rounds.total + 1):
-                committed = self._run_round(number, weights, optimizer, opt_state, exporter)
+                committed = self._run_round(number, weights, opt_state, committer)
                 if committed is None:
                     break  # stopping
                 weights, opt_state = committed
@@ -180,8 +178,8 @@ class Aggregator:
 
     # --- one round ----------------------------------------------------------------------------
 
-    def _run_round(self, number: int, weights: dict[str, np.ndarray], optimizer: Any, opt_state: Any,
-                   exporter: Exporter) -> tuple[dict[str, np.ndarray], Any] | None:
+    def _run_round(self, number: int, weights: dict[str, np.ndarray], opt_state: Any,
+                   committer: Committer) -> tuple[dict[str, np.ndarray], Any] | None:
         """Attempts at one round until one commits; None when stopping. Failed attempts stay in the history."""
         for attempt in range(1, self.config.rounds.max_attempts + 1):
             picked = self._wait_and_select(number, attempt)
@@ -192,7 +190,9 @@ class Aggregator:
                 return None
             if outcome.complete:
                 try:
-                    return self._commit(number, outcome, weights, optimizer, opt_state, exporter)
+                    committed = committer.commit(number, outcome, weights, opt_state)
+                    self.fleet_writer.write(number, "done", self.current, force=True)
+                    return committed
                 except CommitRefused as exc:
                     outcome.record |= {"status": "failed", "reason": str(exc), "close_reason": "failed"}
                     self._announce_closed(outcome.record)
@@ -208,7 +208,7 @@ class Aggregator:
         """Append a round record, with every refusal since the previous one, and write history.json."""
         record["refusals"] = self.ledger.take()
         self.history.append(record)
-        _write_json_atomic(self.state_dir / "history.json", self.history)
+        write_history(self.state_dir, self.history)
 
     def _wait_and_select(self, number: int, attempt: int) -> tuple[frozenset[str], Selection] | None:
         r = self.config.rounds
@@ -216,8 +216,8 @@ class Aggregator:
         started, last_log = time.time(), 0.0
         while not self.stop_event.is_set():
             self._notifier("WATCHDOG=1")
-            self._repair_retained()
-            self._write_fleet(number, "waiting")
+            self.retained.repair()
+            self.fleet_writer.write(number, "waiting", self.current)
             eligible = self._selectable()
             waited = time.time() - started
             if len(eligible) >= want or (waited >= r.wait_for_devices_seconds and len(eligible) >= r.min_accepted):
@@ -243,10 +243,10 @@ class Aggregator:
                                                          model_hash=self.model_hash, run=self._run()),
                                          dtype=cfg.model.downlink_dtype)
         bytes_down = self._bytes_down(selected, len(weights_payload))
-        self._broadcast(topics.weights_topic(self.federation, number), weights_payload)
+        self.retained.broadcast(topics.weights_topic(self.federation, number), weights_payload)
         self.current = attempt
         self._opened = self._announcement(attempt)
-        self._broadcast(topics.round_topic(self.federation), to_json(self._opened))
+        self.retained.broadcast(topics.round_topic(self.federation), to_json(self._opened))
         log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
                  cfg.rounds.deadline_seconds)
         while attempt.decision() is None:
@@ -254,14 +254,14 @@ class Aggregator:
                 self._announce_closed(attempt.close(abandon=True).record)  # stopping: nobody collects it
                 return None
             self._notifier("WATCHDOG=1")
-            self._repair_retained()
-            self._write_fleet(number, "open")
+            self.retained.repair()
+            self.fleet_writer.write(number, "open", self.current)
         outcome = attempt.close()
         self._announce_closed(outcome.record)
         for client in attempt.refused_after_hold:  # refused once the warm-up fixed the norm bound
             self._refuse("update", "norm_outlier", f"update from {client}: its norm is an outlier", number)
         outcome.record["bytes_down"] = bytes_down
-        self._clear_retained(topics.weights_topic(self.federation, number))
+        self.retained.clear(topics.weights_topic(self.federation, number))
         return outcome
 
     def _influence(self, selected: frozenset[str]) -> dict[str, Any]:
@@ -291,28 +291,6 @@ class Aggregator:
             flagged = set(self.kpis.anomalous())
             eligible = [c for c in eligible if c not in flagged]
         return eligible
-
-    def _write_fleet(self, number: int, state: str, force: bool = False) -> None:
-        """state_dir/fleet.json for the dashboard: every device's last status and flags, the current round."""
-        now = time.time()
-        if not force and now - self._fleet_written < 1.0:
-            return
-        self._fleet_written = now
-        attempt = self.current
-        drift, anomaly = set(self.kpis.drifting()), set(self.kpis.anomalous())
-        devices = [{
-            "client_id": cid, "state": view.status.state, "stale": not self.fleet.fresh(view, now),
-            "eligible": view.status.eligible, "failed_gates": view.status.failed_gates, "last_seen": view.last_seen,
-            "received_at": view.received_at, "deployed_model": view.status.deployed_model,
-            "flags": [name for name, ids in (("drift", drift), ("anomaly", anomaly)) if cid in ids],
-        } for cid, view in sorted(self.fleet.snapshot().items())]
-        current = {"round": number, "state": state, "selected": len(attempt.selected) if attempt else 0,
-                   "accepted": len(attempt.accepted) if attempt else 0,
-                   "deadline": attempt.deadline if attempt else None}
-        _write_json_atomic(self.state_dir / "fleet.json", {"updated_at": now, "federation": self.federation,
-                                                           "status_ttl_seconds": self.fleet.ttl,
-                                                           "counts": self.fleet.counts(now), "devices": devices,
-                                                           "current_round": current})
 
     def _context(self, number: int, selected: frozenset[str]) -> RoundContext:
         s = self.config.server
@@ -346,7 +324,7 @@ class Aggregator:
             return
         closed = dataclasses.replace(opened, state="closed", accepted=record["accepted"],
                                      reason=record["close_reason"], issued_at=max(time.time(), opened.issued_at))
-        self._broadcast(topics.round_topic(self.federation), to_json(closed))
+        self.retained.broadcast(topics.round_topic(self.federation), to_json(closed))
 
     def _run_fields(self) -> dict[str, Any]:
         ident = self.run_identity
@@ -356,48 +334,6 @@ class Aggregator:
         """Payload bytes the broker delivers to the selected devices: weights, plus the model where not cached."""
         uncached = sum(1 for c in selected if not self.fleet.has_model(c, self.model_hash))
         return weights_bytes * len(selected) + len(self.model_payload) * uncached
-
-    def _commit(self, number: int, outcome: RoundOutcome, weights: dict[str, np.ndarray], optimizer: Any,
-                opt_state: Any, exporter: Exporter) -> tuple[dict[str, np.ndarray], Any]:
-        new_weights, opt_state = optimizer.step(weights, outcome.aggregate, opt_state)
-        _check_step(weights, new_weights, self.config.server.max_step_ratio)
-        weights = new_weights
-        record = outcome.record
-        record.update(self._evaluate(weights))
-        record.update(self._privacy(record))
-        record["kpis"] = self.kpis.observe(record, outcome.cosines)
-        record["completed_at"] = time.time()
-        record["refusals"] = self.ledger.take()
-        self.history.append(record)
-        save_checkpoint(self.checkpoints_dir, Checkpoint(
-            round=number, weights=weights, optimizer_state=optimizer.state_to_arrays(opt_state),
-            history=self.history, meta={"federation": self.federation, "model_hash": self.model_hash},
-        ))
-        _write_json_atomic(self.state_dir / "history.json", self.history)
-        self.metrics.round_closed(record)
-        self.metrics.fleet(self.fleet.counts())
-        self._write_fleet(number, "done", force=True)
-        every = self.config.model.export_every
-        if (every and number % every == 0) or number == self.config.rounds.total:
-            exporter.submit(number, weights, {k: record.get(k) for k in ("round", "accuracy", "loss")})
-        log.info("round %d complete: %d/%d accepted, %d declined, %d rejected, accuracy %s, %.1f s%s", number,
-                 record["accepted"], record["selected"], record["declined"], sum(record["rejected"].values()),
-                 "n/a" if record.get("accuracy") is None else f"{record['accuracy']:.3f}",
-                 record["duration_seconds"],
-                 "" if record["epsilon"] is None else f", ε {record['epsilon']:.3g} at δ {record['delta']:g}")
-        return weights, opt_state
-
-    def _privacy(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The round's DP charge and the ε spent by all DP rounds so far (recounted from the history)."""
-        p = self.config.privacy
-        if not p.enabled:
-            return {"epsilon": None, "delta": None}
-        fleet_size = p.fleet_size or self.fleet.counts()["known"]
-        charge = dp.RoundCharge(sampling_rate=dp.sampling_rate(record["selected"], fleet_size),
-                                noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, fleet_size=fleet_size,
-                                denominator=float(self.config.rounds.clients_per_round))
-        spent = dp.history_epsilon([*self.history, {**record, "privacy": dp.charge_record(charge)}], p.delta)
-        return {"privacy": dp.charge_record(charge), "epsilon": spent, "delta": p.delta}
 
     def _evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.test_set is None:
@@ -414,7 +350,7 @@ class Aggregator:
             issued_at=time.time(), accepted=int(last.get("accepted", 0)), reason=str(last.get("close_reason", "")),
             **self._run_fields(),
         )
-        self._broadcast(topics.round_topic(self.federation), to_json(final))
+        self.retained.broadcast(topics.round_topic(self.federation), to_json(final))
         log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
 
     def _serve_after_rounds(self) -> None:
@@ -424,48 +360,7 @@ class Aggregator:
         log.info("serving rollouts after the last round until stopped")
         while not self.stop_event.wait(1.0):
             self._notifier("WATCHDOG=1")
-            self._repair_retained()
-
-    def _broadcast(self, topic: str, payload: bytes) -> None:
-        """Publish retained, signed when a key is configured; remembered, so it can be re-asserted."""
-        signed = self.signer.sign(topic, payload) if self.signer else payload
-        with self._retained_lock:
-            self._retained[topic] = signed
-            self._sent[topic] = [*self._sent.get(topic, [])[-3:], hashlib.sha256(signed).digest()]
-        self.link.publish(topic, signed, retain=True)
-
-    def _clear_retained(self, topic: str) -> None:
-        with self._retained_lock:
-            self._retained.pop(topic, None)
-        self.link.publish(topic, b"", retain=True)
-
-    def _on_retained(self, topic: str, payload: bytes) -> None:
-        """What the broker holds on a topic this aggregator owns (network thread): schedule a repair if it differs."""
-        with self._retained_lock:
-            ours = self._retained.get(topic)
-            echo = hashlib.sha256(payload).digest() in self._sent.get(topic, [])
-        if ours is not None and payload != ours and not echo:
-            log.warning("the broker holds %s B on %s that this aggregator did not send: re-publishing its own",
-                        len(payload), topic)
-            self._reassert.set()
-
-    def _repair_retained(self) -> None:
-        """Re-publish every retained broadcast after a reconnect or when one was overwritten (main thread)."""
-        if not self._reassert.is_set():
-            return
-        self._reassert.clear()
-        with self._retained_lock:
-            retained = dict(self._retained)
-        for topic, payload in retained.items():
-            try:
-                self.link.publish(topic, payload, retain=True, timeout=10)
-            except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
-                log.warning("could not re-assert %s: %s; will retry", topic, exc)
-                self._reassert.set()
-                return
-        self.repairs += 1
-        self.metrics.retained_repaired()
-        log.info("re-asserted %d retained topics on the broker", len(retained))
+            self.retained.repair()
 
     def _representative(self) -> np.ndarray | None:
         if self.test_set is None:
@@ -487,7 +382,7 @@ class Aggregator:
         elif kind == "status" and payload:  # small and bounded: parsed here, straight into the fleet
             self._on_json("status", client, payload, DeviceStatus, self.fleet.update)
         elif kind in topics.AGGREGATOR_KINDS:
-            self._on_retained(topic, payload)
+            self.retained.observe(topic, payload)
 
     # --- messages (inbox workers) ---------------------------------------------------------------
 
@@ -603,20 +498,3 @@ def _notifier() -> Any:
             notifier.send(message)
 
     return send
-
-
-def _check_step(old: dict[str, np.ndarray], new: dict[str, np.ndarray], max_ratio: float) -> None:
-    """Raise CommitRefused if `new` is non-finite, or moved further than `max_ratio` x the old weights' norm."""
-    for name, value in new.items():
-        if not np.all(np.isfinite(value)):
-            raise CommitRefused(f"the new weights hold NaN or Inf (in {name!r})")
-    if max_ratio <= 0:
-        return
-    step = float(np.sqrt(sum(np.sum(np.square(new[k] - old[k], dtype=np.float64)) for k in old)))
-    scale = float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in old.values())))
-    if step > max_ratio * max(scale, 1.0):
-        raise CommitRefused(f"the step's norm {step:.4g} exceeds {max_ratio:g} x the weights' norm {scale:.4g}")
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    write_atomic(path, json.dumps(value, indent=1).encode())

@@ -1,0 +1,39 @@
+"""The dashboard's view of the fleet: state_dir/fleet.json, written at most once a second."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlite.aggregator.fleet import Fleet
+from fedlite.aggregator.kpis import KpiTracker
+from fedlite.fsutil import write_atomic
+
+
+class FleetWriter:
+    """Every device's last status, freshness and flags, and the current round, for the dashboard."""
+
+    def __init__(self, path: Path, federation: str, fleet: Fleet, kpis: KpiTracker) -> None:
+        self.path, self.federation, self.fleet, self.kpis = path, federation, fleet, kpis
+        self._written = 0.0
+
+    def write(self, number: int, state: str, attempt: Any | None, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._written < 1.0:
+            return
+        self._written = now
+        drift, anomaly = set(self.kpis.drifting()), set(self.kpis.anomalous())
+        devices = [{
+            "client_id": cid, "state": view.status.state, "stale": not self.fleet.fresh(view, now),
+            "eligible": view.status.eligible, "failed_gates": view.status.failed_gates, "last_seen": view.last_seen,
+            "received_at": view.received_at, "deployed_model": view.status.deployed_model,
+            "flags": [name for name, ids in (("drift", drift), ("anomaly", anomaly)) if cid in ids],
+        } for cid, view in sorted(self.fleet.snapshot().items())]
+        current = {"round": number, "state": state, "selected": len(attempt.selected) if attempt else 0,
+                   "accepted": len(attempt.accepted) if attempt else 0,
+                   "deadline": attempt.deadline if attempt else None}
+        write_atomic(self.path, json.dumps({"updated_at": now, "federation": self.federation,
+                                            "status_ttl_seconds": self.fleet.ttl, "counts": self.fleet.counts(now),
+                                            "devices": devices, "current_round": current}, indent=1).encode())
