@@ -152,26 +152,26 @@ def _build(cls: type[T], raw: Any, where: str, prefix: str, extra: Mapping[str, 
         name = refused[0]
         raise ConfigError(f"{where}: {_key(prefix, name)} is not a key of [{prefix}]: {set_by[name]} sets it")
     tables = _tables(cls, hints)
-    types = dict(tables[1].types()) if tables else {}
-    if set(types) & set(names):
-        raise TypeError(f"{cls.__name__}: sub-tables {sorted(set(types) & set(names))} are named like its fields")
+    subtables = dict(tables[1].types()) if tables else {}
+    if set(subtables) & set(names):
+        raise TypeError(f"{cls.__name__}: sub-tables {sorted(set(subtables) & set(names))} are named like its fields")
     keys = [n for n in names if n not in set_by and (not tables or n != tables[0])]
-    unknown = sorted(set(raw) - set(keys) - set(types))
+    unknown = sorted(set(raw) - set(keys) - set(subtables))
     if tables:
         for name in unknown:
             if isinstance(raw[name], dict):
                 raise ConfigError(f"{where}: [{_key(prefix, name)}]: unknown {tables[1].what} {name!r}; "
-                                  f"known: {', '.join(sorted(types))}")
+                                  f"known: {', '.join(sorted(subtables))}")
     if unknown:
         known = f"known in [{prefix}]" if prefix else "known"
-        listed = ", ".join(_key(prefix, k) + _elsewhere(k, prefix, types, tables) for k in unknown)
+        listed = ", ".join(_key(prefix, k) + _elsewhere(k, prefix, subtables, tables) for k in unknown)
         raise ConfigError(f"{where}: unknown key(s) {listed}; {known}: {', '.join(sorted(keys))}")
     values = {}
     for f in dataclasses.fields(cls):
         if tables and f.name == tables[0]:
             inner = {field: _key(prefix, key) for field, key in tables[1].set_by.items()}
             values[f.name] = {name: _build(kind, raw[name], where, _key(prefix, name), {}, inner)
-                              for name, kind in types.items() if name in raw}
+                              for name, kind in subtables.items() if name in raw}
         elif f.name in raw:
             values[f.name] = _coerce(hints[f.name], raw[f.name], where, _key(prefix, f.name), extra.get(f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -186,10 +186,10 @@ def _build(cls: type[T], raw: Any, where: str, prefix: str, extra: Mapping[str, 
     return obj
 
 
-def _elsewhere(key: str, prefix: str, types: Mapping[str, type], tables: tuple[str, Tables] | None) -> str:
-    """" (a key of [server.fedadam])" for a key that belongs in sub-tables of the section, else ""."""
+def _elsewhere(key: str, prefix: str, subtables: Mapping[str, type], tables: tuple[str, Tables] | None) -> str:
+    """The hint " (a key of [server.fedadam])" for a key that belongs in sub-tables of the section, else ""."""
     skip = tables[1].set_by if tables else {}
-    owners = [f"[{_key(prefix, name)}]" for name, kind in types.items()
+    owners = [f"[{_key(prefix, name)}]" for name, kind in subtables.items()
               if key not in skip and key in {f.name for f in dataclasses.fields(kind)}]
     return f" (a key of {', '.join(owners)})" if owners else ""
 
