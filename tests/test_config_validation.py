@@ -44,8 +44,11 @@ def write(tmp_path: Path, role: str, changes: dict[str, Any]) -> Path:
             if value in ("STATE", "DATA"):
                 table[key] = str(tmp_path / value.lower())
     for dotted, value in changes.items():
-        section, key = dotted.split(".")
-        tables.setdefault(section, {})[key] = value
+        *path, key = dotted.split(".")  # "server.fedadam.beta1": a key of a sub-table
+        table = tables
+        for name in path:
+            table = table.setdefault(name, {})
+        table[key] = value
     path = tmp_path / f"{role}.toml"
     path.write_text(dump_toml(tables))
     return path
@@ -127,19 +130,30 @@ def default_config(role: str) -> Any:
     return AgentConfig(DeviceSection("dev-1", "digits"), DataSpec())
 
 
+SET_BY_SECTION = {"server_lr"}  # a field of the [server.<optimizer>] tables that [server] learning_rate sets
+
+
 def numbers_in_defaults(role: str) -> dict[str, tuple[type, list[float]]]:
     """The int and float keys of a config and their default values, found from the values themselves
-    (independently of the type hints the loader reads)."""
+    (independently of the type hints the loader reads), sub-tables' ([server.fedadam]) included."""
     config = default_config(role)
     found: dict[str, tuple[type, list[float]]] = {}
-    for section in dataclasses.fields(config):
-        value = getattr(config, section.name)
+
+    def walk(prefix: str, value: Any, skip: set[str]) -> None:
         for f in dataclasses.fields(value):
             item = getattr(value, f.name)
-            if isinstance(item, list) and item and all(type(v) in (int, float) for v in item):
-                found[f"{section.name}.{f.name}[]"] = (type(item[0]), item)
+            if f.name in skip:
+                continue
+            if isinstance(item, dict) and item and all(dataclasses.is_dataclass(v) for v in item.values()):
+                for name, table in item.items():
+                    walk(f"{prefix}.{name}", table, SET_BY_SECTION)
+            elif isinstance(item, list) and item and all(type(v) in (int, float) for v in item):
+                found[f"{prefix}.{f.name}[]"] = (type(item[0]), item)
             elif type(item) in (int, float):
-                found[f"{section.name}.{f.name}"] = (type(item), [item])
+                found[f"{prefix}.{f.name}"] = (type(item), [item])
+
+    for section in dataclasses.fields(config):
+        walk(section.name, getattr(config, section.name), set())
     return found
 
 
@@ -223,6 +237,8 @@ def run_fedlite(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(("role", "key", "value", "expected"), [
     ("aggregator", "server.learning_rate", math.inf, "server.learning_rate must be > 0 and finite, not inf"),
+    ("aggregator", "server.optimizer", "sgd",
+     "server.optimizer must be one of fedadam, fedavg, fedavgm, fedyogi, not 'sgd'"),
     ("agent", "gates.max_cpu_percent", math.nan, "gates.max_cpu_percent must be in [0, 100] and finite, not nan"),
     ("agent", "broker.port", 70000, "broker.port must be 1-65535, not 70000"),
 ])

@@ -303,12 +303,17 @@ def test_decode_refuses_a_container_table_with_a_giant_integer() -> None:
 # --- 2. the aggregator's update handling ---------------------------------------------------------------
 
 
+def new_aggregator(kind: str) -> Any:
+    """A fresh aggregator; the mean's sums in float64."""
+    return make_aggregator(kind, SPECS, **({"sum_dtype": "float64"} if kind == "mean" else {}))
+
+
 def new_attempt(aggregation: str = "mean") -> RoundAttempt:
     context = RoundContext(federation=FED, round=ROUND, model_hash=MODEL_HASH, manifest=MANIFEST,
                            selected=frozenset(HONEST + EVIL), accepted=set(), max_examples=10_000)
     return RoundAttempt(number=ROUND, session="fuzz", selected=frozenset(HONEST + EVIL), deadline=time.time() + 60,
                         clients_per_round=len(HONEST + EVIL), quorum=1, context=context, limits=LIMITS,
-                        aggregator=make_aggregator(aggregation, SPECS, sum_dtype="float64"))
+                        aggregator=new_aggregator(aggregation))
 
 
 Hostile = tuple[str, bytes, set[str] | None]  # topic client, payload, the reasons it may be refused for (None: any)
@@ -406,7 +411,7 @@ def rounds(draw: st.DrawFn) -> list[Offer]:
 
 def reference_aggregate(aggregation: str, valid: list[Offer]) -> dict[str, np.ndarray]:
     """What the valid updates alone aggregate to, decoded and added in the same order."""
-    reference = make_aggregator(aggregation, SPECS, sum_dtype="float64")
+    reference = new_aggregator(aggregation)
     for offer in valid:
         message = decode(offer.payload, limits=LIMITS)
         reference.add(message.tensors, float(message.header.num_examples))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlite.aggregator.strategies import fedadam, fedavg, fedavgm, make_aggregator, make_server_optimizer
+from fedlite.aggregator.strategies import (
+    fedadam,
+    fedavg,
+    fedavgm,
+    fedyogi,
+    make_aggregator,
+    make_server_optimizer,
+    registry,
+)
 from fedlite.aggregator.strategies.robust import clip_by_global_norm, global_norm
 
 SPECS = [("dense/kernel", (6, 4)), ("dense/bias", (4,)), ("scalar", ())]
@@ -167,7 +175,28 @@ def test_fedadam_matches_hand_computed_two_steps():
     np.testing.assert_allclose(w2["w"], [1.0330209084893243, -1.9584572736505346], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_fedyogi_matches_hand_computed_two_steps():
+    config = fedyogi.FedYogiConfig(server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.1)
+    state = fedyogi.init_server(W0, config)
+    np.testing.assert_allclose(state.v["w"], [0.01, 0.01])  # v starts at tau^2
+    w1, state = fedyogi.server_step(W0, D1, state, config)
+    # m1 = [0.05, 0]; v1 = v0 - 0.01 * d1^2 * sign(v0 - d1^2) = [0.01 + 0.01 * 0.25, 0.01 - 0] = [0.0125, 0.01]
+    # (FedAdam's v1 is [0.0124, 0.0099]: Yogi leaves v alone where the delta is 0)
+    np.testing.assert_allclose(state.m["w"], [0.05, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(state.v["w"], [0.0125, 0.01], rtol=1e-6)
+    np.testing.assert_allclose(w1["w"], [1 + 0.1 * 0.05 / (np.sqrt(0.0125) + 0.1), -2.0], rtol=1e-6)
+    w2, state = fedyogi.server_step(w1, D2, state, config)
+    # m2 = [0.02, 0.1]; d2^2 = [0.0625, 1] > v1, so v2 = v1 + 0.01 * d2^2 = [0.013125, 0.02]
+    np.testing.assert_allclose(state.m["w"], [0.02, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(state.v["w"], [0.013125, 0.02], rtol=1e-6)
+    # w2 = w1 + 0.1 * m2 / (sqrt(v2) + 0.1)
+    expected = [1 + 0.005 / (np.sqrt(0.0125) + 0.1) + 0.002 / (np.sqrt(0.013125) + 0.1),
+                -2.0 + 0.01 / (np.sqrt(0.02) + 0.1)]
+    np.testing.assert_allclose(w2["w"], expected, rtol=1e-6)
+    assert state.step == 2 and np.array_equal(W0["w"], [1.0, -2.0])  # inputs untouched
+
+
+@pytest.mark.parametrize("name", registry.optimizer_names())
 def test_optimizer_state_round_trips_and_resumes_identically(name):
     from safetensors.numpy import load, save
 
@@ -211,7 +240,8 @@ def _with_outlier(n: int) -> tuple[list[dict[str, np.ndarray]], dict[str, np.nda
 @pytest.mark.parametrize("kind", ["trimmed_mean", "median"])
 def test_robust_aggregators_ignore_an_extreme_outlier_that_shifts_the_mean(kind):
     honest, outlier = _with_outlier(9)
-    robust, plain = make_aggregator(kind, SPECS, trim_fraction=0.1), make_aggregator("mean", SPECS)
+    params = {"trim_fraction": 0.1} if kind == "trimmed_mean" else {}
+    robust, plain = make_aggregator(kind, SPECS, **params), make_aggregator("mean", SPECS)
     for agg in (robust, plain):
         for d in [*honest, outlier]:
             agg.add(d, 10)
@@ -228,7 +258,7 @@ def test_robust_aggregators_ignore_an_extreme_outlier_that_shifts_the_mean(kind)
 def test_trimmed_mean_and_median_values():
     specs = [("x", (2,))]
     values = [[1, 10], [2, 20], [3, 30], [4, 40], [100, -100]]
-    trimmed, median = make_aggregator("trimmed_mean", specs, 0.2), make_aggregator("median", specs)
+    trimmed, median = make_aggregator("trimmed_mean", specs, trim_fraction=0.2), make_aggregator("median", specs)
     for v in values:
         trimmed.add({"x": np.array(v, np.float32)}, 1)
         median.add({"x": np.array(v, np.float32)}, 1000)  # weights are ignored by design
@@ -236,7 +266,7 @@ def test_trimmed_mean_and_median_values():
     np.testing.assert_allclose(trimmed.result()["x"], [3.0, 20.0])
     np.testing.assert_allclose(median.result()["x"], [3.0, 20.0])
     with pytest.raises(ValueError, match="trim_fraction"):
-        make_aggregator("trimmed_mean", specs, 0.5)
+        make_aggregator("trimmed_mean", specs, trim_fraction=0.5)
     with pytest.raises(ValueError, match="zero updates"):
         make_aggregator("median", specs).result()
 

@@ -8,6 +8,8 @@ A numeric setting declares the values it may take next to its type, and the load
 
 A section whose dataclass lives elsewhere (a protocol message, an agent component) gets its fields'
 ranges from the configuration that holds it: `plan: Annotated[TrainingPlan, FieldRanges(epochs=...)]`.
+A section may hold sub-tables whose names and dataclasses are looked up when a file is read, e.g. one
+`[server.<strategy>]` per registered strategy: `strategies: Annotated[dict[str, Any], Tables(...)]`.
 Every float must be finite: TOML's nan, inf and -inf are refused for every key.
 """
 
@@ -18,7 +20,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -86,6 +88,27 @@ class FieldRanges(dict[str, Range]):
         super().__init__(ranges)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tables:
+    """Declares a `dict[str, Any]` field as its section's sub-tables: ``[section.<name>]`` for each name of
+    `types()` (called when a file is read, so names registered at run time count), read into that name's
+    dataclass; the field itself is not a key, and holds the tables the file gives. A table for another name
+    is refused as an unknown `what`. `set_by` maps a field of those dataclasses to the section's key that sets
+    it for all of them: it is not a key of the tables (the section fills it in, e.g. in ``__post_init__``)."""
+
+    types: Callable[[], Mapping[str, type]]
+    what: str = "table"
+    set_by: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _tables(cls: type, hints: Mapping[str, Any]) -> tuple[str, Tables] | None:
+    """(the field, its declaration) of the sub-tables of `cls`, if it has them."""
+    found = [(f.name, m) for f in dataclasses.fields(cls) for m in _unwrap(hints[f.name])[1] if isinstance(m, Tables)]
+    if len(found) > 1:
+        raise TypeError(f"{cls.__name__} declares sub-tables in more than one field")
+    return found[0] if found else None
+
+
 def _first(*values: float | None) -> float | None:
     return next((v for v in values if v is not None), None)
 
@@ -114,7 +137,8 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
     return _build(cls, raw, where, "", {})
 
 
-def _build(cls: type[T], raw: Any, where: str, prefix: str, extra: Mapping[str, Range]) -> T:
+def _build(cls: type[T], raw: Any, where: str, prefix: str, extra: Mapping[str, Range],
+           set_by: Mapping[str, str] | None = None) -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {prefix or 'the configuration'} must be a table, not {raw!r}")
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -122,25 +146,52 @@ def _build(cls: type[T], raw: Any, where: str, prefix: str, extra: Mapping[str, 
     misplaced = sorted(set(extra) - set(names))
     if misplaced:
         raise TypeError(f"ranges for {cls.__name__} name unknown fields {misplaced}")
-    unknown = sorted(set(raw) - set(names))
+    set_by = set_by or {}
+    refused = sorted(set(raw) & set(set_by))
+    if refused:
+        name = refused[0]
+        raise ConfigError(f"{where}: {_key(prefix, name)} is not a key of [{prefix}]: {set_by[name]} sets it")
+    tables = _tables(cls, hints)
+    subtables = dict(tables[1].types()) if tables else {}
+    if set(subtables) & set(names):
+        raise TypeError(f"{cls.__name__}: sub-tables {sorted(set(subtables) & set(names))} are named like its fields")
+    keys = [n for n in names if n not in set_by and (not tables or n != tables[0])]
+    unknown = sorted(set(raw) - set(keys) - set(subtables))
+    if tables:
+        for name in unknown:
+            if isinstance(raw[name], dict):
+                raise ConfigError(f"{where}: [{_key(prefix, name)}]: unknown {tables[1].what} {name!r}; "
+                                  f"known: {', '.join(sorted(subtables))}")
     if unknown:
         known = f"known in [{prefix}]" if prefix else "known"
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(_key(prefix, k) for k in unknown)}; "
-                          f"{known}: {', '.join(sorted(names))}")
+        listed = ", ".join(_key(prefix, k) + _elsewhere(k, prefix, subtables, tables) for k in unknown)
+        raise ConfigError(f"{where}: unknown key(s) {listed}; {known}: {', '.join(sorted(keys))}")
     values = {}
     for f in dataclasses.fields(cls):
-        if f.name in raw:
+        if tables and f.name == tables[0]:
+            inner = {field: _key(prefix, key) for field, key in tables[1].set_by.items()}
+            values[f.name] = {name: _build(kind, raw[name], where, _key(prefix, name), {}, inner)
+                              for name, kind in subtables.items() if name in raw}
+        elif f.name in raw:
             values[f.name] = _coerce(hints[f.name], raw[f.name], where, _key(prefix, f.name), extra.get(f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: {_key(prefix, f.name)} is required")
-    obj = cls(**values)
-    check = getattr(obj, "validate", None)
-    if check:
-        try:
+    try:
+        obj = cls(**values)
+        check = getattr(obj, "validate", None)
+        if check:
             check()
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {_qualify(str(exc), prefix, names)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {_qualify(str(exc), prefix, names)}") from None
     return obj
+
+
+def _elsewhere(key: str, prefix: str, subtables: Mapping[str, type], tables: tuple[str, Tables] | None) -> str:
+    """The hint " (a key of [server.fedadam])" for a key that belongs in sub-tables of the section, else ""."""
+    skip = tables[1].set_by if tables else {}
+    owners = [f"[{_key(prefix, name)}]" for name, kind in subtables.items()
+              if key not in skip and key in {f.name for f in dataclasses.fields(kind)}]
+    return f" (a key of {', '.join(owners)})" if owners else ""
 
 
 def _key(prefix: str, name: str) -> str:
@@ -195,13 +246,16 @@ def _coerce(hint: Any, value: Any, where: str, key: str, bound: Range | None = N
     return value
 
 
-def numeric_keys(cls: type, prefix: str = "", extra: Mapping[str, Range] | None = None
+def numeric_keys(cls: type, prefix: str = "", extra: Mapping[str, Range] | None = None, skip: Collection[str] = ()
                  ) -> dict[str, tuple[type, Range | None]]:
-    """Every int and float key of configuration `cls` ("server.learning_rate", lists as "model.input_shape[]"),
-    with its type and declared range (None: none declared)."""
+    """Every int and float key of configuration `cls` ("server.learning_rate", lists as "model.input_shape[]",
+    sub-tables' as "server.fedadam.beta1"), with its type and declared range (None: none declared)."""
     found: dict[str, tuple[type, Range | None]] = {}
     hints = typing.get_type_hints(cls, include_extras=True)
+    tables = _tables(cls, hints)
     for f in dataclasses.fields(cls):
+        if f.name in skip or tables and f.name == tables[0]:
+            continue
         key, (hint, meta) = _key(prefix, f.name), _unwrap(hints[f.name])
         bound = (extra or {}).get(f.name) or next((m for m in meta if isinstance(m, Range)), None)
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -215,6 +269,9 @@ def numeric_keys(cls: type, prefix: str = "", extra: Mapping[str, Range] | None 
                 found[f"{key}[]"] = (item, next((m for m in item_meta if isinstance(m, Range)), None))
         elif hint in (int, float):
             found[key] = (hint, bound)
+    if tables:
+        for name, kind in tables[1].types().items():
+            found |= numeric_keys(kind, _key(prefix, name), skip=tables[1].set_by)
     return found
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fedlite.aggregator.kpis import KpiSettings
+from fedlite.aggregator.strategies import registry
 from fedlite.protocol.messages import TrainingPlan
 from fedlite.protocol.topics import check_id
-from fedlite.settings import PORT, SEED, FieldRanges, Range, load_toml, read_secret, require
+from fedlite.settings import PORT, SEED, FieldRanges, Range, Tables, load_toml, read_secret, require
 
 
 @dataclass
@@ -64,15 +66,13 @@ class RoundsSection:
 
 @dataclass
 class ServerSection:
-    optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
-    learning_rate: Annotated[float, Range(gt=0)] = 1.0
-    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
-    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
-    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99
-    tau: Annotated[float, Range(gt=0)] = 1e-3
-    aggregation: str = "mean"  # mean | trimmed_mean | median
-    trim_fraction: Annotated[float, Range(ge=0, lt=0.5)] = 0.1
-    sum_dtype: str = "float32"  # running-sum precision; rounding stays far below int8 quantization error
+    optimizer: str = "fedavg"  # a registered server optimizer: fedavg | fedavgm | fedadam | fedyogi | ...
+    learning_rate: Annotated[float, Range(gt=0)] = 1.0  # the server learning rate, of every optimizer
+    aggregation: str = "mean"  # a registered reducer: mean | trimmed_mean | median | ...
+    # [server.<name>]: each registered strategy's own settings (its config dataclass), e.g. [server.fedadam] beta1;
+    # after loading, every registered name has its table (defaults where the file gives none)
+    strategies: Annotated[dict[str, Any], Tables(registry.config_types, what="strategy",
+                                                 set_by={"server_lr": "learning_rate"})] = field(default_factory=dict)
     max_update_norm: Annotated[float, Range(gt=0, special=0, means="no bound")] = 0.0
     norm_policy: str = "clip"  # clip | reject
     max_update_bytes: Annotated[int, Range(ge=1)] = 64 * 1024 * 1024
@@ -86,14 +86,25 @@ class ServerSection:
     norm_warmup: Annotated[int, Range(ge=1)] = 3  # with no such rounds, updates held until this many set a bound
     max_step_ratio: Annotated[float, Range(ge=0)] = 1.0  # refuse a step longer than this x the weights' norm (0: off)
 
+    def __post_init__(self) -> None:
+        tables = {name: kind() for name, kind in registry.config_types().items()} | self.strategies
+        self.strategies = {name: _with_server_lr(table, self.learning_rate) for name, table in tables.items()}
+
     def validate(self) -> None:
         require(self.norm_refuse_multiple == 0 or self.norm_refuse_multiple >= self.norm_multiple,
                 f"norm_refuse_multiple must be 0 (never) or >= norm_multiple ({self.norm_multiple:g})")
-        require(self.optimizer in ("fedavg", "fedavgm", "fedadam"), "optimizer must be fedavg, fedavgm or fedadam")
-        require(self.aggregation in ("mean", "trimmed_mean", "median"),
-                "aggregation must be mean, trimmed_mean or median")
+        optimizers, reducers = registry.optimizer_names(), registry.reducer_names()
+        require(self.optimizer in optimizers,
+                f"optimizer must be one of {', '.join(optimizers)}, not {self.optimizer!r}")
+        require(self.aggregation in reducers,
+                f"aggregation must be one of {', '.join(reducers)}, not {self.aggregation!r}")
         require(self.norm_policy in ("clip", "reject"), "norm_policy must be clip or reject")
-        require(self.sum_dtype in ("float32", "float64"), "sum_dtype must be float32 or float64")
+
+
+def _with_server_lr(table: Any, learning_rate: float) -> Any:
+    if any(f.name == "server_lr" for f in dataclasses.fields(table)):
+        return dataclasses.replace(table, server_lr=learning_rate)
+    return table
 
 
 @dataclass

@@ -93,7 +93,8 @@ class Aggregator:
         self._sketcher = Sketcher(num_params(manifest))
         self.limits = update_limits([tuple(s) for _, s in weight_specs(manifest)], self.limits)
         self.kpis.initial_accuracy = self._evaluate(weights)["accuracy"]
-        optimizer = make_server_optimizer(self.config.server.optimizer, **_optimizer_params(self.config))
+        server = self.config.server
+        optimizer = make_server_optimizer(server.optimizer, config=server.strategies[server.optimizer])
         done, weights, opt_state = self._resume(weights, optimizer)
         self.run_identity = RunIdentity.start(self.state_dir)
         log.info("run %s, epoch %d (process start %d of this run)", self.run_identity.run,
@@ -281,8 +282,7 @@ class Aggregator:
         if p.enabled:  # DP-FedAvg: equal weights, noise on the sum, fixed denominator K
             params = dp.DpParams(p.clip_norm, p.noise_multiplier, float(cfg.rounds.clients_per_round))
             return dp.DpMeanAggregator(specs, params, dp.noise_rng(p.seed, number))
-        return make_aggregator(cfg.server.aggregation, specs, trim_fraction=cfg.server.trim_fraction,
-                               sum_dtype=cfg.server.sum_dtype)
+        return make_aggregator(cfg.server.aggregation, specs, config=cfg.server.strategies[cfg.server.aggregation])
 
     def _selectable(self) -> list[str]:
         """Eligible devices, without those flagged as anomalous when the operator excludes them."""
@@ -464,16 +464,6 @@ def _load_test_set(path: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     with np.load(path, allow_pickle=False) as data:
         return data["x"].astype(np.float32), data["y"].astype(np.int64)
-
-
-def _optimizer_params(config: AggregatorConfig) -> dict[str, float]:
-    s = config.server
-    params = {"learning_rate": s.learning_rate}
-    if s.optimizer == "fedavgm":
-        params["momentum"] = s.momentum
-    if s.optimizer == "fedadam":
-        params |= {"beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
-    return params
 
 
 def _broker_settings(config: AggregatorConfig) -> BrokerSettings:

@@ -16,18 +16,21 @@ task. Adaptivity makes the step per coordinate roughly server_lr in size, indepe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
 from fedlite.aggregator.strategies.fedavg import check_delta
+from fedlite.aggregator.strategies.registry import OptimizerSpec, register_optimizer
+from fedlite.settings import Range
 
 
 @dataclass(frozen=True)
 class FedAdamConfig:
     server_lr: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99
+    tau: Annotated[float, Range(gt=0)] = 1e-3
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
@@ -83,3 +86,9 @@ def state_from_arrays(arrays: dict[str, np.ndarray]) -> FedAdamState:
     if set(m) != set(v):
         raise ValueError("FedAdam state arrays have different names for m and v")
     return FedAdamState(m, v, int(arrays["step"]))
+
+
+register_optimizer(OptimizerSpec(
+    "fedadam", FedAdamConfig, init_server, server_step, state_to_arrays, state_from_arrays,
+    citation="Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, \"Adaptive Federated Optimization\", "
+             "ICLR 2021 (Algorithm 2, FedAdam)"))

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlite.aggregator.strategies.registry import OptimizerSpec, ReducerSpec, register_optimizer, register_reducer
+from fedlite.settings import require
+
 Specs = list[tuple[str, tuple[int, ...]]]
 
 # Chunk size (elements) for the float64 product in `accumulate`: bounds its temporary to 512 KiB.
@@ -123,6 +126,16 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> RunningSum:
     return RunningSum(sums, float(arrays["total_weight"]), int(arrays["count"]))
 
 
+@dataclass(frozen=True)
+class MeanConfig:
+    """[server.mean]: float32 running sums halve the accumulators; their rounding stays far below int8 quantization."""
+
+    sum_dtype: str = "float32"  # float32 | float64
+
+    def validate(self) -> None:
+        require(self.sum_dtype in ("float32", "float64"), "sum_dtype must be float32 or float64")
+
+
 class MeanAggregator:
     """The `Aggregator` interface over the pure functions above: streaming, O(model) memory."""
 
@@ -155,7 +168,7 @@ class FedAvgState:
     step: int = 0
 
 
-def init_server(weights: dict[str, np.ndarray]) -> FedAvgState:
+def init_server(weights: dict[str, np.ndarray], config: FedAvgConfig = FedAvgConfig()) -> FedAvgState:
     return FedAvgState()
 
 
@@ -189,3 +202,16 @@ def state_from_arrays(arrays: dict[str, np.ndarray]) -> FedAvgState:
     if "step" not in arrays:
         raise ValueError("FedAvg state arrays lack 'step'")
     return FedAvgState(step=int(arrays["step"]))
+
+
+_CITATION = ("McMahan, Moore, Ramage, Hampson, Agüera y Arcas, \"Communication-Efficient Learning of Deep Networks "
+             "from Decentralized Data\", AISTATS 2017")
+
+
+def _make_mean(specs: Specs, config: MeanConfig) -> MeanAggregator:
+    return MeanAggregator(specs, config.sum_dtype)
+
+
+register_optimizer(OptimizerSpec("fedavg", FedAvgConfig, init_server, server_step, state_to_arrays,
+                                 state_from_arrays, _CITATION))
+register_reducer(ReducerSpec("mean", MeanConfig, _make_mean, streaming=True, citation=_CITATION))

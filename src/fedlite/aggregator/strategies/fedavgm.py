@@ -14,10 +14,13 @@ keeps the effective rate of plain FedAvg).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
 from fedlite.aggregator.strategies.fedavg import check_delta
+from fedlite.aggregator.strategies.registry import OptimizerSpec, register_optimizer
+from fedlite.settings import Range
 
 _PREFIX = "momentum/"
 
@@ -25,7 +28,7 @@ _PREFIX = "momentum/"
 @dataclass(frozen=True)
 class FedAvgMConfig:
     server_lr: float = 1.0
-    momentum: float = 0.9
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.momentum < 1.0:
@@ -38,7 +41,7 @@ class FedAvgMState:
     step: int = 0
 
 
-def init_server(weights: dict[str, np.ndarray]) -> FedAvgMState:
+def init_server(weights: dict[str, np.ndarray], config: FedAvgMConfig = FedAvgMConfig()) -> FedAvgMState:
     return FedAvgMState({name: np.zeros(np.shape(w), np.float32) for name, w in weights.items()})
 
 
@@ -68,3 +71,9 @@ def state_from_arrays(arrays: dict[str, np.ndarray]) -> FedAvgMState:
     velocity = {key.removeprefix(_PREFIX): np.array(value, np.float32)
                 for key, value in arrays.items() if key.startswith(_PREFIX)}
     return FedAvgMState(velocity, int(arrays["step"]))
+
+
+register_optimizer(OptimizerSpec(
+    "fedavgm", FedAvgMConfig, init_server, server_step, state_to_arrays, state_from_arrays,
+    citation="Hsu, Qi, Brown, \"Measuring the Effects of Non-Identical Data Distribution for Federated Visual "
+             "Classification\", arXiv:1909.06335, 2019"))

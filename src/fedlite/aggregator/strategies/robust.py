@@ -13,8 +13,13 @@ plus one tensor's N copies at `result` time. Use them for small models or small 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+
+from fedlite.aggregator.strategies.registry import ReducerSpec, register_reducer
+from fedlite.settings import Range
 
 Specs = list[tuple[str, tuple[int, ...]]]
 
@@ -120,3 +125,28 @@ def trimmed_mean(stacked: np.ndarray, trim_fraction: float) -> np.ndarray:
     k = int(np.floor(trim_fraction * n))
     stacked.sort(axis=0)
     return np.mean(stacked[k : n - k], axis=0, dtype=np.float64).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TrimmedMeanConfig:
+    trim_fraction: Annotated[float, Range(ge=0, lt=0.5)] = 0.1  # beta: the share dropped from each side
+
+
+@dataclass(frozen=True)
+class MedianConfig:
+    """The median takes no parameters."""
+
+
+def _make_trimmed_mean(specs: Specs, config: TrimmedMeanConfig) -> TrimmedMeanAggregator:
+    return TrimmedMeanAggregator(specs, config.trim_fraction)
+
+
+def _make_median(specs: Specs, config: MedianConfig) -> MedianAggregator:
+    return MedianAggregator(specs)
+
+
+_CITATION = ("Yin, Chen, Ramchandran, Bartlett, \"Byzantine-Robust Distributed Learning: Towards Optimal "
+             "Statistical Rates\", ICML 2018")
+register_reducer(ReducerSpec("trimmed_mean", TrimmedMeanConfig, _make_trimmed_mean, streaming=False,
+                             citation=_CITATION))
+register_reducer(ReducerSpec("median", MedianConfig, _make_median, streaming=False, citation=_CITATION))
