@@ -53,3 +53,16 @@ def test_a_deployed_report_with_an_impossible_accuracy_never_reaches_the_rollout
     assert aggregator.inbox.drain()
     assert reached == [honest]
     assert aggregator.ledger.totals() == {"report": {"metrics": 1}}
+
+
+def test_a_full_inbox_refuses_as_busy_without_blocking_the_network_thread(aggregator: Aggregator):
+    from fedlite.aggregator.inbox import Inbox
+
+    aggregator.inbox = Inbox(aggregator._handle_item, aggregator._refuse_busy, workers=1, max_items=3,
+                             max_bytes=10_000)  # never started: nothing drains it until drain() is called
+    for _ in range(5):
+        aggregator._on_message(topics.update_topic(FED, "dev-1"), b"x" * 100)
+    aggregator._on_message(topics.update_topic(FED, "dev-2"), b"y" * 20_000)  # over the byte bound alone
+    assert aggregator.ledger.totals() == {"update": {"busy": 3}}
+    assert aggregator.inbox.drain()
+    assert aggregator.ledger.totals() == {"update": {"busy": 3, "late": 3}}  # the queued ones, between rounds
