@@ -23,6 +23,17 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
 
 
+def export_digits_mlp(out: Any) -> tuple[dict[str, Any], bytes, dict[str, np.ndarray]]:
+    """A real trainable export of the digits MLP into `out`: manifest, train.tflite bytes, random weights."""
+    from fedlite.model_export.convert import export_model
+    from fedlite.protocol.layout import num_params, unflatten
+
+    manifest = export_model("mlp", (64,), 10, out)
+    rng = np.random.default_rng(0)
+    weights = unflatten(rng.normal(0, 0.1, num_params(manifest)).astype(np.float32), manifest)
+    return manifest, (out / "train.tflite").read_bytes(), weights
+
+
 def softmax_regression(input_shape: tuple[int, ...], classes: int, **options: Any) -> ModelDef:
     """A user's own builder: linear softmax regression on the flattened input."""
     features = int(np.prod(input_shape))

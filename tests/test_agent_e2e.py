@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from broker_fixtures import open_client
-from helpers_models import digits_split
+from helpers_models import digits_split, export_digits_mlp
 
 from fedlite.demo.cluster import LocalFederation, wait_for, write_shard
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, decode, encode_model, encode_weights
-from fedlite.protocol.layout import num_params, unflatten
 from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
 from fedlite.protocol.selection import RULE, Selection, draw
 
@@ -28,13 +27,7 @@ SEED = "5e" * 16
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[dict, bytes, dict[str, np.ndarray]]:
-    from fedlite.model_export.convert import export_model
-
-    out = tmp_path_factory.mktemp("model")
-    manifest = export_model("mlp", (64,), 10, out)
-    rng = np.random.default_rng(0)
-    weights = unflatten(rng.normal(0, 0.1, num_params(manifest)).astype(np.float32), manifest)
-    return manifest, (out / "train.tflite").read_bytes(), weights
+    return export_digits_mlp(tmp_path_factory.mktemp("model"))
 
 
 class Coordinator:

@@ -66,10 +66,14 @@ class Mailbox:
             self._cond.notify_all()
 
     def wait(self, topic: str, deadline: float, stop: threading.Event,
-             give_up: Callable[[], bool] = lambda: False) -> bytes | None:
-        """The payload once it arrives; None at the deadline, on `stop`, or once `give_up()` holds."""
+             give_up: Callable[[], bool] = lambda: False, tick: Callable[[], None] = lambda: None) -> bytes | None:
+        """The payload once it arrives; None at the deadline, on `stop`, or once `give_up()` holds.
+
+        `tick` runs at least every 0.5 s while waiting (the agent feeds its systemd watchdog there).
+        """
         with self._cond:
             while topic not in self._items:
+                tick()
                 remaining = deadline - time.time()
                 if remaining <= 0 or stop.is_set() or give_up():
                     return None
@@ -230,7 +234,8 @@ class Agent:
     def _fetch_model(self, a: RoundAnnouncement) -> tuple[Any, dict[str, Any]]:
         if not self.models.has(a.model_hash):
             self.link.subscribe(a.model_topic)
-            payload = self._mailbox.wait(a.model_topic, a.deadline, self.stop_event, self._closed(a))
+            payload = self._mailbox.wait(a.model_topic, a.deadline, self.stop_event, self._closed(a),
+                                         self.notifier.ping)
             self.link.unsubscribe(a.model_topic)
             if payload is None:
                 raise RoundAbandoned("aborted", f"model {a.model_hash[:12]} did not arrive before the round closed")
@@ -239,11 +244,16 @@ class Agent:
             except ProtocolError as exc:
                 self.counters.bad_messages += 1
                 raise RoundAbandoned("aborted", f"model message refused: {exc}") from None
-        return self.models.trainer(a.model_hash)
+        trainer, manifest = self.models.trainer(a.model_hash)
+        mismatch = data_mismatch(self.data, manifest)
+        if mismatch:
+            raise RoundAbandoned("declined", f"data_mismatch: {mismatch}")
+        return trainer, manifest
 
     def _fetch_weights(self, a: RoundAnnouncement, manifest: dict[str, Any]) -> np.ndarray:
         self.link.subscribe(a.weights_topic)
-        payload = self._mailbox.wait(a.weights_topic, a.deadline, self.stop_event, self._closed(a))
+        payload = self._mailbox.wait(a.weights_topic, a.deadline, self.stop_event, self._closed(a),
+                                     self.notifier.ping)
         self.link.unsubscribe(a.weights_topic)
         if payload is None:
             raise RoundAbandoned("aborted", "global weights did not arrive before the round closed")
@@ -304,7 +314,7 @@ class Agent:
         self._check_gates("aborted")  # the network must still be allowed for the upload itself
         topic = topics.update_topic(self.federation, self.client_id)
         try:
-            self.link.publish(topic, payload)
+            self.link.publish(topic, payload, tick=self.notifier.ping)
         except (PayloadTooLarge, PublishRefused, TimeoutError) as exc:
             raise RoundAbandoned("aborted", f"update not delivered: {exc}") from None
 
@@ -348,6 +358,21 @@ class Agent:
         except PayloadTooLarge as exc:
             log.error("status not sent: %s", exc)
         self.notifier.status(f"{state}; " + ("eligible" if not failures else describe(failures)))
+
+
+def data_mismatch(data: LocalData, manifest: dict[str, Any]) -> str | None:
+    """Why the device's data cannot train this model (None if it can): feature shape or label range."""
+    expected = tuple(int(d) for d in manifest["input"]["shape"]) if isinstance(manifest.get("input"), dict) else None
+    if expected is None:
+        return None
+    for name, x in (("training", data.x_train), ("held-out", data.x_holdout)):
+        if len(x) and tuple(x.shape[1:]) != expected:
+            return f"{name} examples have shape {list(x.shape[1:])}, the model expects {list(expected)}"
+    classes = int(manifest.get("classes", 0))
+    labels = [y for y in (data.y_train, data.y_holdout) if len(y)]
+    if classes and labels and (min(int(y.min()) for y in labels) < 0 or max(int(y.max()) for y in labels) >= classes):
+        return f"labels fall outside 0..{classes - 1}"
+    return None
 
 
 def _state_provider(config: AgentConfig) -> StateProvider:

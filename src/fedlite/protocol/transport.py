@@ -6,6 +6,7 @@ import logging
 import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -147,15 +148,23 @@ class Link:
                 f"of {self.max_packet_size} B"
             )
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 30.0) -> int:
-        """Publish with QoS 1 and wait for the PUBACK; raise PublishRefused on a failure reason code."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 30.0,
+                tick: Callable[[], None] | None = None) -> int:
+        """Publish with QoS 1 and wait for the PUBACK; raise PublishRefused on a failure reason code.
+
+        `tick` runs at least every 0.5 s while waiting (a caller's watchdog).
+        """
         self.check_size(topic, payload)
         done = threading.Event()
         box: list = []
         with self._lock:
             info = self._client.publish(topic, payload, qos=1, retain=retain)
             self._acks[info.mid] = (done, box)
-        if not done.wait(timeout):
+        end = time.monotonic() + timeout
+        while not done.wait(min(0.5, max(0.0, end - time.monotonic()))) and time.monotonic() < end:
+            if tick is not None:
+                tick()
+        if not done.is_set():
             with self._lock:
                 self._acks.pop(info.mid, None)
             raise TimeoutError(f"no PUBACK for {topic} within {timeout:.0f} s")
