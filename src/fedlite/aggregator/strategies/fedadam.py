@@ -15,6 +15,7 @@ task. Adaptivity makes the step per coordinate roughly server_lr in size, indepe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -57,6 +58,22 @@ def server_step(
     config: FedAdamConfig = FedAdamConfig(),
 ) -> tuple[dict[str, np.ndarray], FedAdamState]:
     """One server update; returns new weights and a new state (the inputs are not modified)."""
+    return adaptive_step(weights, mean_delta, state, config, adam_second_moment)
+
+
+def adam_second_moment(v: np.ndarray, d2: np.ndarray, beta2: np.float32) -> np.ndarray:
+    """Adam: v <- beta2 * v + (1 - beta2) * Δ²."""
+    return beta2 * v + (1 - beta2) * d2
+
+
+SecondMoment = Callable[[np.ndarray, np.ndarray, np.float32], np.ndarray]
+
+
+def adaptive_step(
+    weights: dict[str, np.ndarray], mean_delta: dict[str, np.ndarray], state: FedAdamState, config: FedAdamConfig,
+    second_moment: SecondMoment,
+) -> tuple[dict[str, np.ndarray], FedAdamState]:
+    """The adaptive server step of Reddi et al. (Algorithm 2), with the second-moment update as a parameter."""
     check_delta(weights, mean_delta)
     check_delta(weights, state.m)
     check_delta(weights, state.v)
@@ -66,7 +83,7 @@ def server_step(
     for name, w in weights.items():
         d = np.asarray(mean_delta[name], np.float32)
         m[name] = (b1 * state.m[name] + (1 - b1) * d).astype(np.float32)
-        v[name] = (b2 * state.v[name] + (1 - b2) * np.square(d)).astype(np.float32)
+        v[name] = second_moment(state.v[name], np.square(d), b2).astype(np.float32)
         new[name] = (np.asarray(w, np.float32) + lr * m[name] / (np.sqrt(v[name]) + tau)).astype(np.float32)
     return new, FedAdamState(m, v, state.step + 1)
 

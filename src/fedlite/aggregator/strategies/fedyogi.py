@@ -15,34 +15,28 @@ large deltas, rounds of small ones shrink v (and so grow the step) slowly rather
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
 
 import numpy as np
 
-from fedlite.aggregator.strategies.fedadam import FedAdamState, state_from_arrays, state_to_arrays
-from fedlite.aggregator.strategies.fedavg import check_delta
+from fedlite.aggregator.strategies.fedadam import (
+    FedAdamConfig,
+    FedAdamState,
+    adaptive_step,
+    init_server,
+    state_from_arrays,
+    state_to_arrays,
+)
 from fedlite.aggregator.strategies.registry import OptimizerSpec, register_optimizer
-from fedlite.settings import Range
 
 
 @dataclass(frozen=True)
-class FedYogiConfig:
-    server_lr: float = 1e-2
-    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
-    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99
-    tau: Annotated[float, Range(gt=0)] = 1e-3
-
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
+class FedYogiConfig(FedAdamConfig):
+    """FedAdam's parameters and defaults (its own `[server.fedyogi]` table)."""
 
 
-def init_server(weights: dict[str, np.ndarray], config: FedYogiConfig = FedYogiConfig()) -> FedAdamState:
-    m = {name: np.zeros(np.shape(w), np.float32) for name, w in weights.items()}
-    v = {name: np.full(np.shape(w), config.tau**2, np.float32) for name, w in weights.items()}
-    return FedAdamState(m, v)
+def yogi_second_moment(v: np.ndarray, d2: np.ndarray, beta2: np.float32) -> np.ndarray:
+    """Yogi: v <- v - (1 - beta2) * Δ² * sign(v - Δ²)."""
+    return v - (1 - beta2) * d2 * np.sign(v - d2)
 
 
 def server_step(
@@ -50,19 +44,7 @@ def server_step(
     config: FedYogiConfig = FedYogiConfig(),
 ) -> tuple[dict[str, np.ndarray], FedAdamState]:
     """One server update; returns new weights and a new state (the inputs are not modified)."""
-    check_delta(weights, mean_delta)
-    check_delta(weights, state.m)
-    check_delta(weights, state.v)
-    b1, b2 = np.float32(config.beta1), np.float32(config.beta2)
-    lr, tau = np.float32(config.server_lr), np.float32(config.tau)
-    m, v, new = {}, {}, {}
-    for name, w in weights.items():
-        d = np.asarray(mean_delta[name], np.float32)
-        d2 = np.square(d)
-        m[name] = (b1 * state.m[name] + (1 - b1) * d).astype(np.float32)
-        v[name] = (state.v[name] - (1 - b2) * d2 * np.sign(state.v[name] - d2)).astype(np.float32)
-        new[name] = (np.asarray(w, np.float32) + lr * m[name] / (np.sqrt(v[name]) + tau)).astype(np.float32)
-    return new, FedAdamState(m, v, state.step + 1)
+    return adaptive_step(weights, mean_delta, state, config, yogi_second_moment)
 
 
 register_optimizer(OptimizerSpec(
