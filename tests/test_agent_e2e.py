@@ -13,7 +13,7 @@ from broker_fixtures import open_client
 from helpers_models import digits_split
 
 from fedlite.demo.cluster import LocalFederation, wait_for, write_shard
-from fedlite.protocol import topics
+from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import Header, decode, encode_model, encode_weights
 from fedlite.protocol.layout import num_params, unflatten
 from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
@@ -136,3 +136,11 @@ def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
         coordinator.drain()
         assert len(coordinator.inbox["updates"]) == 1  # still only round 1's update
         assert "round 3 aborted: charged: on battery" in agent.log_tail(50)
+
+        # 5. a plan in an encoding this agent cannot produce: declined with the reason, nothing trained
+        fed.set_device_state(DEVICE)
+        assert coordinator.statuses()[-1]["encodings"] == list(codecs.UPLINK)
+        coordinator.announce(4, weights, TrainingPlan(epochs=1, encoding="int3"))
+        report = wait_for(lambda: [r for r in coordinator.reports() if r["round"] == 4], 30, "a decline", [agent])[0]
+        assert report["kind"] == "declined" and report["reason"] == "encoding: 'int3' is not one this agent can produce"
+        assert len(coordinator.inbox["updates"]) == 1

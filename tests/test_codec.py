@@ -177,3 +177,104 @@ def test_flipped_bytes_raise_or_decode_to_the_declared_shapes(position, xor):
     except CodecError:
         return
     assert all(t.dtype == np.float32 and np.all(np.isfinite(t)) for t in message.tensors.values())
+
+
+# --- the codec registry ---------------------------------------------------------------------------------
+
+_GOLDEN_DELTA_SEED = 42
+
+
+def _golden_delta() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(_GOLDEN_DELTA_SEED)
+    return {"dense_0/kernel": rng.normal(0, 0.01, (8, 5)).astype(np.float32),
+            "dense_0/bias": rng.normal(0, 0.01, 5).astype(np.float32),
+            "dense_1/kernel": rng.normal(0, 0.01, (5, 3)).astype(np.float32), "dense_1/bias": np.zeros(3, np.float32)}
+
+
+def test_int8_through_the_registry_is_bit_identical_to_the_frames_before_it():
+    """sha256 of frames the encoder wrote before codecs had a registry (safetensors 0.x, zstandard 0.25 here)."""
+    import hashlib
+
+    header = _header(federation="f", client_id="dev-1", num_examples=12, metrics={"train_loss": 0.5}, sent_at=1.5,
+                     run="cd" * 16)
+    frames = {
+        "zstd": encode_update(_golden_delta(), header),
+        "raw": encode_update(_golden_delta(), header, compress=False),
+        "stochastic": encode_update(_golden_delta(), header, stochastic=True, rng=np.random.default_rng(7)),
+        "named": encode_update(_golden_delta(), header, encoding="int8"),
+    }
+    digests = {name: hashlib.sha256(frame).hexdigest() for name, frame in frames.items()}
+    assert digests == {"zstd": "7b7c2731d224d7d631af78fb4915dfe8040518c8aa04412be97a2912b992e9a1",
+                       "raw": "0b8adb949167afa2b0034dfbbadd65e6a49e0078035acf6ce154ecf3222ad84c",
+                       "stochastic": "9b8559f23d9a602df714532172613561b46ab2f03c2b6a6d8115046c3a6fdf56",
+                       "named": "7b7c2731d224d7d631af78fb4915dfe8040518c8aa04412be97a2912b992e9a1"}
+
+
+def test_the_registry_names_int8_first_and_refuses_unknown_encodings():
+    from fedlite.protocol import codecs
+
+    assert codecs.names("update")[0] == "int8" and codecs.get("int8").name == "int8"
+    assert {"float16", "float32"} <= set(codecs.names("weights")) and codecs.names("model") == ["blob"]
+    with pytest.raises(CodecError) as err:
+        codecs.get("int3")
+    assert err.value.reason == "header"
+    with pytest.raises(ValueError, match=r"^encoding must be one of int8(, [a-z0-9-]+)*, not 'int3'$"):
+        codecs.check_encoding("int3")
+    with pytest.raises(ValueError, match="does not encode updates"):
+        encode_update(_golden_delta(), _header(), encoding="float32")
+
+
+def _raw_frame(tensors: dict[str, np.ndarray], **header_values) -> bytes:
+    import json
+    from dataclasses import asdict
+
+    from safetensors.numpy import save
+
+    meta = asdict(_header()) | {"encoding": "int8", "protocol": 2} | header_values
+    return b"FLT\x02\x00" + save(tensors, metadata={"fedlite": json.dumps(meta)})
+
+
+def test_a_frame_in_an_encoding_no_codec_has_is_refused_as_header():
+    with pytest.raises(CodecError) as err:
+        decode(_raw_frame({"w": np.zeros(3, np.int8), "w:scale": np.ones(1, np.float32)}, encoding="int3"))
+    assert err.value.reason == "header"
+
+
+def test_int8_refuses_the_code_minus_128_its_encoder_never_writes():
+    frame = _raw_frame({"w": np.array([1, -128, 3], np.int8), "w:scale": np.ones(1, np.float32)})
+    with pytest.raises(CodecError) as err:
+        decode(frame)
+    assert err.value.reason == "code"
+    assert decode(_raw_frame({"w": np.array([1, -127, 3], np.int8), "w:scale": np.ones(1, np.float32)})).tensors[
+        "w"].tolist() == [1.0, -127.0, 3.0]
+
+
+def test_a_table_is_checked_against_the_model_before_any_tensor_is_read():
+    """Names, shapes and scale counts are compared with the model's layout from the table alone, and a table
+    that claims more data than the body holds is refused before anything is allocated for it."""
+    import tracemalloc
+
+    good = {"w": np.zeros((4, 3), np.int8), "w:scale": np.ones(3, np.float32)}
+    layout = [("w", (4, 3))]
+    assert decode(_raw_frame(good), shapes=layout).tensors["w"].shape == (4, 3)
+    cases = {"names": ([("v", (4, 3))], good), "shape": ([("w", (3, 4))], good),
+             "tensor": (layout, {"w": np.zeros((4, 3), np.int8), "w:scale": np.ones(4, np.float32)})}
+    for reason, (shapes, tensors) in cases.items():
+        with pytest.raises(CodecError) as err:
+            decode(_raw_frame(tensors), shapes=shapes)
+        assert err.value.reason == reason, reason
+    import json
+    import struct
+    from dataclasses import asdict
+
+    meta = json.dumps(asdict(_header()) | {"encoding": "int8", "protocol": 2})
+    table = json.dumps({"__metadata__": {"fedlite": meta},
+                        "w": {"dtype": "I8", "shape": [4_000_000_000, 3], "data_offsets": [0, 12_000_000_000]},
+                        "w:scale": {"dtype": "F32", "shape": [3], "data_offsets": [12, 24]}}).encode()
+    huge = b"FLT\x02\x00" + struct.pack("<Q", len(table)) + table + bytes(24)
+    tracemalloc.start()
+    with pytest.raises(CodecError) as err:
+        decode(huge)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert err.value.reason == "container" and peak < 1_000_000

@@ -332,7 +332,7 @@ def hostile(draw: st.DrawFn) -> Hostile:
         wrong = draw(st.integers().filter(lambda v: v != PROTOCOL_VERSION))
         return evil, raw_frame(quantized(delta), header_dict(evil, protocol=wrong)), {"version"}
     if kind == "flags":
-        return evil, good[:4] + bytes([good[4] | draw(st.sampled_from([2, 4, 8, 128]))]) + good[5:], {"flags"}
+        return evil, good[:4] + bytes([good[4] | draw(st.sampled_from([4, 8, 128]))]) + good[5:], {"flags"}
     if kind == "shape":
         name, shape = draw(st.sampled_from(SPECS))
         wrong = tuple(d + draw(st.integers(1, 3)) for d in shape)

@@ -1,4 +1,4 @@
-"""The device agent's main loop: status, round participation, gated local training, int8 updates."""
+"""The device agent's main loop: status, round participation, gated local training, encoded updates."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fedlite.agent.deploy import Channel, Deployer
 from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
 from fedlite.agent.state import FileState, PsutilState, StateProvider
-from fedlite.protocol import topics
+from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import Header, decode, encode_update
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import flatten
@@ -198,6 +198,8 @@ class Agent:
 
     def _take_part(self, a: RoundAnnouncement) -> None:
         try:
+            if a.plan.encoding not in codecs.UPLINK:
+                raise RoundAbandoned("declined", f"encoding: {a.plan.encoding!r} is not one this agent can produce")
             self._check_gates("declined")
             trainer, manifest = self._fetch_model(a)
             global_flat = self._fetch_weights(a, manifest)
@@ -288,7 +290,8 @@ class Agent:
         header = Header(kind="update", federation=self.federation, round=a.round, model_hash=a.model_hash,
                         client_id=self.client_id, num_examples=int(len(x)), run=a.run,
                         metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)})
-        return encode_update(delta, header, stochastic=plan.stochastic_rounding, rng=self._rng), result.steps
+        return encode_update(delta, header, encoding=plan.encoding, stochastic=plan.stochastic_rounding,
+                             rng=self._rng), result.steps
 
     def _publish_update(self, a: RoundAnnouncement, payload: bytes) -> None:
         self._check_gates("aborted")  # the network must still be allowed for the upload itself
@@ -320,7 +323,7 @@ class Agent:
             client_id=self.client_id, state=state, eligible=state != "offline" and not failures,
             failed_gates=failures, num_examples=int(len(self.data.x_train)), runtime=self.models.runtime,
             agent_version=__version__, cached_models=self.models.hashes(), updated_at=time.time(),
-            deployed_model=self.deployer.deployed_model,
+            deployed_model=self.deployer.deployed_model, encodings=list(codecs.UPLINK),
         )
 
     def _publish_status(self, state: str = "online") -> None:

@@ -25,13 +25,15 @@ class Fleet:
         with self._lock:
             self._devices[status.client_id] = DeviceView(status, now or time.time())
 
-    def eligible(self, now: float | None = None) -> list[str]:
-        """Devices online, eligible by their own gates, and heard from recently; sorted for determinism."""
+    def eligible(self, now: float | None = None, encoding: str | None = None) -> list[str]:
+        """Devices online, eligible by their own gates, heard from recently and, given an `encoding`, listing it
+        among the encodings they can produce; sorted for determinism."""
         now = now or time.time()
         with self._lock:
             return sorted(
                 cid for cid, view in self._devices.items()
                 if view.status.state == "online" and view.status.eligible and now - view.last_seen <= self.ttl
+                and (encoding is None or encoding in view.status.encodings)
             )
 
     def snapshot(self) -> dict[str, DeviceView]:
