@@ -1,6 +1,6 @@
 """Tensor encodings by name (the frame header's ``encoding``): one module per codec, each registering itself."""
 
-from fedlite.protocol.codecs import blob, floats, int8  # noqa: F401  (they register)
+from fedlite.protocol.codecs import blob, floats, int4, int8, int8_tensor, ternary_ef  # noqa: F401  (they register)
 from fedlite.protocol.codecs.base import (
     Codec,
     CodecError,
