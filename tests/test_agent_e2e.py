@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import signal
 import time
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from broker_fixtures import open_client
 from helpers_models import digits_split, export_digits_mlp
 
 from fedlite.demo.cluster import LocalFederation, wait_for, write_shard
-from fedlite.protocol import topics
+from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import Header, decode, encode_model, encode_weights
+from fedlite.protocol.layout import num_params, weight_specs
 from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
 from fedlite.protocol.selection import RULE, Selection, draw
 
@@ -48,12 +50,13 @@ class Coordinator:
         self.announced: list[tuple[RoundAnnouncement, bytes]] = []  # each announcement, signed
 
     def announce(self, number: int, weights: dict[str, np.ndarray], plan: TrainingPlan, deadline: float = 60,
-                 signing: str = "good", selected: bool = True) -> None:
+                 signing: str = "good", selected: bool = True, run: str = RUN,
+                 run_started_at: float = RUN_STARTED) -> None:
         """Publish weights and the round; `signing` "none" sends the announcement unsigned, "forged" tampers.
 
         The threshold sits on the device's draw: one above it selects the device, the draw itself does not.
         """
-        h = Header(kind="weights", federation=FED, round=number, model_hash=self.manifest["model_hash"], run=RUN)
+        h = Header(kind="weights", federation=FED, round=number, model_hash=self.manifest["model_hash"], run=run)
         topic = topics.weights_topic(FED, number)
         self.client.publish(topic, self.sign(topic, encode_weights(weights, h)), retain=True)
         announcement = RoundAnnouncement(
@@ -61,7 +64,8 @@ class Coordinator:
             model_topic=topics.model_topic(FED, self.manifest["model_hash"]),
             weights_topic=topics.weights_topic(FED, number), deadline=time.time() + deadline,
             selection=Selection(RULE, SEED, draw(SEED, DEVICE) + int(selected)),
-            plan=plan, session=f"s{number}", issued_at=time.time(), run=RUN, run_started_at=RUN_STARTED, epoch=1,
+            plan=plan, session=f"s{number}-{run[:4]}", issued_at=time.time(), run=run, run_started_at=run_started_at,
+            epoch=1,
         )
         topic, payload = topics.round_topic(FED), to_json(announcement)
         signed = self.sign(topic, payload)
@@ -158,6 +162,15 @@ def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
         assert all(s["state"] != "training" for s in coordinator.statuses()[seen:])
         assert "round 4" not in agent.log_tail(50)
 
+        # 6. a plan in an encoding this agent cannot produce: declined with the reason, nothing trained
+        fed.set_device_state(DEVICE)
+        assert coordinator.statuses()[-1]["encodings"] == list(codecs.UPLINK)
+        coordinator.announce(4, weights, TrainingPlan(epochs=1, encoding="int3"))
+        report = wait_for(lambda: [r for r in coordinator.reports() if r["round"] == 4], 30, "a decline", [agent])[0]
+        assert report["kind"] == "declined" and report["reason"] == "encoding: 'int3' is not one this agent can produce"
+        assert len(coordinator.inbox["updates"]) == 1
+
+
 def test_a_closed_round_stops_training_for_its_session_and_its_announcement_is_not_followed_again(tmp_path: Path,
                                                                                                     exported):
     manifest, train_bytes, weights = exported
@@ -192,3 +205,54 @@ def test_a_closed_round_stops_training_for_its_session_and_its_announcement_is_n
         wait_for(lambda: coordinator.drain() or coordinator.inbox["updates"], 60, "the round 2 update", [agent])
         assert [decode(u).header.round for u in coordinator.inbox["updates"]] == [2]
         assert "Traceback" not in agent.log.read_text()
+
+
+def test_agent_sends_ternary_updates_with_a_residual_that_survives_a_restart_and_resets_on_a_new_run(
+        tmp_path: Path, exported) -> None:
+    from fedlite.agent.residual import FILE, ResidualStore
+
+    manifest, train_bytes, weights = exported
+    layout, params = weight_specs(manifest), num_params(manifest)
+    plan = TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1, encoding="ternary-ef")
+    x_train, y_train, _, _ = digits_split()
+    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
+        fed.start_broker()
+        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
+        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5})
+        residual_file = tmp_path / "run" / "agents" / DEVICE / "state" / FILE
+        coordinator = Coordinator(fed, manifest, train_bytes)
+        agent = fed.start(DEVICE, "agent", config)
+        wait_for(lambda: any(s["eligible"] and "ternary-ef" in s["encodings"] for s in coordinator.statuses()), 30,
+                 "an eligible status listing ternary-ef", [agent])
+
+        def round_update(number: int, **announce) -> tuple[bytes, dict[str, np.ndarray]]:
+            coordinator.announce(number, weights, plan, **announce)
+            wait_for(lambda: coordinator.drain() or len(coordinator.inbox["updates"]) >= number, 60,
+                     f"the round {number} update", [agent])
+            payload = coordinator.inbox["updates"][number - 1]
+            message = decode(payload, shapes=layout)
+            assert (message.header.encoding, message.header.round) == ("ternary-ef", number)
+            return payload, message.tensors
+
+        payload, sent = round_update(1)
+        assert len(payload) < 0.05 * 4 * params  # a float32 update of this model is 4 B per weight
+        assert all(len(np.unique(v)) <= 3 for v in sent.values()) and any(np.any(v) for v in sent.values())
+        key, residual = ResidualStore(residual_file)._read()
+        assert (key.run, key.model_hash, key.encoding, key.round) == (RUN, manifest["model_hash"], "ternary-ef", 1)
+        assert set(residual) == set(sent) and sum(float(np.abs(r).sum()) for r in residual.values()) > 0
+
+        fed.kill(DEVICE, signal.SIGTERM)
+        restarted = time.time()
+        agent = fed.start(DEVICE, "agent", config)
+        wait_for(lambda: any(s["eligible"] and s["updated_at"] > restarted for s in coordinator.statuses()), 30,
+                 "the restarted agent's status", [agent])
+        round_update(2)
+        key, _ = ResidualStore(residual_file)._read()
+        assert (key.run, key.round) == (RUN, 2)
+        assert "residual" not in agent.log_tail(200)  # the residual of round 1 was used, not reset
+
+        other = "b" * 32
+        round_update(3, run=other, run_started_at=RUN_STARTED + 100)
+        key, _ = ResidualStore(residual_file)._read()
+        assert (key.run, key.round) == (other, 3)
+        assert "error-feedback residual of round 2 reset: a new run" in agent.log_tail(200)

@@ -1,10 +1,12 @@
 """Hypothesis fuzzing of everything that parses bytes from the network.
 
-1. `protocol.codec.decode`: arbitrary bytes, mutated real frames, frames with hypothesis-built headers.
-2. The aggregator's update handling: a real `RoundAttempt` (and the `Aggregator`'s message entry point) fed
-   truncated, oversized, wrong-version, wrong-shape, NaN/Inf, giant-scale, replayed and cross-federation
-   payloads among valid ones: only `Rejected` comes out, each refusal is counted under the expected reason,
-   and the aggregate equals the one of the valid updates alone.
+1. `protocol.codec.decode`: arbitrary bytes, mutated real frames of every codec (safetensors and compact
+   bodies, decoded with and without the model's layout), frames with hypothesis-built headers.
+2. The aggregator's update handling: a real `RoundAttempt` in every update encoding (and the `Aggregator`'s
+   message entry point) fed truncated, oversized, wrong-version, wrong-shape, NaN/Inf, giant-scale,
+   out-of-range-code, wrong-encoding, replayed and cross-federation payloads among valid ones: only `Rejected`
+   comes out, each refusal is counted under the expected reason, and the aggregate equals the one of the
+   valid updates alone.
 3. `protocol.messages.from_json` for every control message type (round, status, report, deploy).
 """
 
@@ -30,8 +32,9 @@ from fedlite.aggregator.rounds import RoundAttempt
 from fedlite.aggregator.service import Aggregator
 from fedlite.aggregator.strategies import make_aggregator
 from fedlite.aggregator.validation import Rejected, RoundContext
-from fedlite.protocol import PROTOCOL_VERSION, topics
+from fedlite.protocol import PROTOCOL_VERSION, codecs, topics
 from fedlite.protocol.codec import (
+    FLAG_COMPACT,
     FLAG_ZSTD,
     MAGIC,
     CodecError,
@@ -68,7 +71,9 @@ EVIL = ["evil-0", "evil-1"]  # selected, but never send a valid update: their pa
 OUTSIDER = "mallory"  # enrolled, not selected
 LIMITS = Limits(max_payload_bytes=32 * 1024, max_decoded_bytes=128 * 1024, max_tensors=64, max_header_bytes=8 * 1024)
 CODEC_REASONS = {"type", "too_large", "truncated", "bad_magic", "version", "flags", "compression", "header",
-                 "container", "tensor", "nonfinite"}
+                 "container", "tensor", "nonfinite", "code", "size", "layout", "names", "shape"}
+UPLINK = codecs.names("update")
+FIXED_SIZE = {"int8", "int8-tensor", "int4"}  # codecs whose wire size follows from the shapes alone
 # hostile int8 scales overflow float32 while being dequantized; decode then refuses the Inf it made
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 FUZZ = settings(max_examples=150, deadline=None, database=None,
@@ -84,8 +89,8 @@ def header(client: str = "dev-0", **values: Any) -> Header:
     return Header(**fields)
 
 
-def update(client: str, delta: dict[str, np.ndarray], **values: Any) -> bytes:
-    return encode_update(delta, header(client, **values))
+def update(client: str, delta: dict[str, np.ndarray], encoding: str = "int8", **values: Any) -> bytes:
+    return encode_update(delta, header(client, **values), encoding=encoding)
 
 
 def raw_frame(tensors: dict[str, np.ndarray], meta: dict[str, Any] | str, *, version: int = PROTOCOL_VERSION,
@@ -107,13 +112,40 @@ def header_dict(client: str = "evil-0", **values: Any) -> dict[str, Any]:
             "sent_at": 1.0} | values
 
 
-def quantized(delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """int8 tensors + scales exactly as encode_update writes them."""
-    from fedlite.protocol.codec import SCALE_SUFFIX, quantize_int8
+def quantized(delta: dict[str, np.ndarray], encoding: str = "int8") -> dict[str, np.ndarray]:
+    """The wire tensors of `encoding` exactly as encode_update writes them (for a safetensors body)."""
+    return codecs.get(encoding).encode(delta)[0]
 
-    out = {}
-    for name, value in delta.items():
-        out[name], out[name + SCALE_SUFFIX] = quantize_int8(value)
+
+def giant(tensors: dict[str, np.ndarray], name: str, encoding: str, scale: np.float32) -> dict[str, np.ndarray]:
+    """`name`'s codes all at the codec's largest magnitude, times a huge finite scale."""
+    out = dict(tensors) | {name + ":scale": np.full_like(tensors[name + ":scale"], scale)}
+    if encoding in ("int8", "int8-tensor"):
+        out[name] = np.full_like(tensors[name], 127)
+    elif encoding == "int4":
+        out[name + ":int4"] = np.full_like(tensors[name + ":int4"], 0x77)
+    else:
+        n = dict(SPECS)[name]
+        count = int(np.prod(n))
+        out[name + ":mask"] = np.packbits(np.ones(count, bool))
+        out[name + ":sign"] = np.packbits(np.zeros(count, bool))
+    return out
+
+
+def bad_code(tensors: dict[str, np.ndarray], name: str, encoding: str) -> dict[str, np.ndarray]:
+    """One code outside the codec's range (or a padding bit set): what its encoder never writes."""
+    out = dict(tensors)
+    if encoding in ("int8", "int8-tensor"):
+        out[name] = tensors[name].copy()
+        out[name].flat[0] = -128
+    elif encoding == "int4":
+        out[name + ":int4"] = tensors[name + ":int4"].copy()
+        out[name + ":int4"][0] = 0x08  # the code -8
+    else:  # a set padding bit in the mask of a weight whose size is no multiple of 8
+        name = next(n for n, shape in SPECS if int(np.prod(shape)) % 8)
+        mask = np.unpackbits(tensors[name + ":mask"])
+        mask[-1] = 1
+        out[name + ":mask"] = np.packbits(mask)
     return out
 
 
@@ -123,12 +155,12 @@ def zeros() -> dict[str, np.ndarray]:
 
 def uncompressed(payload: bytes) -> bytes:
     """The same frame with its body decompressed, so mutations reach the container parser."""
-    if not payload[4] & FLAG_ZSTD:
+    if len(payload) < 5 or not payload[4] & FLAG_ZSTD:
         return payload
-    import zstandard
+    from fedlite.protocol.codec import _decompressor
 
-    return payload[:4] + bytes([payload[4] & ~FLAG_ZSTD]) + zstandard.ZstdDecompressor().decompressobj().decompress(
-        payload[5:])
+    body = _decompressor(bool(payload[4] & FLAG_COMPACT)).decompressobj().decompress(payload[5:])
+    return payload[:4] + bytes([payload[4] & ~FLAG_ZSTD]) + body
 
 
 # --- strategies ----------------------------------------------------------------------------------------
@@ -145,14 +177,15 @@ def deltas(draw: st.DrawFn) -> dict[str, np.ndarray]:
 @st.composite
 def real_frames(draw: st.DrawFn) -> bytes:
     """A well-formed update, weights or model frame, compressed or not."""
-    kind = draw(st.sampled_from(["update", "weights16", "weights32", "model"]))
+    kind = draw(st.sampled_from(["update", "weights16", "weights32", "weights8", "model"]))
     compress = draw(st.booleans())
     if kind == "update":
-        return encode_update(draw(deltas()), header(), compress=compress)
+        encoding, compact = draw(st.sampled_from(UPLINK)), draw(st.sampled_from([None, False, True]))
+        return encode_update(draw(deltas()), header(), encoding=encoding, compress=compress, compact=compact)
     if kind == "model":
         blob = draw(st.binary(min_size=1, max_size=300))
         return encode_model(blob, header(kind="model"), compress=compress)
-    dtype = "float16" if kind == "weights16" else "float32"
+    dtype = {"weights16": "float16", "weights32": "float32", "weights8": "int8"}[kind]
     return encode_weights(draw(deltas()), header(kind="weights"), dtype=dtype, compress=compress)
 
 
@@ -192,10 +225,10 @@ def big_int_text(digits: int) -> str:
 # --- checks --------------------------------------------------------------------------------------------
 
 
-def decode_or_reason(payload: bytes, limits: Limits = LIMITS) -> Message | str:
+def decode_or_reason(payload: bytes, limits: Limits = LIMITS, shapes: Any = None) -> Message | str:
     """decode() must either return a well-formed message or raise CodecError with a known reason."""
     try:
-        message = decode(payload, limits=limits)
+        message = decode(payload, limits=limits, shapes=shapes)
     except CodecError as exc:
         assert exc.reason in CODEC_REASONS, exc
         return exc.reason
@@ -256,19 +289,21 @@ def test_decode_of_arbitrary_bytes_only_raises_codec_error(payload: bytes) -> No
 @given(st.data())
 def test_decode_of_mutated_real_frames_only_raises_codec_error(data: st.DataObject) -> None:
     frame = data.draw(real_frames())
-    target = data.draw(st.sampled_from([frame, uncompressed(frame)]))
-    decode_or_reason(data.draw(mutated(target)))
+    target = data.draw(mutated(data.draw(st.sampled_from([frame, uncompressed(frame)]))))
+    decode_or_reason(target)
+    decode_or_reason(target, shapes=SPECS)
 
 
 @FUZZ
 @given(st.dictionaries(st.sampled_from(sorted(dataclasses.asdict(header()))) | st.text(max_size=6), json_values,
                        max_size=12),
-       st.booleans(), st.sampled_from(["int8", "float16", "float32", "blob"]))
+       st.booleans(), st.sampled_from(codecs.names()))
 def test_decode_with_hypothesis_built_headers_only_raises_codec_error(values: dict, base: bool, encoding: str) -> None:
     meta = (header_dict(encoding=encoding) if base else {}) | values
-    tensors = {"int8": quantized(zeros()), "float16": {n: v.astype(np.float16) for n, v in zeros().items()},
-               "float32": zeros(), "blob": {"blob": np.arange(5, dtype=np.uint8)}}[encoding]
-    decode_or_reason(raw_frame(tensors, json.dumps(meta)))  # json.dumps writes NaN/Infinity literals as is
+    tensors = {"blob": np.arange(5, dtype=np.uint8)} if encoding == "blob" else quantized(zeros(), encoding)
+    frame = raw_frame(tensors, json.dumps(meta))  # json.dumps writes NaN/Infinity literals as is
+    decode_or_reason(frame)
+    decode_or_reason(frame, shapes=SPECS)
 
 
 @pytest.mark.parametrize("text", [
@@ -308,9 +343,9 @@ def new_aggregator(kind: str) -> Any:
     return make_aggregator(kind, SPECS, **({"sum_dtype": "float64"} if kind == "mean" else {}))
 
 
-def new_attempt(aggregation: str = "mean") -> RoundAttempt:
+def new_attempt(aggregation: str = "mean", encoding: str = "int8") -> RoundAttempt:
     context = RoundContext(federation=FED, round=ROUND, model_hash=MODEL_HASH, manifest=MANIFEST,
-                           selected=frozenset(HONEST + EVIL), accepted=set(), max_examples=10_000)
+                           selected=frozenset(HONEST + EVIL), accepted=set(), max_examples=10_000, encoding=encoding)
     return RoundAttempt(number=ROUND, session="fuzz", selected=frozenset(HONEST + EVIL), deadline=time.time() + 60,
                         clients_per_round=len(HONEST + EVIL), quorum=1, context=context, limits=LIMITS,
                         aggregator=new_aggregator(aggregation))
@@ -320,15 +355,17 @@ Hostile = tuple[str, bytes, set[str] | None]  # topic client, payload, the reaso
 
 
 @st.composite
-def hostile(draw: st.DrawFn) -> Hostile:
-    """One hostile update of a kind named in the brief, with the reason(s) the aggregator must give."""
+def hostile(draw: st.DrawFn, encoding: str = "int8") -> Hostile:
+    """One hostile update of a kind named in the brief, in the round's `encoding`, with the reason(s) the
+    aggregator must give. A compact body has no names or shapes (its layout is the model's, which the header's
+    model_hash names): wrong names and shapes are tried in named tables, and as compact bodies of the wrong size."""
     evil = draw(st.sampled_from(EVIL))
     delta = draw(deltas())
-    good = update(evil, delta)
+    good = update(evil, delta, encoding)
     kind = draw(st.sampled_from(["truncated", "oversized", "version", "header_version", "flags", "shape", "names",
                                  "nan", "inf", "nan_metric", "giant_scale", "federation", "stale", "future",
                                  "sender", "unselected", "model_hash", "examples", "kind", "mutated", "random_header",
-                                 "garbage"]))
+                                 "garbage", "bad_code", "encoding"]))
     if kind == "truncated":
         return evil, good[: draw(st.integers(0, len(good) - 1))], CODEC_REASONS
     if kind == "oversized":
@@ -338,39 +375,53 @@ def hostile(draw: st.DrawFn) -> Hostile:
         return evil, good[:3] + bytes([wrong]) + good[4:], {"version"}
     if kind == "header_version":
         wrong = draw(st.integers().filter(lambda v: v != PROTOCOL_VERSION))
-        return evil, raw_frame(quantized(delta), header_dict(evil, protocol=wrong)), {"version"}
+        return evil, raw_frame(quantized(delta, encoding), header_dict(evil, protocol=wrong, encoding=encoding)), {
+            "version"}
     if kind == "flags":
-        return evil, good[:4] + bytes([good[4] | draw(st.sampled_from([2, 4, 8, 128]))]) + good[5:], {"flags"}
+        return evil, good[:4] + bytes([good[4] | draw(st.sampled_from([4, 8, 128]))]) + good[5:], {"flags"}
     if kind == "shape":
         name, shape = draw(st.sampled_from(SPECS))
         wrong = tuple(d + draw(st.integers(1, 3)) for d in shape)
-        return evil, update(evil, delta | {name: np.zeros(wrong, np.float32)}), {"shape"}
+        changed = delta | {name: np.ones(wrong, np.float32)}
+        if encoding in FIXED_SIZE and draw(st.booleans()):  # a compact body one weight too long: refused by size
+            frame = encode_update(changed, header(evil), encoding=encoding, compact=True)
+            return evil, frame, {"size", "truncated", "code", "nonfinite"}
+        frame = encode_update(changed, header(evil), encoding=encoding, compact=False)  # a named table
+        return evil, frame, {"shape", "tensor", "code"}  # code: a packed tensor of the same bytes, padding set
     if kind == "names":
         name = draw(st.sampled_from([n for n, _ in SPECS]))
         changed = {k: v for k, v in delta.items() if k != name} | draw(st.sampled_from([{}, {"extra": delta[name]}]))
-        return evil, update(evil, changed), {"names"}
+        return evil, encode_update(changed, header(evil), encoding=encoding, compact=False), {"names"}
     if kind in ("nan", "inf"):
         name, _ = draw(st.sampled_from(SPECS))
         bad = delta[name].copy()
         poison = np.nan if kind == "nan" else draw(st.sampled_from([-np.inf, np.inf]))
         bad.flat[draw(st.integers(0, bad.size - 1))] = poison
         with np.errstate(invalid="ignore"):
-            return evil, update(evil, delta | {name: bad}), {"nonfinite"}
+            return evil, update(evil, delta | {name: bad}, encoding), {"nonfinite"}
     if kind == "nan_metric":
-        meta = header_dict(evil, metrics={"loss": draw(st.sampled_from([math.nan, math.inf, -math.inf]))})
-        return evil, raw_frame(quantized(delta), json.dumps(meta)), {"nonfinite"}
+        meta = header_dict(evil, metrics={"loss": draw(st.sampled_from([math.nan, math.inf, -math.inf]))},
+                           encoding=encoding)
+        return evil, raw_frame(quantized(delta, encoding), json.dumps(meta)), {"nonfinite"}
     if kind == "giant_scale":
-        tensors = quantized(delta)
         name = draw(st.sampled_from([n for n, _ in SPECS]))
-        tensors[name] = np.full_like(tensors[name], draw(st.sampled_from([-127, 127])))
-        tensors[name + ":scale"] = np.full_like(tensors[name + ":scale"], draw(st.floats(100.0, 2.0**127, width=32)))
-        return evil, raw_frame(tensors, header_dict(evil)), {"magnitude", "nonfinite"}  # inf once 127 * s overflows
+        tensors = giant(quantized(delta, encoding), name, encoding, draw(st.floats(2e3, 2.0**127, width=32)))
+        # inf once the largest code x s overflows
+        return evil, raw_frame(tensors, header_dict(evil, encoding=encoding)), {"magnitude", "nonfinite"}
+    if kind == "bad_code":
+        name = draw(st.sampled_from([n for n, _ in SPECS]))
+        tensors = bad_code(quantized(delta, encoding), name, encoding)
+        return evil, raw_frame(tensors, header_dict(evil, encoding=encoding)), {"code"}
+    if kind == "encoding":
+        other = draw(st.sampled_from([e for e in UPLINK if e != encoding]))
+        return evil, update(evil, delta, other), {"encoding"}
     if kind == "mutated":  # from the unselected outsider: even a mutation that still decodes is never accepted
-        return OUTSIDER, draw(mutated(update(OUTSIDER, delta))), None
+        return OUTSIDER, draw(mutated(update(OUTSIDER, delta, encoding))), None
     if kind == "random_header":  # a hypothesis-built header, from the outsider too
         keys = st.sampled_from(sorted(header_dict())) | st.text(max_size=6)
-        meta = header_dict(OUTSIDER) | draw(st.dictionaries(keys, json_values, min_size=1, max_size=4))
-        return OUTSIDER, raw_frame(quantized(delta), json.dumps(meta)), None
+        meta = header_dict(OUTSIDER, encoding=encoding) | draw(st.dictionaries(keys, json_values, min_size=1,
+                                                                               max_size=4))
+        return OUTSIDER, raw_frame(quantized(delta, encoding), json.dumps(meta)), None
     if kind == "garbage":
         return evil, draw(st.binary(max_size=64)), CODEC_REASONS
     values, reason = {
@@ -386,7 +437,7 @@ def hostile(draw: st.DrawFn) -> Hostile:
     client = OUTSIDER if kind == "unselected" else evil
     if kind == "kind":
         return evil, encode_weights(delta, header(evil, **values)), {reason}
-    return client, update(client, delta, **values), {reason}
+    return client, update(client, delta, encoding, **values), {reason}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,12 +449,13 @@ class Offer:
 
 
 @st.composite
-def rounds(draw: st.DrawFn) -> list[Offer]:
+def rounds(draw: st.DrawFn, encoding: str = "int8") -> list[Offer]:
     """Valid updates from some honest clients and hostile ones, interleaved; replays of the valid ones last."""
     clients = draw(st.lists(st.sampled_from(HONEST), min_size=1, max_size=len(HONEST), unique=True))
-    valid = [Offer(c, update(c, draw(deltas()), num_examples=draw(st.integers(1, 5000))), valid=True)
+    valid = [Offer(c, update(c, draw(deltas()), encoding, num_examples=draw(st.integers(1, 5000))), valid=True)
              for c in clients]
-    attacks = [Offer(c, p, None if r is None else frozenset(r)) for c, p, r in draw(st.lists(hostile(), max_size=12))]
+    attacks = [Offer(c, p, None if r is None else frozenset(r))
+               for c, p, r in draw(st.lists(hostile(encoding), max_size=12))]
     replays = [Offer(o.client, o.payload, frozenset({"duplicate"})) for o in draw(st.lists(st.sampled_from(valid),
                                                                                          max_size=3))]
     return draw(st.permutations(valid + attacks)) + replays
@@ -413,7 +465,7 @@ def reference_aggregate(aggregation: str, valid: list[Offer]) -> dict[str, np.nd
     """What the valid updates alone aggregate to, decoded and added in the same order."""
     reference = new_aggregator(aggregation)
     for offer in valid:
-        message = decode(offer.payload, limits=LIMITS)
+        message = decode(offer.payload, limits=LIMITS, shapes=SPECS)
         reference.add(message.tensors, float(message.header.num_examples))
     return reference.result()
 
@@ -431,11 +483,13 @@ def offer_all(attempt: RoundAttempt, sequence: list[Offer]) -> list[str | None]:
     return outcomes
 
 
+@pytest.mark.parametrize("encoding", UPLINK)
 @FUZZ
-@given(rounds(), st.sampled_from(["mean", "trimmed_mean", "median"]))
-def test_round_attempt_refuses_every_hostile_update_and_aggregates_only_the_valid(sequence: list[Offer],
+@given(data=st.data(), aggregation=st.sampled_from(["mean", "trimmed_mean", "median"]))
+def test_round_attempt_refuses_every_hostile_update_and_aggregates_only_the_valid(encoding: str, data: st.DataObject,
                                                                                  aggregation: str) -> None:
-    attempt = new_attempt(aggregation)
+    sequence = data.draw(rounds(encoding))
+    attempt = new_attempt(aggregation, encoding)
     outcomes = offer_all(attempt, sequence)
 
     for offer, outcome in zip(sequence, outcomes, strict=True):

@@ -51,3 +51,17 @@ def test_malformed_messages_raise_message_error(payload, match):
 def test_non_finite_numbers_are_refused():
     with pytest.raises(MessageError):
         from_json(RoundAnnouncement, to_json(_announcement()).replace(b"12.5", b"NaN"))
+
+
+def test_a_plan_and_a_status_without_encodings_mean_int8_as_before_the_codec_registry():
+    import json
+
+    plan = json.loads(to_json(_announcement()))
+    del plan["plan"]["encoding"]
+    assert from_json(RoundAnnouncement, json.dumps(plan).encode()).plan.encoding == "int8"
+    status = json.loads(to_json(DeviceStatus(client_id="a", state="online")))
+    del status["encodings"]
+    assert from_json(DeviceStatus, json.dumps(status).encode()).encodings == ["int8"]
+    with pytest.raises(MessageError, match="encodings must be a list"):
+        from_json(DeviceStatus, to_json(DeviceStatus(client_id="a", state="online")).replace(
+            b'"encodings":["int8"]', b'"encodings":"int8"'))

@@ -215,3 +215,18 @@ def test_random_bytes_are_always_rejected_never_raised(payload):
         assert exc.reason and isinstance(exc.detail, str)
     else:  # only a flip that leaves a well-formed update (e.g. inside an int8 value) may pass
         assert isinstance(update, ValidUpdate) and update.client_id == "dev-1"
+
+
+def test_an_update_in_another_encoding_than_the_plans_is_refused_before_its_tensors_are_decoded():
+    import json
+    from dataclasses import asdict
+
+    from safetensors.numpy import save
+
+    meta = asdict(Header(kind="update", federation="fed", round=5, model_hash=HASH, client_id="dev-1",
+                         num_examples=100)) | {"encoding": "float32", "protocol": PROTOCOL_VERSION}
+    poison = {"w": np.full((4, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}  # would be "nonfinite"
+    frame = b"FLT" + V + b"\x00" + save(poison, metadata={"fedlite": json.dumps(meta)})
+    assert _reason(frame) == "encoding"
+    assert _reason(_payload(), ctx=_ctx(encoding="float16")) == "encoding"
+    assert validate_update(_payload(), "dev-1", _ctx(encoding="int8")).client_id == "dev-1"

@@ -1,4 +1,4 @@
-"""The device agent's main loop: status, round participation, gated local training, int8 updates."""
+"""The device agent's main loop: status, round participation, gated local training, encoded updates."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from fedlite.agent.data import LocalData, load_local_data
 from fedlite.agent.deploy import Channel, Deployer
 from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
+from fedlite.agent.residual import FILE as RESIDUAL_FILE
+from fedlite.agent.residual import ResidualKey, ResidualStore
 from fedlite.agent.state import FileState, PsutilState, StateProvider
-from fedlite.protocol import topics
-from fedlite.protocol.codec import Header, decode, encode_update
+from fedlite.protocol import codecs, topics
+from fedlite.protocol.codec import Header, decode, encode_update_with_residual
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import flatten
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
@@ -101,6 +103,7 @@ class Agent:
         self._progress_path = self.state_dir / "progress.json"
         self._mark = watermark.load(self._progress_path)
         self._mark_lock = threading.Lock()  # the network thread advances the mark, the agent's thread finishes it
+        self.residuals = ResidualStore(self.state_dir / RESIDUAL_FILE)  # error feedback, per model
         self._rng = np.random.default_rng(config.agent.seed or None)
         self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
         self.deployer = Deployer(config.deploy, self.state_dir, self.client_id, self.federation)
@@ -211,6 +214,8 @@ class Agent:
 
     def _take_part(self, a: RoundAnnouncement) -> None:
         try:
+            if a.plan.encoding not in codecs.UPLINK:
+                raise RoundAbandoned("declined", f"encoding: {a.plan.encoding!r} is not one this agent can produce")
             self._check_gates("declined")
             trainer, manifest = self._fetch_model(a)
             global_flat = self._fetch_weights(a, manifest)
@@ -218,6 +223,7 @@ class Agent:
             with self.models.lock:  # one interpreter per model; virtual agents in one process take turns
                 payload, steps = self._train(a, trainer, manifest, global_flat)
             self._publish_update(a, payload)
+            self.residuals.commit()  # what the sent update left out, for the next one
             with self._mark_lock:
                 self._mark = watermark.finished(self._mark, a.session)
                 watermark.save(self._progress_path, self._mark)
@@ -308,7 +314,12 @@ class Agent:
         header = Header(kind="update", federation=self.federation, round=a.round, model_hash=a.model_hash,
                         client_id=self.client_id, num_examples=int(len(x)), run=a.run,
                         metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)})
-        return encode_update(delta, header, stochastic=plan.stochastic_rounding, rng=self._rng), result.steps
+        key = ResidualKey(a.run, a.model_hash, plan.encoding, a.round)
+        residual = self.residuals.load(key) if codecs.get(plan.encoding).residual else None
+        payload, left = encode_update_with_residual(delta, header, encoding=plan.encoding, residual=residual,
+                                                    stochastic=plan.stochastic_rounding, rng=self._rng)
+        self.residuals.stage(key, left)
+        return payload, result.steps
 
     def _publish_update(self, a: RoundAnnouncement, payload: bytes) -> None:
         self._check_gates("aborted")  # the network must still be allowed for the upload itself
@@ -344,7 +355,7 @@ class Agent:
             client_id=self.client_id, state=state, eligible=state != "offline" and not failures,
             failed_gates=failures, num_examples=int(len(self.data.x_train)), runtime=self.models.runtime,
             agent_version=__version__, cached_models=self.models.hashes(), updated_at=time.time(),
-            deployed_model=self.deployer.deployed_model,
+            deployed_model=self.deployer.deployed_model, encodings=list(codecs.UPLINK),
         )
 
     def _publish_status(self, state: str = "online") -> None:

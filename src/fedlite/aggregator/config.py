@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fedlite.aggregator.kpis import KpiSettings
 from fedlite.aggregator.strategies import registry
+from fedlite.protocol import codecs
 from fedlite.protocol.messages import TrainingPlan
 from fedlite.protocol.topics import check_id
 from fedlite.settings import PORT, SEED, FieldRanges, Range, Tables, load_toml, read_secret, require
@@ -171,6 +172,19 @@ class RolloutSection:
     serve_after_rounds: bool = False  # keep running after the last round, serving rollouts until stopped
 
 
+DEFAULT_ENCODING = "int8"
+
+
+@dataclass
+class TrainingSection(TrainingPlan):
+    """[training]: the plan broadcast to the devices (a protocol message), with the configuration's default codec."""
+
+    encoding: str = DEFAULT_ENCODING  # int8 | int8-tensor | int4 | ternary-ef (fedlite.protocol.codecs)
+
+    def validate(self) -> None:
+        codecs.check_encoding(self.encoding, "update")
+
+
 # [training] is the plan broadcast to the devices (a protocol message); its bounds as configuration:
 TRAINING_RANGES = FieldRanges(
     epochs=Range(ge=1),
@@ -186,7 +200,7 @@ class AggregatorConfig:
     federation: FederationSection
     model: ModelSection = field(default_factory=ModelSection)
     rounds: RoundsSection = field(default_factory=RoundsSection)
-    training: Annotated[TrainingPlan, TRAINING_RANGES] = field(default_factory=TrainingPlan)
+    training: Annotated[TrainingSection, TRAINING_RANGES] = field(default_factory=TrainingSection)
     server: ServerSection = field(default_factory=ServerSection)
     broker: BrokerSection = field(default_factory=BrokerSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)

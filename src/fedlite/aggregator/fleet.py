@@ -34,13 +34,15 @@ class Fleet:
     def fresh(self, view: DeviceView, now: float | None = None) -> bool:
         return (now or time.time()) - view.last_seen <= self.ttl
 
-    def eligible(self, now: float | None = None) -> list[str]:
-        """Devices online, eligible by their own gates, and heard from recently; sorted for determinism."""
+    def eligible(self, now: float | None = None, encoding: str | None = None) -> list[str]:
+        """Devices online, eligible by their own gates, heard from recently and, given an `encoding`, listing it
+        among the encodings they can produce; sorted for determinism."""
         now = now or time.time()
         with self._lock:
             return sorted(
                 cid for cid, view in self._devices.items()
                 if view.status.state == "online" and view.status.eligible and self.fresh(view, now)
+                and (encoding is None or encoding in view.status.encodings)
             )
 
     def snapshot(self) -> dict[str, DeviceView]:

@@ -91,7 +91,8 @@ class Aggregator:
         self.model_hash = manifest["model_hash"]
         self._evaluator = _Evaluator(train_bytes, manifest)
         self._sketcher = Sketcher(num_params(manifest))
-        self.limits = update_limits([tuple(s) for _, s in weight_specs(manifest)], self.limits)
+        self.limits = update_limits([tuple(s) for _, s in weight_specs(manifest)], self.limits,
+                                    self.config.training.encoding)
         self.kpis.initial_accuracy = self._evaluate(weights)["accuracy"]
         server = self.config.server
         optimizer = make_server_optimizer(server.optimizer, config=server.strategies[server.optimizer])
@@ -285,8 +286,9 @@ class Aggregator:
         return make_aggregator(cfg.server.aggregation, specs, config=cfg.server.strategies[cfg.server.aggregation])
 
     def _selectable(self) -> list[str]:
-        """Eligible devices, without those flagged as anomalous when the operator excludes them."""
-        eligible = self.fleet.eligible()
+        """Eligible devices that can encode the plan's updates, without those flagged as anomalous when the operator
+        excludes them."""
+        eligible = self.fleet.eligible(encoding=self.config.training.encoding)  # devices that can encode the plan's
         if self.config.kpis.exclude_flagged:
             flagged = set(self.kpis.anomalous())
             eligible = [c for c in eligible if c not in flagged]
@@ -301,6 +303,7 @@ class Aggregator:
             federation=self.federation, round=number, model_hash=self.model_hash, manifest=self.manifest,
             selected=frozenset(selected), accepted=set(), max_examples=s.max_examples,
             max_update_norm=bound, norm_policy=policy, max_abs_value=s.max_abs_value, run=self._run(),
+            encoding=self.config.training.encoding,
         )
 
     def _run(self) -> str:

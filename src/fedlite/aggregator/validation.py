@@ -3,10 +3,11 @@
 `validate_update` either returns a `ValidUpdate` or raises `Rejected` with a short reason tag for counters.
 Checks run cheapest and most identity-related first. Before anything is decompressed (`precheck`): the
 sender's selection and duplicates (first wins), from the topic alone (the broker ACL lets a device publish
-only to its own topic, so the topic is the authenticated identity). Then the codec, within limits sized from
-the model (frame, decompressed size, finiteness), kind, federation, run, round (stale / future), sender (the
-header's client id must be the topic's), model hash, tensor names and shapes, example count, value magnitude,
-and the update norm.
+only to its own topic, so the topic is the authenticated identity). Then the frame, within limits sized from
+the model (frame, decompressed size), and its header before any tensor is decoded: kind, encoding (the round
+plan's), federation, run, round (stale / future), sender (the header's client id must be the topic's), model
+hash. Then the plan's codec decodes the tensors against the model's layout (names, exact sizes, code ranges,
+finite scales), and the example count, value magnitude and update norm are checked.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from fedlite.aggregator.strategies.robust import clip_by_global_norm, global_norm
-from fedlite.protocol.codec import CodecError, Limits, decode
-from fedlite.protocol.layout import LayoutError, check_tensors
+from fedlite.protocol.codec import CodecError, Header, Limits, decode
+from fedlite.protocol.layout import LayoutError, check_tensors, weight_specs
 
 NORM_POLICIES = ("clip", "reject")
 
@@ -48,6 +49,7 @@ class RoundContext:
     norm_policy: str = "clip"  # "clip" | "reject"
     max_abs_value: float = 1e3  # any dequantized delta entry beyond this is a giant-scale update
     run: str = ""  # the aggregator run; an update naming another run is refused ("" : not checked)
+    encoding: str = "int8"  # the round plan's update encoding; an update in another is refused
 
     def __post_init__(self) -> None:
         if self.norm_policy not in NORM_POLICIES:
@@ -85,18 +87,12 @@ def precheck(topic_client_id: str, ctx: RoundContext) -> None:
         raise Rejected("duplicate", f"client {topic_client_id!r} already has an accepted update in round {ctx.round}")
 
 
-def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits()) -> ValidUpdate:
-    """Decode and check one uplink payload against the round; pure (``ctx`` is not changed)."""
-    size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
-    try:
-        message = decode(payload, limits=limits)
-    except CodecError as exc:
-        raise Rejected(exc.reason, exc.detail) from None
-    except Exception as exc:  # a bug in the decoder must not let one payload crash the round
-        raise Rejected("malformed", f"decoder failed: {type(exc).__name__}: {exc}") from None
-    header, delta = message.header, message.tensors
-    if header.kind != "update" or header.encoding != "int8":
-        raise Rejected("kind", f"expected an int8 update, got kind {header.kind!r} encoding {header.encoding!r}")
+def check_header(header: Header, topic_client_id: str, ctx: RoundContext) -> None:
+    """The header's checks, run before the tensors are decoded; raises Rejected."""
+    if header.kind != "update":
+        raise Rejected("kind", f"expected an update, got kind {header.kind!r} encoding {header.encoding!r}")
+    if header.encoding != ctx.encoding:
+        raise Rejected("encoding", f"update encoded as {header.encoding!r}, the round's plan says {ctx.encoding!r}")
     if header.federation != ctx.federation:
         raise Rejected("federation", f"update for federation {header.federation!r}, this is {ctx.federation!r}")
     if ctx.run and header.run != ctx.run:
@@ -110,6 +106,21 @@ def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits
     if header.model_hash != ctx.model_hash:
         raise Rejected("model_hash", f"update is for model {header.model_hash[:16]!r}, the round uses "
                        f"{ctx.model_hash[:16]!r}")
+
+
+def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits()) -> ValidUpdate:
+    """Decode and check one uplink payload against the round; pure (``ctx`` is not changed)."""
+    size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
+    try:
+        message = decode(payload, limits=limits, shapes=weight_specs(ctx.manifest),
+                         check_header=lambda header: check_header(header, topic_client_id, ctx))
+    except CodecError as exc:
+        raise Rejected(exc.reason, exc.detail) from None
+    except Rejected:
+        raise
+    except Exception as exc:  # a bug in the decoder must not let one payload crash the round
+        raise Rejected("malformed", f"decoder failed: {type(exc).__name__}: {exc}") from None
+    header, delta = message.header, message.tensors
     try:
         check_tensors(delta, ctx.manifest)
     except LayoutError as exc:

@@ -35,6 +35,7 @@ class TrainingPlan:
     proximal_mu: float = 0.0
     stochastic_rounding: bool = False
     max_examples: int = 0
+    encoding: str = "int8"  # the update codec (fedlite.protocol.codecs); absent: int8, as before codecs had names
 
 
 # What the round topic says (`RoundAnnouncement.state`) and why an attempt closed (`RoundAnnouncement.reason`).
@@ -94,6 +95,8 @@ class DeviceStatus:
     cached_models: list[str] = field(default_factory=list)
     deployed_model: str = ""
     updated_at: float = 0.0
+    # the update encodings the device can produce; absent: int8 only (agents that predate the codec registry)
+    encodings: list[str] = field(default_factory=lambda: ["int8"])
     type: str = "status"
     protocol: int = PROTOCOL_VERSION
 
