@@ -160,7 +160,8 @@ def test_one_attacking_device_cannot_destroy_a_real_run(tmp_path, model):
     agents = [f"dev-{i}" for i in range(4)]
     with LocalFederation(tmp_path / "run", FED, [*agents, "evil"]) as fed:
         config = start_federation(fed, tmp_path / "data", agents, model,
-                                  rounds={"total": 6, "clients_per_round": 5, "deadline_seconds": 30.0})
+                                  rounds={"total": 6, "clients_per_round": 4, "over_selection": 0.3,
+                                          "deadline_seconds": 30.0})  # all 5 selected, the 4 honest close it
         from broker_fixtures import open_client
 
         b = fed.broker
