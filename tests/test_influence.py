@@ -17,7 +17,7 @@ from federation_helpers import FED, Tap, announcement, completed, history, initi
 from helpers_models import digits_split
 
 from fedlite.aggregator.config import ServerSection
-from fedlite.aggregator.influence import norm_bound, reference_norms, weight_cap
+from fedlite.aggregator.influence import reference_norms, weight_cap
 from fedlite.aggregator.rounds import RoundAttempt
 from fedlite.aggregator.strategies import make_aggregator
 from fedlite.aggregator.validation import Rejected, RoundContext
@@ -52,8 +52,11 @@ def test_norm_bound_tracks_recent_complete_rounds():
                {"status": "complete", "update_norms": {"a": 0.4, "b": 0.5, "c": 80_000.0}}]
     reference = reference_norms(history, window=1)
     assert reference == [0.4, 0.5, 80_000.0]
-    assert norm_bound(reference, 3.0, 0.0) == pytest.approx(1.5)  # 3 x median: the outlier does not count
-    assert norm_bound(reference, 3.0, 1.0) == 1.0  # the absolute bound still applies
+    attempt = RoundAttempt(number=4, session="s", selected=frozenset(), deadline=time.time() + 60, clients_per_round=1,
+                           quorum=1, context=RoundContext(federation=FED, round=4, model_hash="h", manifest={},
+                                                          selected=frozenset()),
+                           limits=Limits(), aggregator=None, norm_reference=reference, norm_multiple=3.0)
+    assert attempt.norm_bound == pytest.approx(1.5)  # 3 x median: the outlier does not move it
 
 
 # --- in process: the same honest updates, with and without the attacker -----------------------------------

@@ -37,9 +37,3 @@ def reference_norms(history: list[dict[str, Any]], window: int) -> list[float]:
     """Accepted update norms of the last `window` complete rounds of the history."""
     complete = [r for r in history if r.get("status") == "complete"][-window:] if window else []
     return [float(n) for r in complete for n in (r.get("update_norms") or {}).values() if n > 0]
-
-
-def norm_bound(reference: list[float], multiple: float, absolute: float) -> float:
-    """The clip bound for a round: `multiple` times the reference median, within the absolute bound (0: none)."""
-    bounds = [b for b in (multiple * statistics.median(reference) if reference else 0.0, absolute) if b > 0]
-    return min(bounds) if bounds else 0.0
