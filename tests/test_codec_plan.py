@@ -3,6 +3,7 @@ produce it are not selected."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from fedlite.aggregator.config import AggregatorConfig, FederationSection, load_
 from fedlite.aggregator.service import Aggregator
 from fedlite.protocol import codecs
 from fedlite.protocol.messages import DeviceStatus, RoundAnnouncement, TrainingPlan, from_json, to_json
+from fedlite.protocol.selection import choose
 from fedlite.settings import ConfigError
 
 
@@ -34,7 +36,9 @@ def test_every_update_codec_is_a_valid_plan_and_travels_in_the_announcement(tmp_
     for name in codecs.names("update"):
         config = load_config(_config(tmp_path, f'encoding = "{name}"'))
         assert config.training.encoding == name
-        announcement = RoundAnnouncement("f", 1, "h", "t", "w", ["a"], 1.0, plan=config.training)
+        announcement = RoundAnnouncement(federation="f", round=1, model_hash="h", model_topic="t",
+                                         weights_topic="w", selection=choose(["a"], 1, "00" * 16)[1], deadline=1.0,
+                                         plan=config.training)
         assert from_json(RoundAnnouncement, to_json(announcement)).plan.encoding == name
     assert TrainingPlan().encoding == "int8"  # the wire default: an announcement without the field
 
@@ -42,9 +46,12 @@ def test_every_update_codec_is_a_valid_plan_and_travels_in_the_announcement(tmp_
 def test_devices_that_cannot_produce_the_plans_encoding_are_not_selected(tmp_path: Path) -> None:
     config = AggregatorConfig(federation=FederationSection(name="f", state_dir=str(tmp_path / "state")))
     aggregator = Aggregator(config)
-    aggregator.fleet.update(DeviceStatus("old", "online", eligible=True))  # no encodings listed: int8 only
-    aggregator.fleet.update(DeviceStatus("new", "online", eligible=True, encodings=["int8", "ternary-ef"]))
-    aggregator.fleet.update(DeviceStatus("busy", "online", eligible=False, encodings=["int8", "ternary-ef"]))
+    now = time.time()
+    aggregator.fleet.update(DeviceStatus("old", "online", eligible=True, updated_at=now))  # no encodings: int8 only
+    aggregator.fleet.update(DeviceStatus("new", "online", eligible=True, encodings=["int8", "ternary-ef"],
+                                         updated_at=now))
+    aggregator.fleet.update(DeviceStatus("busy", "online", eligible=False, encodings=["int8", "ternary-ef"],
+                                         updated_at=now))
     assert aggregator._selectable() == ["new", "old"]
     aggregator.config.training.encoding = "ternary-ef"
     assert aggregator._selectable() == ["new"]
