@@ -232,6 +232,9 @@ def test_agent_sends_ternary_updates_with_a_residual_that_survives_a_restart_and
             payload = coordinator.inbox["updates"][number - 1]
             message = decode(payload, shapes=layout)
             assert (message.header.encoding, message.header.round) == ("ternary-ef", number)
+            # the agent saves the residual once the broker has acknowledged the update: wait for that write
+            wait_for(lambda: (stored := ResidualStore(residual_file)._read()) is not None and stored[0].round == number,
+                     30, f"the round {number} residual", [agent])
             return payload, message.tensors
 
         payload, sent = round_update(1)
