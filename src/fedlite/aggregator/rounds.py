@@ -89,7 +89,6 @@ class RoundAttempt:
     def __post_init__(self) -> None:
         if self.norm_reference:
             self._median = statistics.median(self.norm_reference)
-        self._changed = threading.Condition(self._lock)  # notified on every admission and report
 
     @property
     def accepted(self) -> set[str]:
@@ -125,7 +124,6 @@ class RoundAttempt:
                                f"the median of recent norms ({self._median:.4g})")
             self.accepted.add(topic_client)
             self._admit(update)
-            self._changed.notify_all()
         return update
 
     def _refuse_early(self, client: str) -> None:
@@ -189,26 +187,14 @@ class RoundAttempt:
                 return False
             target = self.declined if report.kind == "declined" else self.aborted
             target[report.client_id] = report.reason
-            self._changed.notify_all()
         return True
 
     def decision(self, now: float | None = None) -> str | None:
         """None while open; "complete" or "abandoned" once the closing rule says so."""
+        now = now or time.time()
         with self._lock:
-            return self._decide(now or time.time())
-
-    def wait(self, timeout: float) -> str | None:
-        """Block until the closing rule decides, the deadline passes, or `timeout` (no polling); the decision."""
-        end = min(time.time() + timeout, self.deadline)
-        with self._changed:
-            while (decided := self._decide(time.time())) is None and (left := end - time.time()) > 0:
-                self._changed.wait(left)
-            return decided
-
-    def _decide(self, now: float) -> str | None:
-        """The closing rule (lock held)."""
-        accepted = len(self.accepted)
-        answered = accepted + len(set(self.declined) | set(self.aborted))
+            accepted = len(self.accepted)
+            answered = accepted + len(set(self.declined) | set(self.aborted))
         if accepted >= self.clients_per_round:
             return "complete"
         if answered >= len(self.selected) or now >= self.deadline:

@@ -251,8 +251,8 @@ class Aggregator:
         self.retained.broadcast(topics.round_topic(self.federation), to_json(self._opened))
         log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
                  cfg.rounds.deadline_seconds)
-        while attempt.wait(timeout=0.5) is None:  # wakes on every admission and report, and at the deadline
-            if self.stop_event.is_set():
+        while attempt.decision() is None:
+            if self.stop_event.wait(0.05):
                 self._announce_closed(attempt.close(abandon=True).record)  # stopping: nobody collects it
                 return None
             self._notifier("WATCHDOG=1")
