@@ -52,6 +52,6 @@ def test_devices_that_cannot_produce_the_plans_encoding_are_not_selected(tmp_pat
                                          updated_at=now))
     aggregator.fleet.update(DeviceStatus("busy", "online", eligible=False, encodings=["int8", "ternary-ef"],
                                          updated_at=now))
-    assert aggregator._selectable() == ["new", "old"]
+    assert aggregator.selectable() == ["new", "old"]
     aggregator.config.training.encoding = "ternary-ef"
-    assert aggregator._selectable() == ["new"]
+    assert aggregator.selectable() == ["new"]

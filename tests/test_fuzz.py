@@ -500,22 +500,22 @@ def test_round_attempt_refuses_every_hostile_update_and_aggregates_only_the_vali
     refused = Counter(o for o in outcomes if o is not None)
     assert attempt.rejected == refused  # every refusal counted, under its reason
     valid = [o for o in sequence if o.valid]
-    result, reference = attempt.aggregator.result(), reference_aggregate(aggregation, valid)
+    result, reference = attempt.aggregate(), reference_aggregate(aggregation, valid)
     assert set(result) == set(reference)
     assert all(np.array_equal(result[k], reference[k]) for k in reference)
     record = attempt.close().record
-    assert record["rejected"] == dict(refused) and record["accepted"] == len(valid)
+    assert record.rejected == dict(refused) and record.accepted == len(valid)
 
 
 def test_replay_of_an_accepted_update_is_a_duplicate_and_changes_nothing() -> None:
     attempt = new_attempt()
     payload = update("dev-0", {n: np.full(s, 0.5, np.float32) for n, s in SPECS}, num_examples=7)
     attempt.offer(payload, "dev-0")
-    before = {k: v.copy() for k, v in attempt.aggregator.result().items()}
+    before = {k: v.copy() for k, v in attempt.aggregate().items()}
     with pytest.raises(Rejected) as refused:
         attempt.offer(payload, "dev-0")
     assert refused.value.reason == "duplicate" and attempt.rejected == Counter(duplicate=1)
-    assert all(np.array_equal(before[k], v) for k, v in attempt.aggregator.result().items())
+    assert all(np.array_equal(before[k], v) for k, v in attempt.aggregate().items())
 
 
 # --- 2b. the same through the aggregator's message entry point ------------------------------------------
@@ -544,9 +544,9 @@ def test_aggregator_message_handler_never_raises_and_counts_every_refusal(aggreg
     sequence = data.draw(rounds())
     aggregator.inbox.drain()  # nothing of an earlier example is left in the inbox
     aggregator.current = attempt = new_attempt()
-    aggregator.ledger = Ledger()
+    aggregator.ledger = aggregator.dispatch.ledger = Ledger()
     for offer in sequence:
-        aggregator._on_message(topics.update_topic(FED, offer.client), offer.payload)  # must not raise
+        aggregator.dispatch.on_message(topics.update_topic(FED, offer.client), offer.payload)  # must not raise
     assert attempt.bytes_up == 0  # the network thread only enqueued: nothing was decoded on it
     assert aggregator.inbox.drain()
     json_refusals: Counter = Counter()
@@ -554,11 +554,11 @@ def test_aggregator_message_handler_never_raises_and_counts_every_refusal(aggreg
         status = data.draw(status_json(client))
         if status:  # an empty status clears a retained one: not a message
             json_refusals[_json_refusal(DeviceStatus, client, status)] += 1
-        aggregator._on_message(topics.status_topic(FED, client), status)
+        aggregator.dispatch.on_message(topics.status_topic(FED, client), status)
         report = data.draw(st.binary(max_size=40)
                            | st.just(to_json(DeviceReport(client, ROUND, "declined", session="fuzz"))))
         json_refusals[_json_refusal(DeviceReport, client, report)] += 1
-        aggregator._on_message(topics.report_topic(FED, client), report)
+        aggregator.dispatch.on_message(topics.report_topic(FED, client), report)
     aggregator.inbox.drain()
     del json_refusals[None]
     assert sum(attempt.rejected.values()) == sum(not o.valid for o in sequence)

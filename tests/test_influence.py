@@ -103,7 +103,7 @@ def _federate(trainer, manifest: dict, shards, test, rounds: int, attack_from: i
                 with pytest.raises(Rejected, match="norm_outlier"):
                     attempt.offer(encode_update(attack_delta(manifest, number), header), "evil")
         outcome = attempt.close()
-        history.append(outcome.record)
+        history.append(outcome.record.to_dict())
         weights = weights + flatten(outcome.aggregate, manifest)
         trainer.set_weights(weights)
         accuracy.append(trainer.evaluate(*test)[1])
@@ -144,10 +144,10 @@ def test_an_attacker_held_in_warmup_is_clipped_even_when_it_arrives_first():
         attempt.offer(encode_update(delta, Header(kind="update", federation=FED, round=1, model_hash="h",
                                                   client_id=client, num_examples=n)), client)
     record = attempt.close().record
-    assert record["norm_refused"] == ["evil"] and record["rejected"] == {"norm_outlier": 1}
-    assert attempt.refused_after_hold == ["evil"] and record["accepted"] == 3
-    mean = unflatten(flatten(attempt.aggregator.result(), manifest), manifest)["w"]
-    assert np.linalg.norm(mean) < record["norm_bound"]  # bounded by the honest norms, not by ~10^4
+    assert record.norm_refused == ["evil"] and record.rejected == {"norm_outlier": 1}
+    assert attempt.refused_after_hold == ["evil"] and record.accepted == 3
+    mean = unflatten(flatten(attempt.aggregate(), manifest), manifest)["w"]
+    assert np.linalg.norm(mean) < record.norm_bound  # bounded by the honest norms, not by ~10^4
 
 
 # --- real processes ---------------------------------------------------------------------------------------

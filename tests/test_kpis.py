@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 
 from fedlite.aggregator.kpis import KpiSettings, KpiTracker, Sketcher, cosine_to_aggregate, summarize
+from fedlite.aggregator.record import RoundRecord
 
 
 def _record(round_number: int, norms: dict[str, float], losses: dict[str, float], accuracy: float,
-            accs: dict[str, float] | None = None) -> dict:
+            accs: dict[str, float] | None = None) -> RoundRecord:
     accs = accs or {c: 0.8 for c in norms}
-    return {"round": round_number, "status": "complete", "selected": len(norms) + 1, "accepted": len(norms),
+    return RoundRecord.from_dict({
+            "round": round_number, "status": "complete", "selected": len(norms) + 1, "accepted": len(norms),
             "declined": 1, "declined_by_gate": {"idle": 1}, "timed_out": 0, "rejected": {"stale": 1},
             "bytes_up": 1000, "bytes_down": 4000, "accuracy": accuracy, "update_norms": norms,
-            "client_metrics": {c: {"eval_loss_before": losses[c], "eval_accuracy_before": accs[c]} for c in norms}}
+            "client_metrics": {c: {"eval_loss_before": losses[c], "eval_accuracy_before": accs[c]} for c in norms}})
 
 
 def test_sketched_cosine_tracks_the_exact_cosine():
@@ -67,8 +69,8 @@ def test_summary_totals_equal_the_history():
     history = []
     for n in range(1, 4):
         record = _record(n, {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, 0.2 * n)
-        record["kpis"] = tracker.observe(record, {})
-        history.append(record)
+        record.kpis = tracker.observe(record, {})
+        history.append(record.to_dict())
     history.append({"round": 4, "status": "abandoned", "selected": 3, "accepted": 1, "declined": 2,
                     "declined_by_gate": {"charged": 2}, "timed_out": 0, "rejected": {}})
     summary = summarize(history)

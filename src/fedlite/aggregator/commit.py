@@ -19,6 +19,7 @@ from fedlite.aggregator.fleet import Fleet
 from fedlite.aggregator.kpis import KpiTracker
 from fedlite.aggregator.ledger import Ledger
 from fedlite.aggregator.metrics import Metrics
+from fedlite.aggregator.record import RoundRecord
 from fedlite.aggregator.rounds import RoundOutcome
 from fedlite.aggregator.strategies import dp
 from fedlite.fsutil import write_atomic
@@ -70,12 +71,13 @@ class Committer:
         check_step(weights, new_weights, self.config.server.max_step_ratio)
         weights = new_weights
         record = outcome.record
-        record.update(self.evaluate(weights))
-        record.update(self.privacy(record))
-        record["kpis"] = self.kpis.observe(record, outcome.cosines)
-        record["completed_at"] = time.time()
-        record["refusals"] = self.ledger.take()
-        self.history.append(record)
+        evaluation = self.evaluate(weights)
+        record.accuracy, record.loss = evaluation["accuracy"], evaluation["loss"]
+        self.charge_privacy(record)
+        record.kpis = self.kpis.observe(record, outcome.cosines)
+        record.completed_at = time.time()
+        record.refusals = self.ledger.take()
+        self.history.append(record.to_dict())
         save_checkpoint(self.state_dir / "checkpoints", Checkpoint(
             round=number, weights=weights, optimizer_state=self.optimizer.state_to_arrays(opt_state),
             history=self.history, meta=self.meta,
@@ -85,22 +87,22 @@ class Committer:
         self.metrics.fleet(self.fleet.counts())
         every = self.config.model.export_every
         if (every and number % every == 0) or number == self.config.rounds.total:
-            self.exporter.submit(number, weights, {k: record.get(k) for k in ("round", "accuracy", "loss")})
+            self.exporter.submit(number, weights, {"round": number, "accuracy": record.accuracy, "loss": record.loss})
         log.info("round %d complete: %d/%d accepted, %d declined, %d rejected, accuracy %s, %.1f s%s", number,
-                 record["accepted"], record["selected"], record["declined"], sum(record["rejected"].values()),
-                 "n/a" if record.get("accuracy") is None else f"{record['accuracy']:.3f}",
-                 record["duration_seconds"],
-                 "" if record["epsilon"] is None else f", ε {record['epsilon']:.3g} at δ {record['delta']:g}")
+                 record.accepted, record.selected, record.declined, record.rejected_total,
+                 "n/a" if record.accuracy is None else f"{record.accuracy:.3f}", record.duration_seconds,
+                 "" if record.epsilon is None else f", ε {record.epsilon:.3g} at δ {record.delta:g}")
         return weights, opt_state
 
-    def privacy(self, record: dict[str, Any]) -> dict[str, Any]:
+    def charge_privacy(self, record: RoundRecord) -> None:
         """The round's DP charge and the ε spent by all DP rounds so far (recounted from the history)."""
         p = self.config.privacy
         if not p.enabled:
-            return {"epsilon": None, "delta": None}
+            return
         fleet_size = p.fleet_size or self.fleet.counts()["known"]
-        charge = dp.RoundCharge(sampling_rate=dp.sampling_rate(record["selected"], fleet_size),
+        charge = dp.RoundCharge(sampling_rate=dp.sampling_rate(record.selected, fleet_size),
                                 noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, fleet_size=fleet_size,
                                 denominator=float(self.config.rounds.clients_per_round))
-        spent = dp.history_epsilon([*self.history, {**record, "privacy": dp.charge_record(charge)}], p.delta)
-        return {"privacy": dp.charge_record(charge), "epsilon": spent, "delta": p.delta}
+        record.privacy = dp.charge_record(charge)
+        record.epsilon = dp.history_epsilon([*self.history, record.to_dict()], p.delta)
+        record.delta = p.delta

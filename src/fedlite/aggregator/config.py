@@ -55,8 +55,13 @@ class RoundsSection:
     max_attempts: Annotated[int, Range(ge=1)] = 3
     status_ttl_seconds: Annotated[float, Range(gt=0)] = 90.0  # a device silent for longer is not selected
     seed: Annotated[int, SEED] = 0
+    mode: str = "sync"  # a registered round orchestrator: sync | ...
 
     def validate(self) -> None:
+        from fedlite.aggregator import orchestrators
+
+        known = orchestrators.names()
+        require(self.mode in known, f"mode must be one of {', '.join(known)}, not {self.mode!r}")
         require(self.quorum <= self.clients_per_round,
                 f"quorum must be <= clients_per_round ({self.clients_per_round}), not {self.quorum}")
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import numpy as np
 
+from fedlite.aggregator.record import RoundRecord, records
 from fedlite.settings import Range, require
 
 SKETCH_BUCKETS = 512
@@ -98,32 +99,31 @@ class KpiTracker:
     outliers: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
 
     def replay(self, history: list[dict[str, Any]]) -> None:
-        for record in history:
-            if record.get("status") == "complete":
-                self.observe(record, record.get("kpis", {}).get("cosine_similarity", {}))
+        for record in records(history):
+            if record.complete:
+                self.observe(record, record.kpis.get("cosine_similarity", {}))
 
-    def observe(self, record: dict[str, Any], cosines: dict[str, float]) -> dict[str, Any]:
+    def observe(self, record: RoundRecord, cosines: dict[str, float]) -> dict[str, Any]:
         """The KPI block for a completed round's record (also advances the running state)."""
-        self.successful_client_rounds += record["accepted"]
-        self.bytes_total += record["bytes_up"] + record.get("bytes_down", 0)
-        metrics = record.get("client_metrics", {})
-        for client, m in metrics.items():
+        self.successful_client_rounds += record.accepted
+        self.bytes_total += record.bytes_up + record.bytes_down
+        for client, m in record.client_metrics.items():
             if "eval_loss_before" in m:
                 self.losses[client].append(float(m["eval_loss_before"]))
-        outlier_now = self._outliers(record.get("update_norms", {}), cosines)
-        for client in record.get("update_norms", {}):
+        outlier_now = self._outliers(record.update_norms, cosines)
+        for client in record.update_norms:
             self.outliers[client].append(client in outlier_now)
         return {
-            "successful_client_rounds": record["accepted"],
+            "successful_client_rounds": record.accepted,
             "cumulative_successful_client_rounds": self.successful_client_rounds,
-            "selected": record["selected"],
-            "declined_by_gate": record.get("declined_by_gate", {}),
-            "timed_out": record.get("timed_out", 0),
-            "rejected": record.get("rejected", {}),
-            "bytes_per_accuracy_point": self._bytes_per_point(record.get("accuracy")),
+            "selected": record.selected,
+            "declined_by_gate": record.declined_by_gate,
+            "timed_out": record.timed_out,
+            "rejected": record.rejected,
+            "bytes_per_accuracy_point": self._bytes_per_point(record.accuracy),
             "initial_accuracy": self.initial_accuracy,
-            "epsilon": record.get("epsilon"),
-            **fairness(metrics),
+            "epsilon": record.epsilon,
+            **fairness(record.client_metrics),
             "drift_flags": self.drifting(),
             "anomaly_flags": self.anomalous(),
             "round_outliers": sorted(outlier_now),
@@ -153,24 +153,25 @@ class KpiTracker:
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
     """The run's KPI block (demo summary.json `kpis`): totals over the history plus the last round's values."""
-    complete = [r for r in history if r.get("status") == "complete"]
-    last = complete[-1].get("kpis", {}) if complete else {}
+    rounds = records(history)
+    complete = [r for r in rounds if r.complete]
+    last = complete[-1].kpis if complete else {}
     gates: dict[str, int] = defaultdict(int)
     rejected: dict[str, int] = defaultdict(int)
-    for record in history:
-        for gate, n in record.get("declined_by_gate", {}).items():
+    for record in rounds:
+        for gate, n in record.declined_by_gate.items():
             gates[gate] += n
-        for reason, n in record.get("rejected", {}).items():
+        for reason, n in record.rejected.items():
             rejected[reason] += n
     keys = ("bytes_per_accuracy_point", "epsilon", "client_accuracy_mean", "client_accuracy_std",
             "client_accuracy_p10", "drift_flags", "anomaly_flags")
     return {
-        "successful_client_rounds": sum(r["accepted"] for r in complete),
-        "selected": sum(r["selected"] for r in history),
-        "declined": sum(r.get("declined", 0) for r in history),
+        "successful_client_rounds": sum(r.accepted for r in complete),
+        "selected": sum(r.selected for r in rounds),
+        "declined": sum(r.declined for r in rounds),
         "declined_by_gate": dict(gates),
-        "timed_out": sum(r.get("timed_out", 0) for r in history),
+        "timed_out": sum(r.timed_out for r in rounds),
         "rejected": dict(rejected),
         **{k: last.get(k) for k in keys},
-        "per_round": [{"round": r["round"], **{k: r.get("kpis", {}).get(k) for k in keys}} for r in complete],
+        "per_round": [{"round": r.round, **{k: r.kpis.get(k) for k in keys}} for r in complete],
     }

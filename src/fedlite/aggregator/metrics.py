@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from fedlite.aggregator.record import RoundRecord
+
 
 class Metrics:
     def __init__(self, federation: str) -> None:
@@ -57,20 +59,20 @@ class Metrics:
     def report(self, kind: str) -> None:
         self.reports.labels(self._labels["federation"], kind).inc()
 
-    def round_closed(self, record: dict[str, Any]) -> None:
+    def round_closed(self, record: RoundRecord) -> None:
         fed = self._labels["federation"]
-        self.rounds.labels(fed, record["status"]).inc()
-        self.duration.labels(fed).observe(record["duration_seconds"])
-        self.selected.labels(fed).set(record["selected"])
-        self.participants.labels(fed).set(record["accepted"])
-        self.bytes_out.labels(fed).inc(record.get("bytes_down", 0))
-        if record["status"] == "complete":
-            self.current_round.labels(fed).set(record["round"])
-            self.updates_accepted.labels(fed).inc(record["accepted"])
-        if record.get("accuracy") is not None:
-            self.accuracy.labels(fed).set(record["accuracy"])
-            self.loss.labels(fed).set(record["loss"])
-        self._kpis(record.get("kpis", {}))
+        self.rounds.labels(fed, record.status).inc()
+        self.duration.labels(fed).observe(record.duration_seconds)
+        self.selected.labels(fed).set(record.selected)
+        self.participants.labels(fed).set(record.accepted)
+        self.bytes_out.labels(fed).inc(record.bytes_down)
+        if record.complete:
+            self.current_round.labels(fed).set(record.round)
+            self.updates_accepted.labels(fed).inc(record.accepted)
+        if record.accuracy is not None:
+            self.accuracy.labels(fed).set(record.accuracy)
+            self.loss.labels(fed).set(record.loss)
+        self._kpis(record.kpis)
 
     def _kpis(self, kpis: dict[str, Any]) -> None:
         fed = self._labels["federation"]

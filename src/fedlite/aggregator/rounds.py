@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from fedlite.aggregator.kpis import Sketcher, cosine_to_aggregate
+from fedlite.aggregator.partials import PartialSums
+from fedlite.aggregator.record import RoundRecord
 from fedlite.aggregator.strategies.robust import clip_by_global_norm
 from fedlite.aggregator.validation import Rejected, RoundContext, ValidUpdate, check_update, precheck
 from fedlite.protocol import selection
@@ -38,7 +40,7 @@ class RoundOutcome:
 
     complete: bool
     aggregate: dict[str, np.ndarray] | None
-    record: dict[str, Any]
+    record: RoundRecord
     cosines: dict[str, float] = field(default_factory=dict)
 
 
@@ -46,8 +48,10 @@ class RoundOutcome:
 class RoundAttempt:
     """One attempt at one round. Thread-safe: inbox workers offer updates concurrently.
 
-    Decoding and checking an update happen outside the lock; only admission (the duplicate re-check and the
-    fold into the running sum) holds it. Influence bounds (see `influence`): each weight is capped at
+    Decoding and checking an update happen outside the lock, and so does folding it: every worker folds into a
+    partial aggregate of its own (`PartialSums`), merged exactly at close. The lock covers admission only (the
+    duplicate re-check, the round's bookkeeping); its condition wakes `wait` whenever an update or report
+    changes what the closing rule decides. Influence bounds (see `influence`): each weight is capped at
     `max_weight`; with a `norm_reference` (None: no adaptive bound) each update is clipped to `norm_multiple`
     times its median, and with an empty reference the first `warmup` updates are held until the bound is known.
     """
@@ -59,7 +63,7 @@ class RoundAttempt:
     clients_per_round: int
     quorum: int
     context: RoundContext
-    aggregator: Any  # strategies.Aggregator: add(delta, weight), count, result()
+    aggregator: Any  # strategies.Aggregator: add(delta, weight), fresh(), absorb(), count, result()
     limits: Limits
     started_at: float = field(default_factory=time.time)
     declined: dict[str, str] = field(default_factory=dict)
@@ -84,11 +88,14 @@ class RoundAttempt:
     selection: Selection | None = None  # what the announcement carries (the rule that yields `selected`)
     _median: float | None = None
     _held: list[ValidUpdate] = field(default_factory=list)
+    _folding: int = 0  # admitted updates being folded outside the lock
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.norm_reference:
             self._median = statistics.median(self.norm_reference)
+        self._changed = threading.Condition(self._lock)
+        self._partials = PartialSums(self.aggregator)
 
     @property
     def accepted(self) -> set[str]:
@@ -123,7 +130,8 @@ class RoundAttempt:
                 raise Rejected("norm_outlier", f"update norm {update.norm:.4g} is over {self.refuse_multiple:g} x "
                                f"the median of recent norms ({self._median:.4g})")
             self.accepted.add(topic_client)
-            self._admit(update)
+            ready = self._admit(update)
+        self._fold_all(ready)
         return update
 
     def _refuse_early(self, client: str) -> None:
@@ -136,21 +144,22 @@ class RoundAttempt:
             self.rejected[exc.reason] += 1
             raise
 
-    def _admit(self, update: ValidUpdate) -> None:
-        """Fold in an accepted update, or hold it while the round's norm bound is not known yet (lock held)."""
+    def _admit(self, update: ValidUpdate) -> list[tuple[ValidUpdate, float]]:
+        """Book an accepted update (lock held) and return what is ready to fold: it, or nothing while the round's
+        norm bound is not known yet (held), or every held update once the warm-up is over."""
         self.client_metrics[update.client_id] = dict(update.metrics)
         self.norms[update.client_id] = update.norm
         if self.norm_reference is not None and self._median is None:
             self._held.append(update)
-            if len(self._held) >= self.warmup:
-                self._release_held()
-            return
-        self._fold(update)
+            return self._release_held() if len(self._held) >= self.warmup else []
+        return [self._book(update)]
 
-    def _release_held(self) -> None:
-        """The warm-up is over: the held updates' median norm becomes the reference; refuse or fold each."""
+    def _release_held(self) -> list[tuple[ValidUpdate, float]]:
+        """The warm-up is over (lock held): the held updates' median norm becomes the reference; refuse or book
+        each."""
         self._median = statistics.median(u.norm for u in self._held)
         held, self._held = self._held, []
+        ready = []
         for update in held:
             if self._outlier(update):
                 self.accepted.discard(update.client_id)
@@ -160,46 +169,97 @@ class RoundAttempt:
                 self.norms.pop(update.client_id, None)
                 self.client_metrics.pop(update.client_id, None)
             else:
-                self._fold(update)
+                ready.append(self._book(update))
+        return ready
 
-    def _fold(self, update: ValidUpdate) -> None:
-        delta, clipped, bound = update.delta, update.clipped, self.norm_bound
+    def _book(self, update: ValidUpdate) -> tuple[ValidUpdate, float]:
+        """The round's bookkeeping for one update about to be folded (lock held); returns it with its weight."""
+        bound = self.norm_bound
+        clipped = update.clipped or bool(bound and update.norm > bound)
         if bound and update.norm > bound:
-            delta, _ = clip_by_global_norm(delta, bound, inplace=True)
             self.norm_flagged.append(update.client_id)
-            clipped = True
         weight = float(update.num_examples)
         if weight > self.max_weight:
             weight = self.max_weight
             self.examples_capped += 1
-        self.aggregator.add(delta, weight)
         self.clipped += int(clipped)
         self.example_counts[update.client_id] = weight
+        self._folding += 1
+        return update, weight
+
+    def _fold_all(self, ready: list[tuple[ValidUpdate, float]]) -> None:
+        """Fold booked updates into this thread's partial, outside the lock, then wake whoever waits."""
+        for update, weight in ready:
+            try:
+                self._fold(update, weight)
+            finally:
+                with self._changed:
+                    self._folding -= 1
+                    self._changed.notify_all()
+        if not ready:
+            with self._changed:
+                self._changed.notify_all()
+
+    def _fold(self, update: ValidUpdate, weight: float) -> None:
+        delta, bound = update.delta, self.norm_bound
+        if bound and update.norm > bound:
+            delta, _ = clip_by_global_norm(delta, bound, inplace=True)
+        self._partials.add(delta, weight)
         if self.sketcher is not None:
-            self.sketches[update.client_id] = self.sketcher.sketch(delta)
+            sketch = self.sketcher.sketch(delta)
+            with self._lock:
+                self.sketches[update.client_id] = sketch
 
     def report(self, report: DeviceReport) -> bool:
         """Record a decline or abort from a selected device; False if the report does not belong here."""
         if report.round != self.number or report.client_id not in self.selected:
             return False
-        with self._lock:
+        with self._changed:
             if report.client_id in self.accepted:
                 return False
             target = self.declined if report.kind == "declined" else self.aborted
             target[report.client_id] = report.reason
+            self._changed.notify_all()
         return True
 
     def decision(self, now: float | None = None) -> str | None:
         """None while open; "complete" or "abandoned" once the closing rule says so."""
-        now = now or time.time()
         with self._lock:
-            accepted = len(self.accepted)
-            answered = accepted + len(set(self.declined) | set(self.aborted))
+            return self._decide(now or time.time())
+
+    def _decide(self, now: float) -> str | None:
+        accepted = len(self.accepted)
+        answered = accepted + len(set(self.declined) | set(self.aborted))
         if accepted >= self.clients_per_round:
             return "complete"
         if answered >= len(self.selected) or now >= self.deadline:
             return "complete" if accepted >= self.quorum else "abandoned"
         return None
+
+    def wait(self, timeout: float) -> str | None:
+        """Block until the closing rule decides, the deadline passes, or `timeout` seconds: the decision, if any.
+
+        Woken by every admission and report (no polling): the round closes as soon as its rule says so.
+        """
+        until = min(time.time() + max(0.0, timeout), self.deadline)
+        with self._changed:
+            while (decided := self._decide(time.time())) is None:
+                left = until - time.time()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return decided
+
+    def aggregate(self) -> dict[str, np.ndarray]:
+        """The aggregate of every update folded so far, the attempt staying open (the partials are merged)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._folding == 0)
+            return self._partials.result()
+
+    def wake(self) -> None:
+        """Wake `wait` now (e.g. the aggregator is stopping)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def close(self, now: float | None = None, abandon: bool = False) -> RoundOutcome:
         """Close the attempt (`abandon`: whatever it holds, e.g. when the aggregator stops) and say why it closed:
@@ -207,40 +267,33 @@ class RoundAttempt:
         now = now or time.time()
         with self._lock:
             self.closed = True
-            if self._held:
-                self._release_held()
+            ready = self._release_held() if self._held else []
+        self._fold_all(ready)
+        with self._changed:
+            self._changed.wait_for(lambda: self._folding == 0)  # every admitted update is in a partial
             complete = not abandon and len(self.accepted) >= self.quorum and len(self.accepted) > 0
-            early = len(self.accepted) >= self.clients_per_round or now < self.deadline
-            silent = [c for c in self.selected if c not in self.accepted and c not in self.declined
-                      and c not in self.aborted]
-            record = {
-                "round": self.number,
-                "session": self.session,
-                "status": "complete" if complete else "abandoned",
-                "close_reason": ("quorum" if early else "deadline") if complete else "abandoned",
-                "selected": len(self.selected),
-                "accepted": len(self.accepted),
-                "declined": len(self.declined),
-                "declined_by_gate": _gate_counts(self.declined),
-                "aborted": len(self.aborted),
-                "timed_out": len(silent),
-                "rejected": dict(self.rejected),
-                "clipped": self.clipped,
-                "norm_bound": self.norm_bound,
-                "norm_flagged": sorted(self.norm_flagged),
-                "norm_refused": sorted(c for c in self.norm_flagged if c not in self.accepted),
-                "examples_capped": self.examples_capped,
-                "max_weight": None if math.isinf(self.max_weight) else self.max_weight,
-                "examples": int(sum(self.example_counts.values())),
-                "bytes_up": self.bytes_up,
-                "started_at": self.started_at,
-                "duration_seconds": now - self.started_at,
-                "client_metrics": self.client_metrics,
-                "update_norms": self.norms,
-            }
-            aggregate = self.aggregator.result() if complete else None
+            record = self._record(complete, now)
+            aggregate = self._partials.result() if complete else None
             cosines = cosine_to_aggregate(self.sketches, self.example_counts)
         return RoundOutcome(complete, aggregate, record, cosines)
+
+    def _record(self, complete: bool, now: float) -> RoundRecord:
+        early = len(self.accepted) >= self.clients_per_round or now < self.deadline
+        silent = [c for c in self.selected if c not in self.accepted and c not in self.declined
+                  and c not in self.aborted]
+        return RoundRecord(
+            round=self.number, session=self.session, status="complete" if complete else "abandoned",
+            close_reason=("quorum" if early else "deadline") if complete else "abandoned",
+            selected=len(self.selected), accepted=len(self.accepted), declined=len(self.declined),
+            declined_by_gate=_gate_counts(self.declined), aborted=len(self.aborted), timed_out=len(silent),
+            rejected=dict(self.rejected), clipped=self.clipped, norm_bound=self.norm_bound,
+            norm_flagged=sorted(self.norm_flagged),
+            norm_refused=sorted(c for c in self.norm_flagged if c not in self.accepted),
+            examples_capped=self.examples_capped,
+            max_weight=None if math.isinf(self.max_weight) else self.max_weight,
+            examples=int(sum(self.example_counts.values())), bytes_up=self.bytes_up, started_at=self.started_at,
+            duration_seconds=now - self.started_at, client_metrics=self.client_metrics, update_norms=self.norms,
+        )
 
 
 def _gate_counts(reasons: dict[str, str]) -> dict[str, int]:

@@ -95,24 +95,43 @@ def noised_mean(state: fedavg.RunningSum, params: DpParams, rng: np.random.Gener
 
 
 class DpMeanAggregator:
-    """The `Aggregator` interface for DP-FedAvg: clip, sum with equal weights, noise at `result`."""
+    """DP-FedAvg as a wrapper around the mean reducer: it owns clipping (every update to S, equal weights)
+    and adds the noise to the sum once, at `result`."""
 
-    def __init__(self, specs: Specs, params: DpParams, rng: np.random.Generator) -> None:
+    def __init__(self, specs: Specs, params: DpParams, rng: np.random.Generator,
+                 inner: fedavg.MeanAggregator | None = None) -> None:
         self.params = params
         self.rng = rng
-        self.state = fedavg.init(specs, "float64")
+        self.inner = inner if inner is not None else fedavg.MeanAggregator(specs, "float64")
+
+    @property
+    def state(self) -> fedavg.RunningSum:
+        return self.inner.state
 
     def add(self, delta: dict[str, np.ndarray], weight: float = 1.0) -> None:
         del weight  # equal weights: an example count would raise one device's influence above clip_norm
         clipped, _ = clip(delta, self.params.clip_norm)
-        fedavg.accumulate(self.state, clipped, 1.0)
+        self.inner.add(clipped, 1.0)
+
+    def fresh(self) -> DpMeanAggregator:
+        return DpMeanAggregator([], self.params, self.rng, self.inner.fresh())
+
+    def absorb(self, other: DpMeanAggregator) -> None:
+        self.inner.absorb(other.inner)
 
     @property
     def count(self) -> int:
-        return self.state.count
+        return self.inner.count
 
     def result(self) -> dict[str, np.ndarray]:
-        return noised_mean(self.state, self.params, self.rng)
+        return noised_mean(self.inner.state, self.params, self.rng)
+
+
+def wrap(inner: Any, params: DpParams, rng: np.random.Generator) -> DpMeanAggregator:
+    """The reducer `inner` under DP-FedAvg; only the (streaming, sum-based) mean can be noised this way."""
+    if not isinstance(inner, fedavg.MeanAggregator):
+        raise ValueError(f"differential privacy wraps the mean reducer, not {type(inner).__name__}")
+    return DpMeanAggregator([], params, rng, inner)
 
 
 # --- accounting ---------------------------------------------------------------------------------

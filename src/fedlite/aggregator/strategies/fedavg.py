@@ -140,10 +140,17 @@ class MeanAggregator:
     """The `Aggregator` interface over the pure functions above: streaming, O(model) memory."""
 
     def __init__(self, specs: Specs, dtype: str = "float64") -> None:
+        self.specs, self.dtype = specs, dtype
         self.state = init(specs, dtype)
 
     def add(self, delta: dict[str, np.ndarray], weight: float) -> None:
         accumulate(self.state, delta, weight)
+
+    def fresh(self) -> MeanAggregator:
+        return MeanAggregator(self.specs, self.dtype)
+
+    def absorb(self, other: MeanAggregator) -> None:
+        self.state = merge(self.state, other.state)
 
     @property
     def count(self) -> int:

@@ -14,9 +14,17 @@ Arrays = dict[str, np.ndarray]
 
 
 class Aggregator(Protocol):
-    """Folds client deltas into one aggregated delta for the round."""
+    """Folds client deltas into one aggregated delta for the round.
+
+    `fresh` is an empty aggregator of the same rule (a worker's partial) and `absorb` folds such a partial in,
+    so that partials filled in parallel and absorbed at close give the result one aggregator would have.
+    """
 
     def add(self, delta: Arrays, weight: float) -> None: ...
+
+    def fresh(self) -> Aggregator: ...
+
+    def absorb(self, other: Aggregator) -> None: ...
 
     @property
     def count(self) -> int: ...

@@ -12,6 +12,7 @@ plus one tensor's N copies at `result` time. Use them for small models or small 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -85,6 +86,14 @@ class _HoldingAggregator:
             if tuple(np.shape(delta[name])) != shape:
                 raise ValueError(f"delta {name!r} has shape {tuple(np.shape(delta[name]))}, expected {shape}")
         self._updates.append({name: np.array(delta[name], dtype=np.float32) for name, _ in self._specs})
+
+    def fresh(self) -> _HoldingAggregator:
+        empty = copy.copy(self)
+        empty._updates = []
+        return empty
+
+    def absorb(self, other: _HoldingAggregator) -> None:
+        self._updates.extend(other._updates)
 
     @property
     def count(self) -> int:

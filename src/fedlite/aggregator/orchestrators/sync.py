@@ -1,0 +1,121 @@
+"""Synchronous rounds: select K(1 + over-selection) eligible devices, announce, close at K, quorum or deadline."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedlite.aggregator.influence import reference_norms, weight_cap
+from fedlite.aggregator.orchestrators.registry import Weights, register
+from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
+from fedlite.aggregator.strategies import dp, make_aggregator
+from fedlite.aggregator.validation import RoundContext
+from fedlite.protocol import topics
+from fedlite.protocol.codec import Header, encode_weights
+from fedlite.protocol.selection import Selection
+
+if TYPE_CHECKING:
+    from fedlite.aggregator.service import Aggregator
+
+HOUSEKEEPING_SECONDS = 1.0  # the watchdog, the retained topics and fleet.json, while a round waits
+
+
+class SyncRounds:
+    """McMahan et al.'s synchronous round: every attempt waits for its devices, then closes on the rule."""
+
+    def __init__(self, host: Aggregator) -> None:
+        self.host = host
+        self.config = host.config
+
+    def attempt(self, number: int, attempt: int, weights: Weights) -> RoundOutcome | None:
+        picked = self._wait_and_select(number, attempt)
+        if picked is None:
+            return None
+        return self._collect(number, *picked, weights)
+
+    def _wait_and_select(self, number: int, attempt: int) -> tuple[frozenset[str], Selection] | None:
+        host, r = self.host, self.config.rounds
+        want = int(np.ceil(r.clients_per_round * (1 + r.over_selection)))
+        started, last_log = time.time(), 0.0
+        while not host.stop_event.is_set():
+            host.housekeeping(number, "waiting")
+            eligible = host.selectable()
+            waited = time.time() - started
+            if len(eligible) >= want or (waited >= r.wait_for_devices_seconds and len(eligible) >= r.min_accepted):
+                rng = np.random.default_rng([r.seed, number, attempt])
+                return select(eligible, r.clients_per_round, r.over_selection, rng)
+            if time.time() - last_log > 10:
+                host.log.info("round %d: waiting for eligible devices (%d of %d)", number, len(eligible), want)
+                last_log = time.time()
+            host.stop_event.wait(0.1)  # statuses arrive on the network thread; eligibility is re-read
+        return None
+
+    def _collect(self, number: int, selected: frozenset[str], selection: Selection,
+                 weights: Weights) -> RoundOutcome | None:
+        host, cfg = self.host, self.config
+        attempt = RoundAttempt(
+            number=number, session=uuid.uuid4().hex[:12], selected=selected, selection=selection,
+            deadline=time.time() + cfg.rounds.deadline_seconds, clients_per_round=cfg.rounds.clients_per_round,
+            quorum=cfg.rounds.min_accepted, context=self._context(number, selected), limits=host.limits,
+            aggregator=self._reducer(number), sketcher=host.sketcher, **self._influence(selected),
+        )
+        payload = encode_weights(weights, Header(kind="weights", federation=host.federation, round=number,
+                                                 model_hash=host.model_hash, run=host.run_id()),
+                                 dtype=cfg.model.downlink_dtype)
+        bytes_down = host.bytes_down(selected, len(payload))
+        host.retained.broadcast(topics.weights_topic(host.federation, number), payload)
+        host.current = attempt
+        host.announcer.open(attempt)
+        host.log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
+                      cfg.rounds.deadline_seconds)
+        while attempt.wait(HOUSEKEEPING_SECONDS) is None:  # woken by every admission and report
+            if host.stop_event.is_set():
+                host.announcer.closed(attempt.close(abandon=True).record)  # stopping: nobody collects it
+                return None
+            host.housekeeping(number, "open")
+        outcome = attempt.close()
+        host.announcer.closed(outcome.record)
+        for client in attempt.refused_after_hold:  # refused once the warm-up fixed the norm bound
+            host.refuse("update", "norm_outlier", f"update from {client}: its norm is an outlier", number)
+        outcome.record.bytes_down = bytes_down
+        host.retained.clear(topics.weights_topic(host.federation, number))
+        return outcome
+
+    def _influence(self, selected: frozenset[str]) -> dict[str, Any]:
+        """The round's bounds on one device's influence (see `influence`): weight cap and adaptive norm bound."""
+        s = self.config.server
+        advertised = [view.status.num_examples for cid, view in self.host.fleet.snapshot().items() if cid in selected]
+        bounds: dict[str, Any] = {"max_weight": weight_cap(advertised, s.example_multiple, s.max_examples)}
+        if s.norm_multiple > 0 and not self.config.privacy.enabled:  # DP clips every update to S already
+            bounds |= {"norm_reference": reference_norms(self.host.history, s.norm_window),
+                       "norm_multiple": s.norm_multiple, "refuse_multiple": s.norm_refuse_multiple,
+                       "warmup": s.norm_warmup}
+        return bounds
+
+    def _reducer(self, number: int) -> Any:
+        """The round's reducer, a registered one (DP-FedAvg wraps the mean); the attempt folds it per worker."""
+        cfg, specs = self.config, self.host.specs
+        reducer = make_aggregator(cfg.server.aggregation, specs, config=cfg.server.strategies[cfg.server.aggregation])
+        p = cfg.privacy
+        if p.enabled:  # equal weights, clipped to S, noise on the sum, fixed denominator K
+            params = dp.DpParams(p.clip_norm, p.noise_multiplier, float(cfg.rounds.clients_per_round))
+            reducer = dp.wrap(make_aggregator("mean", specs, sum_dtype="float64"), params, dp.noise_rng(p.seed, number))
+        return reducer
+
+    def _context(self, number: int, selected: frozenset[str]) -> RoundContext:
+        host, s = self.host, self.config.server
+        bound, policy = s.max_update_norm, s.norm_policy
+        if self.config.privacy.enabled:  # every update clipped to S on admission
+            bound, policy = self.config.privacy.clip_norm, "clip"
+        return RoundContext(
+            federation=host.federation, round=number, model_hash=host.model_hash, manifest=host.manifest,
+            selected=frozenset(selected), accepted=set(), max_examples=s.max_examples,
+            max_update_norm=bound, norm_policy=policy, max_abs_value=s.max_abs_value, run=host.run_id(),
+            encoding=self.config.training.encoding,
+        )
+
+
+register("sync", SyncRounds)
