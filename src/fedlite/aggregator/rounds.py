@@ -256,11 +256,6 @@ class RoundAttempt:
             self._changed.wait_for(lambda: self._folding == 0)
             return self._partials.result()
 
-    def wake(self) -> None:
-        """Wake `wait` now (e.g. the aggregator is stopping)."""
-        with self._changed:
-            self._changed.notify_all()
-
     def close(self, now: float | None = None, abandon: bool = False) -> RoundOutcome:
         """Close the attempt (`abandon`: whatever it holds, e.g. when the aggregator stops) and say why it closed:
         ``close_reason`` quorum (enough before the deadline), deadline (the quorum at the deadline) or abandoned."""

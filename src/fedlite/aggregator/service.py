@@ -139,9 +139,8 @@ class Aggregator:
         return self.history
 
     def stop(self) -> None:
+        """Safe from a signal handler (takes no lock): the round wait sees it within a second."""
         self.stop_event.set()
-        if self.current is not None:
-            self.current.wake()
 
     def _storage_failed(self, exc: StorageError) -> None:
         """A write failed (any thread): stop now, and `run` raises it (the CLI's exit code 3)."""
