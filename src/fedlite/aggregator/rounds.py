@@ -44,6 +44,15 @@ class RoundOutcome:
     cosines: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """An admitted update ready to fold: its capped weight and the adaptive bound it is clipped to (None: none)."""
+
+    update: ValidUpdate
+    weight: float
+    clip_to: float | None
+
+
 @dataclass
 class RoundAttempt:
     """One attempt at one round. Thread-safe: inbox workers offer updates concurrently.
@@ -144,7 +153,7 @@ class RoundAttempt:
             self.rejected[exc.reason] += 1
             raise
 
-    def _admit(self, update: ValidUpdate) -> list[tuple[ValidUpdate, float]]:
+    def _admit(self, update: ValidUpdate) -> list[_Fold]:
         """Book an accepted update (lock held) and return what is ready to fold: it, or nothing while the round's
         norm bound is not known yet (held), or every held update once the warm-up is over."""
         self.client_metrics[update.client_id] = dict(update.metrics)
@@ -154,12 +163,12 @@ class RoundAttempt:
             return self._release_held() if len(self._held) >= self.warmup else []
         return [self._book(update)]
 
-    def _release_held(self) -> list[tuple[ValidUpdate, float]]:
+    def _release_held(self) -> list[_Fold]:
         """The warm-up is over (lock held): the held updates' median norm becomes the reference; refuse or book
         each."""
         self._median = statistics.median(u.norm for u in self._held)
         held, self._held = self._held, []
-        ready = []
+        ready: list[_Fold] = []
         for update in held:
             if self._outlier(update):
                 self.accepted.discard(update.client_id)
@@ -172,26 +181,28 @@ class RoundAttempt:
                 ready.append(self._book(update))
         return ready
 
-    def _book(self, update: ValidUpdate) -> tuple[ValidUpdate, float]:
-        """The round's bookkeeping for one update about to be folded (lock held); returns it with its weight."""
+    def _book(self, update: ValidUpdate) -> _Fold:
+        """The round's bookkeeping for one update about to be folded (lock held): its capped weight, and the
+        adaptive bound it is clipped to if it exceeds it."""
         bound = self.norm_bound
-        clipped = update.clipped or bool(bound and update.norm > bound)
-        if bound and update.norm > bound:
+        clip_to = bound if bound and update.norm > bound else None
+        if clip_to is not None:
             self.norm_flagged.append(update.client_id)
         weight = float(update.num_examples)
         if weight > self.max_weight:
             weight = self.max_weight
             self.examples_capped += 1
-        self.clipped += int(clipped)
+        self.clipped += int(update.clipped or clip_to is not None)
         self.example_counts[update.client_id] = weight
         self._folding += 1
-        return update, weight
+        return _Fold(update, weight, clip_to)
 
-    def _fold_all(self, ready: list[tuple[ValidUpdate, float]]) -> None:
-        """Fold booked updates into this thread's partial, outside the lock, then wake whoever waits."""
-        for update, weight in ready:
+    def _fold_all(self, ready: list[_Fold]) -> None:
+        """Fold booked updates into this thread's partial, outside the lock, then wake whoever waits (an
+        admission changes the closing rule's count even when the update is held)."""
+        for fold in ready:
             try:
-                self._fold(update, weight)
+                self._fold(fold)
             finally:
                 with self._changed:
                     self._folding -= 1
@@ -200,15 +211,15 @@ class RoundAttempt:
             with self._changed:
                 self._changed.notify_all()
 
-    def _fold(self, update: ValidUpdate, weight: float) -> None:
-        delta, bound = update.delta, self.norm_bound
-        if bound and update.norm > bound:
-            delta, _ = clip_by_global_norm(delta, bound, inplace=True)
-        self._partials.add(delta, weight)
+    def _fold(self, fold: _Fold) -> None:
+        delta = fold.update.delta
+        if fold.clip_to is not None:
+            delta, _ = clip_by_global_norm(delta, fold.clip_to, inplace=True)
+        self._partials.add(delta, fold.weight)
         if self.sketcher is not None:
             sketch = self.sketcher.sketch(delta)
             with self._lock:
-                self.sketches[update.client_id] = sketch
+                self.sketches[fold.update.client_id] = sketch
 
     def report(self, report: DeviceReport) -> bool:
         """Record a decline or abort from a selected device; False if the report does not belong here."""
@@ -222,12 +233,8 @@ class RoundAttempt:
             self._changed.notify_all()
         return True
 
-    def decision(self, now: float | None = None) -> str | None:
-        """None while open; "complete" or "abandoned" once the closing rule says so."""
-        with self._lock:
-            return self._decide(now or time.time())
-
     def _decide(self, now: float) -> str | None:
+        """None while open; "complete" or "abandoned" once the closing rule says so (lock held)."""
         accepted = len(self.accepted)
         answered = accepted + len(set(self.declined) | set(self.aborted))
         if accepted >= self.clients_per_round:

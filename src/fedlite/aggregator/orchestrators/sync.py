@@ -97,13 +97,11 @@ class SyncRounds:
 
     def _reducer(self, number: int) -> Any:
         """The round's reducer, a registered one (DP-FedAvg wraps the mean); the attempt folds it per worker."""
-        cfg, specs = self.config, self.host.specs
-        reducer = make_aggregator(cfg.server.aggregation, specs, config=cfg.server.strategies[cfg.server.aggregation])
-        p = cfg.privacy
+        cfg, specs, p = self.config, self.host.specs, self.config.privacy
         if p.enabled:  # equal weights, clipped to S, noise on the sum, fixed denominator K
             params = dp.DpParams(p.clip_norm, p.noise_multiplier, float(cfg.rounds.clients_per_round))
-            reducer = dp.wrap(make_aggregator("mean", specs, sum_dtype="float64"), params, dp.noise_rng(p.seed, number))
-        return reducer
+            return dp.wrap(make_aggregator("mean", specs, sum_dtype="float64"), params, dp.noise_rng(p.seed, number))
+        return make_aggregator(cfg.server.aggregation, specs, config=cfg.server.strategies[cfg.server.aggregation])
 
     def _context(self, number: int, selected: frozenset[str]) -> RoundContext:
         host, s = self.host, self.config.server

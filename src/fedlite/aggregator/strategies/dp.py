@@ -104,10 +104,6 @@ class DpMeanAggregator:
         self.rng = rng
         self.inner = inner if inner is not None else fedavg.MeanAggregator(specs, "float64")
 
-    @property
-    def state(self) -> fedavg.RunningSum:
-        return self.inner.state
-
     def add(self, delta: dict[str, np.ndarray], weight: float = 1.0) -> None:
         del weight  # equal weights: an example count would raise one device's influence above clip_norm
         clipped, _ = clip(delta, self.params.clip_norm)
