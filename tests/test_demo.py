@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -58,8 +59,10 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
 
 def test_demo_stops_every_process_on_ctrl_c(tmp_path):
     run_dir = tmp_path / "demo"
+    # SIGINT as a terminal delivers it: a suite started in the background inherits it ignored, so restore it
     demo = subprocess.Popen([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir),
-                             "--rounds", "200"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--rounds", "200"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "aggregator" / "history.json").exists():
         time.sleep(0.5)

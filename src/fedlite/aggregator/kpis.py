@@ -3,22 +3,26 @@
 Fairness is the global model's accuracy on each client's own held-out data (numbers the devices report,
 never data). Drift is a client's loss on its fresh local data rising over a window of rounds. Anomalies
 are updates whose norm is a robust outlier or that point away from the round's aggregate; the cosine
-similarity is computed on count sketches (Charikar et al. 2002) of the updates, which are linear, so the
-aggregate's sketch is the weighted mean of the clients' sketches and memory stays O(clients × buckets).
+similarity is computed on sketches of the updates: the same fixed uniform sample of coordinates from each (read
+from the codes, no pass over the update), a linear map, so the aggregate's sketch is the weighted mean of the
+clients' sketches and memory stays O(clients × samples). Sampling m of P coordinates estimates each inner
+product without bias, with a relative error of order 1/sqrt(m) for updates spread over many coordinates.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
 
+from fedlite.aggregator.deltas import Delta, as_delta
 from fedlite.aggregator.record import RoundRecord, records
 from fedlite.settings import Range, require
 
-SKETCH_BUCKETS = 512
+SKETCH_SAMPLES = 4096
 
 
 @dataclass
@@ -40,17 +44,24 @@ class KpiSettings:
 
 
 class Sketcher:
-    """A fixed count sketch of the model's flat weight vector."""
+    """A fixed uniform sample of `samples` coordinates of the model's flat weight vector (all of them when the
+    model is smaller), in manifest order."""
 
-    def __init__(self, num_params: int, buckets: int = SKETCH_BUCKETS, seed: int = 0) -> None:
+    def __init__(self, num_params: int, samples: int = SKETCH_SAMPLES, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
-        self.buckets = buckets
-        self._bucket = rng.integers(0, buckets, size=num_params, dtype=np.int32)
-        self._sign = rng.choice(np.array([-1.0, 1.0], np.float32), size=num_params)
+        count = min(num_params, samples)
+        self.positions = np.sort(rng.choice(num_params, size=count, replace=False)).astype(np.int64)
 
-    def sketch(self, delta: dict[str, np.ndarray]) -> np.ndarray:
-        flat = np.concatenate([np.ravel(v) for v in delta.values()]).astype(np.float32)
-        return np.bincount(self._bucket, weights=flat * self._sign, minlength=self.buckets)
+    def sketch(self, delta: Delta | Mapping[str, Any]) -> np.ndarray:
+        delta = as_delta(delta)
+        parts, offset = [], 0
+        for name, shape in delta.shapes().items():
+            size = int(np.prod(shape))
+            lo, hi = np.searchsorted(self.positions, [offset, offset + size])
+            if hi > lo:
+                parts.append(delta.take(name, self.positions[lo:hi] - offset))
+            offset += size
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
 
 def cosine_to_aggregate(sketches: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, float]:

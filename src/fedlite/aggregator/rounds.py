@@ -15,7 +15,6 @@ import numpy as np
 from fedlite.aggregator.kpis import Sketcher, cosine_to_aggregate
 from fedlite.aggregator.partials import PartialSums
 from fedlite.aggregator.record import RoundRecord
-from fedlite.aggregator.strategies.robust import clip_by_global_norm
 from fedlite.aggregator.validation import Rejected, RoundContext, ValidUpdate, check_update, precheck
 from fedlite.protocol import selection
 from fedlite.protocol.codec import Limits
@@ -212,9 +211,9 @@ class RoundAttempt:
                 self._changed.notify_all()
 
     def _fold(self, fold: _Fold) -> None:
-        delta = fold.update.delta
+        delta = fold.update.values
         if fold.clip_to is not None:
-            delta, _ = clip_by_global_norm(delta, fold.clip_to, inplace=True)
+            delta = delta.scaled(fold.clip_to / delta.norm())
         self._partials.add(delta, fold.weight)
         if self.sketcher is not None:
             sketch = self.sketcher.sketch(delta)

@@ -7,7 +7,8 @@ only to its own topic, so the topic is the authenticated identity). Then the fra
 the model (frame, decompressed size), and its header before any tensor is decoded: kind, encoding (the round
 plan's), federation, run, round (stale / future), sender (the header's client id must be the topic's), model
 hash. Then the plan's codec decodes the tensors against the model's layout (names, exact sizes, code ranges,
-finite scales), and the example count, value magnitude and update norm are checked.
+finite scales), and the example count, value magnitude and update norm are checked. A quantized update stays
+in its codes (`deltas.CodedDelta`): magnitude and norm come from the codes, and clipping scales it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.aggregator.strategies.robust import clip_by_global_norm, global_norm
+from fedlite.aggregator.deltas import Delta, as_delta
 from fedlite.protocol.codec import CodecError, Header, Limits, decode
 from fedlite.protocol.layout import LayoutError, check_tensors, weight_specs
 
@@ -63,12 +64,17 @@ class RoundContext:
 @dataclass
 class ValidUpdate:
     client_id: str
-    delta: dict[str, np.ndarray]  # float32, already clipped when the norm policy is "clip"
+    values: Delta  # already clipped when the norm policy is "clip"
     num_examples: int
     metrics: dict[str, float]
     norm: float  # L2 norm before clipping
     clipped: bool
     bytes: int
+
+    @property
+    def delta(self) -> dict[str, np.ndarray]:
+        """The delta as float32 arrays (expanded from its codes: for inspection, not for the round's path)."""
+        return self.values.dense()
 
 
 def validate_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits()) -> ValidUpdate:
@@ -112,7 +118,7 @@ def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits
     """Decode and check one uplink payload against the round; pure (``ctx`` is not changed)."""
     size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
     try:
-        message = decode(payload, limits=limits, shapes=weight_specs(ctx.manifest),
+        message = decode(payload, limits=limits, shapes=weight_specs(ctx.manifest), codes=True,
                          check_header=lambda header: check_header(header, topic_client_id, ctx))
     except CodecError as exc:
         raise Rejected(exc.reason, exc.detail) from None
@@ -120,22 +126,23 @@ def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits
         raise
     except Exception as exc:  # a bug in the decoder must not let one payload crash the round
         raise Rejected("malformed", f"decoder failed: {type(exc).__name__}: {exc}") from None
-    header, delta = message.header, message.tensors
+    header = message.header
     try:
-        check_tensors(delta, ctx.manifest)
+        check_tensors(message.tensors, ctx.manifest)
     except LayoutError as exc:
         raise Rejected(exc.reason, exc.detail) from None
     if not ctx.min_examples <= header.num_examples <= ctx.max_examples:
         raise Rejected("examples", f"num_examples {header.num_examples} is outside "
                        f"[{ctx.min_examples}, {ctx.max_examples}]")
-    largest = max_abs(delta)
-    if largest > ctx.max_abs_value:
+    delta = as_delta(message.tensors)
+    largest = delta.max_abs()
+    if not largest <= ctx.max_abs_value:
         raise Rejected("magnitude", f"a delta entry of magnitude {largest:.3g} exceeds {ctx.max_abs_value:.3g}")
-    norm, clipped = global_norm(delta), False
+    norm, clipped = delta.norm(), False
     if ctx.max_update_norm > 0 and norm > ctx.max_update_norm:
         if ctx.norm_policy == "reject":
             raise Rejected("norm", f"update norm {norm:.4g} exceeds {ctx.max_update_norm:.4g}")
-        delta, _ = clip_by_global_norm(delta, ctx.max_update_norm, inplace=True)
+        delta = delta.scaled(ctx.max_update_norm / norm)
         clipped = True
     problem = check_metrics(header.metrics)
     if problem:
@@ -162,12 +169,3 @@ def check_metrics(metrics: dict[str, float]) -> str | None:
         if "loss" in name and value < 0:
             return f"metric {name!r} = {value:.3g} is a negative loss"
     return None
-
-
-def max_abs(tensors: dict[str, np.ndarray]) -> float:
-    """The largest |entry| over all tensors, without an |x| temporary."""
-    largest = 0.0
-    for value in tensors.values():
-        if value.size:
-            largest = max(largest, float(value.max()), -float(value.min()))
-    return largest

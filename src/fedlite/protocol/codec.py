@@ -112,7 +112,7 @@ class Header:
 @dataclass
 class Message:
     header: Header
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Any]  # float32 / uint8 arrays, or `Codes` when decoded with ``codes=True``
 
 
 # --- int8 quantization (the first codec's, kept here for callers that quantize by hand) --------------------
@@ -244,8 +244,10 @@ def _decompressor(compact: bool) -> Any:
 
 
 def decode(payload: bytes, *, limits: Limits = Limits(), allow_nonfinite: bool = False,
-           shapes: Layout | None = None, check_header: Callable[[Header], None] | None = None) -> Message:
-    """Parse and check a frame; tensors come back as float32 (dequantized) or uint8 blobs.
+           shapes: Layout | None = None, check_header: Callable[[Header], None] | None = None,
+           codes: bool = False) -> Message:
+    """Parse and check a frame; tensors come back as float32 (dequantized) or uint8 blobs, or with `codes` as
+    `Codes` (integer codes and scales, unexpanded) where the frame's codec is a quantizing one.
 
     `shapes`: the model's weights (name, shape) in manifest order; needed for compact bodies and for codecs whose
     tensors do not carry the weight's shape, and checked exactly when given. `check_header` runs on the parsed
@@ -272,7 +274,7 @@ def decode(payload: bytes, *, limits: Limits = Limits(), allow_nonfinite: bool =
         source = _TableSource(body, start, entries, shapes, codec, allow_nonfinite)
     if check_header is not None:
         check_header(header)
-    tensors = codec.decode(source, header)
+    tensors = codec.decode_codes(source, header) if codes and codec.coded else codec.decode(source, header)
     source.finish()
     return Message(header, tensors)
 
@@ -288,15 +290,15 @@ def _unframe(payload: bytes, limits: Limits) -> tuple[int, bytes]:
                          f"{PROTOCOL_VERSION})")
     if flags & ~(FLAG_ZSTD | FLAG_COMPACT):
         raise CodecError("flags", f"unknown flags 0x{flags:02x}")
+    if flags & FLAG_ZSTD:  # decompressed from a view: the compressed body is not copied first
+        return flags, _decompress(memoryview(payload)[5:], limits.max_decoded_bytes, bool(flags & FLAG_COMPACT))
     body = payload[5:]
-    if flags & FLAG_ZSTD:
-        body = _decompress(body, limits.max_decoded_bytes, bool(flags & FLAG_COMPACT))
-    elif len(body) > limits.max_decoded_bytes:
+    if len(body) > limits.max_decoded_bytes:
         raise CodecError("too_large", f"body of {len(body)} B exceeds {limits.max_decoded_bytes} B")
     return flags, body
 
 
-def _decompress(body: bytes, max_bytes: int, compact: bool) -> bytes:
+def _decompress(body: bytes | memoryview, max_bytes: int, compact: bool) -> bytes:
     import zstandard
 
     try:

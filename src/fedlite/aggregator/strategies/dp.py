@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator.deltas import Delta, as_delta
 from fedlite.aggregator.strategies import fedavg
 from fedlite.aggregator.strategies.robust import clip_by_global_norm
 
@@ -104,10 +105,13 @@ class DpMeanAggregator:
         self.rng = rng
         self.inner = inner if inner is not None else fedavg.MeanAggregator(specs, "float64")
 
-    def add(self, delta: dict[str, np.ndarray], weight: float = 1.0) -> None:
+    def add(self, delta: Delta | dict[str, np.ndarray], weight: float = 1.0) -> None:
         del weight  # equal weights: an example count would raise one device's influence above clip_norm
-        clipped, _ = clip(delta, self.params.clip_norm)
-        self.inner.add(clipped, 1.0)
+        delta = as_delta(delta)
+        norm = delta.norm()
+        if norm > self.params.clip_norm:
+            delta = delta.scaled(self.params.clip_norm / norm)
+        self.inner.add(delta, 1.0)
 
     def fresh(self) -> DpMeanAggregator:
         return DpMeanAggregator([], self.params, self.rng, self.inner.fresh())

@@ -18,11 +18,13 @@ integer weights). `merge` itself is commutative bitwise and `init` is its identi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator.deltas import Delta, as_delta
 from fedlite.aggregator.strategies.registry import OptimizerSpec, ReducerSpec, register_optimizer, register_reducer
 from fedlite.settings import require
 
@@ -60,27 +62,26 @@ def _chunks(size: int) -> Iterator[slice]:
         yield slice(start, min(start + _CHUNK, size))
 
 
-def _check_same_layout(sums: dict[str, np.ndarray], other: dict[str, np.ndarray], what: str) -> None:
+def _check_same_layout(sums: dict[str, np.ndarray], other: Mapping[str, Any], what: str) -> None:
+    """`other` (arrays, or shapes) has exactly the running sum's names and shapes."""
     if set(other) != set(sums):
         missing, extra = sorted(set(sums) - set(other)), sorted(set(other) - set(sums))
         raise ValueError(f"{what} names differ from the running sum: missing {missing[:3]}, extra {extra[:3]}")
     for name, acc in sums.items():
-        if tuple(np.shape(other[name])) != acc.shape:
-            raise ValueError(f"{what} {name!r} has shape {tuple(np.shape(other[name]))}, expected {acc.shape}")
+        shape = other[name] if isinstance(other[name], tuple) else tuple(np.shape(other[name]))
+        if shape != acc.shape:
+            raise ValueError(f"{what} {name!r} has shape {shape}, expected {acc.shape}")
 
 
-def accumulate(state: RunningSum, delta: dict[str, np.ndarray], weight: float) -> RunningSum:
-    """Add ``weight * delta`` to `state` in place and return it; `delta` is read, never kept."""
+def accumulate(state: RunningSum, delta: Delta | dict[str, np.ndarray], weight: float) -> RunningSum:
+    """Add ``weight * delta`` to `state` in place and return it; `delta` (arrays, or a quantized update's codes
+    folded without expanding them) is read, never kept."""
     weight = float(weight)
     if not np.isfinite(weight) or weight <= 0:
         raise ValueError(f"weight must be a finite number > 0, got {weight}")
-    _check_same_layout(state.sums, delta, "delta")
-    w = np.float64(weight)
-    for name, acc in state.sums.items():
-        src = np.asarray(delta[name]).reshape(-1)
-        dst = acc.reshape(-1)  # a view: acc is C-contiguous
-        for part in _chunks(src.size):
-            dst[part] += np.multiply(src[part], w, dtype=dst.dtype)  # in the accumulator's precision
+    delta = as_delta(delta)
+    _check_same_layout(state.sums, delta.shapes(), "delta")
+    delta.add_into(state.sums, weight)
     state.total_weight += weight
     state.count += 1
     return state
@@ -143,7 +144,7 @@ class MeanAggregator:
         self.specs, self.dtype = specs, dtype
         self.state = init(specs, dtype)
 
-    def add(self, delta: dict[str, np.ndarray], weight: float) -> None:
+    def add(self, delta: Delta | dict[str, np.ndarray], weight: float) -> None:
         accumulate(self.state, delta, weight)
 
     def fresh(self) -> MeanAggregator:

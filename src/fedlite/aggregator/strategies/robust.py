@@ -19,6 +19,7 @@ from typing import Annotated
 
 import numpy as np
 
+from fedlite.aggregator.deltas import Delta, as_delta, l2_norm
 from fedlite.aggregator.strategies.registry import ReducerSpec, register_reducer
 from fedlite.settings import Range
 
@@ -34,13 +35,7 @@ def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
 
 def global_norm(delta: dict[str, np.ndarray]) -> float:
     """The L2 norm of all tensors together, accumulated in float64 (temporaries bounded to one chunk)."""
-    total = 0.0
-    for value in delta.values():
-        for part in _chunks(np.asarray(value, dtype=np.float32).reshape(-1)):
-            # einsum, not BLAS: np.dot spins up BLAS threads that cost more than the sum on a busy device;
-            # each chunk's float32 sum is small, and chunks are added in float64
-            total += float(np.einsum("i,i->", part, part))
-    return float(np.sqrt(total))
+    return l2_norm(delta.values())
 
 
 def clip_by_global_norm(
@@ -76,8 +71,9 @@ class _HoldingAggregator:
         self._specs = [(name, tuple(shape)) for name, shape in specs]
         self._updates: list[dict[str, np.ndarray]] = []
 
-    def add(self, delta: dict[str, np.ndarray], weight: float = 1.0) -> None:
+    def add(self, delta: Delta | dict[str, np.ndarray], weight: float = 1.0) -> None:
         del weight  # unweighted by design, see the module docstring
+        delta = as_delta(delta).dense()
         expected = dict(self._specs)
         if set(delta) != set(expected):
             missing, extra = sorted(set(expected) - set(delta)), sorted(set(delta) - set(expected))

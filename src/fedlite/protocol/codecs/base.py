@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,13 +33,36 @@ class TensorSource(Protocol):
     def take(self, weight: str, suffix: str, dtype: np.dtype[Any], count: int) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class Codes:
+    """One weight decoded to integer codes and float32 scales: value = code x scale, with one scale per channel
+    (the last axis) when `scale` holds ``shape[-1]`` of them for rank >= 2, else one scale for the tensor.
+
+    `codes` is flat (C order) and may be a read-only view into the frame: the aggregator checks and folds an
+    update from its codes without ever holding its float32 values.
+    """
+
+    codes: np.ndarray  # int8 [size(shape)]
+    scale: np.ndarray  # float32 [channels] or [1]
+    shape: Shape
+
+    @property
+    def per_channel(self) -> bool:
+        return len(self.shape) >= 2 and self.scale.size == self.shape[-1] and self.scale.size > 1
+
+    def values(self) -> np.ndarray:
+        """The float32 values, of `shape` (a new array)."""
+        return dequantize(self.codes, self.scale, self.shape, self.per_channel)
+
+
 class Codec:
     """One encoding of a frame's tensors, registered by `name` (the header's ``encoding``).
 
     `suffixes` are the wire tensors per weight, in order ("" is the weight's own name): they are the entries a
     frame declares for it. `self_describing`: the weight's own tensor has the weight's shape, so a frame decodes
     without knowing the model. `compact`: updates use the compact body (no tensor table) by default.
-    `residual`: the encoder keeps client-side error feedback between rounds.
+    `residual`: the encoder keeps client-side error feedback between rounds. `coded`: the codec decodes to
+    `Codes` (`decode_codes`), and `decode` is their values.
     """
 
     name: str = ""
@@ -47,6 +71,7 @@ class Codec:
     self_describing: bool = True
     compact: bool = False
     residual: bool = False
+    coded: bool = False
     order: int = 100  # where `names` lists it
 
     def encode(self, delta: Mapping[str, np.ndarray], *, rng: np.random.Generator | None = None,
@@ -56,6 +81,12 @@ class Codec:
 
     def decode(self, tensors: TensorSource, header: Any) -> Tensors:
         """float32 values per weight; refuses out-of-range codes, bad scales and wrong sizes with CodecError."""
+        if not self.coded:
+            raise NotImplementedError
+        return {name: codes.values() for name, codes in self.decode_codes(tensors, header).items()}
+
+    def decode_codes(self, tensors: TensorSource, header: Any) -> dict[str, Codes]:
+        """`Codes` per weight, with every check `decode` makes (only where `coded`)."""
         raise NotImplementedError
 
     def max_bytes(self, shape: Shape) -> int:

@@ -10,12 +10,12 @@ import numpy as np
 from fedlite.protocol.codecs.base import (
     Codec,
     CodecError,
+    Codes,
     Shape,
     Tensors,
     TensorSource,
     channels,
     check_scales,
-    dequantize,
     quantize_symmetric,
     register,
     size,
@@ -34,6 +34,7 @@ class Int8(Codec):
     kinds = ("update", "weights")
     suffixes = ("", SCALE_SUFFIX)
     per_channel = True
+    coded = True
 
     def scales(self, shape: Shape) -> int:
         return channels(shape) if self.per_channel else 1
@@ -47,15 +48,15 @@ class Int8(Codec):
             tensors[name + SCALE_SUFFIX] = scale
         return tensors, None
 
-    def decode(self, tensors: TensorSource, header: Any) -> Tensors:
-        out: Tensors = {}
+    def decode_codes(self, tensors: TensorSource, header: Any) -> dict[str, Codes]:
+        out: dict[str, Codes] = {}
         for name, shape in tensors.weights:
             q = tensors.take(name, "", np.dtype(np.int8), size(shape))
             scale = tensors.take(name, SCALE_SUFFIX, np.dtype(np.float32), self.scales(shape))
             check_scales(name, scale, LEVELS)
             if q.size and q.min() < -LEVELS:
                 raise CodecError("code", f"tensor {name!r} holds the code -128 (codes are -127..127)")
-            out[name] = dequantize(q, scale, shape, self.per_channel)
+            out[name] = Codes(q, scale, shape)
         return out
 
     def max_bytes(self, shape: Shape) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 from fedlite.protocol.codecs.base import (
     Codec,
     CodecError,
+    Codes,
     Shape,
     Tensors,
     TensorSource,
@@ -50,6 +51,7 @@ class TernaryEF(Codec):
     self_describing = False
     compact = True
     residual = True
+    coded = True
 
     def encode(self, delta: Mapping[str, np.ndarray], *, rng: np.random.Generator | None = None,
                residual: Mapping[str, np.ndarray] | None = None) -> tuple[Tensors, Tensors | None]:
@@ -65,8 +67,8 @@ class TernaryEF(Codec):
             left[name] = v - codes.astype(np.float32) * scale
         return tensors, left
 
-    def decode(self, tensors: TensorSource, header: Any) -> Tensors:
-        out: Tensors = {}
+    def decode_codes(self, tensors: TensorSource, header: Any) -> dict[str, Codes]:
+        out: dict[str, Codes] = {}
         for name, shape in tensors.weights:
             n = size(shape)
             scale = tensors.take(name, SCALE_SUFFIX, np.dtype(np.float32), 1)
@@ -79,9 +81,9 @@ class TernaryEF(Codec):
             signs = np.unpackbits(tensors.take(name, SIGN_SUFFIX, np.dtype(np.uint8), (k + 7) // 8))
             if signs[k:].any():
                 raise CodecError("code", f"tensor {name!r}: padding bits of the signs are not 0")
-            values = np.zeros(n, np.float32)
-            values[nonzero] = np.where(signs[:k].view(bool), -scale[0], scale[0])
-            out[name] = values.reshape(shape)
+            codes = nonzero.view(np.int8).copy()  # 1 where non-zero
+            codes[nonzero] -= 2 * signs[:k].view(np.int8)  # -1 where the sign bit is set
+            out[name] = Codes(codes, scale, shape)
         return out
 
     def max_bytes(self, shape: Shape) -> int:
