@@ -167,12 +167,8 @@ def _process_worker(specs: Specs, ids: list[str], inbox: Any, outbox: Any) -> No
     attempt = round_attempt(specs, ids)
     while (item := inbox.get()) is not None:
         attempt.offer(*item)
-    with attempt._changed:
-        attempt._changed.wait_for(lambda: attempt._folding == 0)
-    partials = attempt._partials
-    for partial in partials._partials:
-        partials.base.absorb(partial)
-    outbox.put((partials.base.state, attempt.sketches, attempt.example_counts))
+    attempt.aggregate()  # merges the partials into the attempt's aggregator
+    outbox.put((attempt.aggregator.state, attempt.sketches, attempt.example_counts))
 
 
 def fedlite_processes_round(path: Path, updates: int, specs: Specs, workers: int) -> tuple[Clock, float]:

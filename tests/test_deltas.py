@@ -66,7 +66,7 @@ def test_the_sketch_of_codes_equals_the_sketch_of_values() -> None:
 
 
 def test_an_update_is_checked_and_folded_in_less_memory_than_its_float32_values() -> None:
-    specs = [("big/kernel", (4000, 256)), ("big/bias", (256,))]
+    specs = [("big/kernel", (8000, 512)), ("big/bias", (512,))]
     manifest = {"weights": [{"name": n, "shape": list(s)} for n, s in specs]}
     rng = np.random.default_rng(1)
     delta = {name: rng.normal(0, 0.01, shape).astype(np.float32) for name, shape in specs}

@@ -20,15 +20,10 @@ from fedlite.protocol.codecs.base import Codes
 Arrays = dict[str, np.ndarray]
 Shape = tuple[int, ...]
 
-CHUNK = 1 << 15  # elements per pass: a float64 chunk (256 KiB) stays in L2
-
-
-@dataclass(frozen=True)
-class Stats:
-    """What the admission checks need: the largest |value| and the L2 norm (both before `factor`)."""
-
-    max_abs: float
-    norm: float
+# Elements per pass: a float32 chunk (1 MiB) stays in L2, and each numpy call is long enough that two workers
+# run in parallel (numpy releases the GIL inside a call; with 32k-element chunks the calls between them
+# serialized two threads, see benchmarks/aggregation.py).
+CHUNK = 1 << 18
 
 
 class Delta:
@@ -39,7 +34,8 @@ class Delta:
     def shapes(self) -> dict[str, Shape]:
         raise NotImplementedError
 
-    def stats(self) -> Stats:
+    def _measure(self, what: str) -> float:
+        """``max_abs`` or ``norm`` before `factor`, computed on first use and shared by scaled copies."""
         raise NotImplementedError
 
     def scaled(self, factor: float) -> Delta:
@@ -59,10 +55,14 @@ class Delta:
         raise NotImplementedError
 
     def max_abs(self) -> float:
-        return self.stats().max_abs * self.factor
+        return self._measure("max_abs") * self.factor
+
+    def max_abs_bound(self) -> float:
+        """An upper bound of `max_abs`, cheap to compute (the exact value is needed only when it is over a limit)."""
+        return self.max_abs()
 
     def norm(self) -> float:
-        return self.stats().norm * self.factor
+        return self._measure("norm") * self.factor
 
 
 @dataclass(frozen=True)
@@ -71,22 +71,26 @@ class CodedDelta(Delta):
 
     parts: dict[str, Codes]
     factor: float = 1.0
-    _stats: list[Stats] = field(default_factory=list, compare=False, repr=False)  # computed once, shared
+    _measured: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def shapes(self) -> dict[str, Shape]:
         return {name: codes.shape for name, codes in self.parts.items()}
 
-    def stats(self) -> Stats:
-        if not self._stats:
-            largest, squares = 0.0, 0.0
-            for codes in self.parts.values():
-                m, s = _code_stats(codes)
-                largest, squares = max(largest, m), squares + s
-            self._stats.append(Stats(largest, float(np.sqrt(squares))))
-        return self._stats[0]
+    def max_abs_bound(self) -> float:
+        """128 x the largest scale: no int8 code is larger, so no value is."""
+        largest = max((float(np.max(c.scale)) for c in self.parts.values() if c.scale.size), default=0.0)
+        return 128.0 * largest * self.factor
+
+    def _measure(self, what: str) -> float:
+        if what not in self._measured:
+            if what == "norm":
+                self._measured[what] = float(np.sqrt(sum(_code_squares(c) for c in self.parts.values())))
+            else:
+                self._measured[what] = max((_code_peak(c) for c in self.parts.values()), default=0.0)
+        return self._measured[what]
 
     def scaled(self, factor: float) -> CodedDelta:
-        return CodedDelta(self.parts, self.factor * float(factor), self._stats)
+        return CodedDelta(self.parts, self.factor * float(factor), self._measured)
 
     def add_into(self, sums: Mapping[str, np.ndarray], weight: float) -> None:
         # The same roundings as expanding the codes and adding the dense delta: value = float32(code x scale),
@@ -126,22 +130,22 @@ class DenseDelta(Delta):
 
     arrays: Arrays
     factor: float = 1.0
-    _stats: list[Stats] = field(default_factory=list, compare=False, repr=False)
+    _measured: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def shapes(self) -> dict[str, Shape]:
         return {name: tuple(np.shape(value)) for name, value in self.arrays.items()}
 
-    def stats(self) -> Stats:
-        if not self._stats:
-            largest = 0.0
-            for value in self.arrays.values():
-                if np.size(value):
-                    largest = max(largest, float(np.max(value)), -float(np.min(value)))
-            self._stats.append(Stats(largest, l2_norm(self.arrays.values())))
-        return self._stats[0]
+    def _measure(self, what: str) -> float:
+        if what not in self._measured:
+            if what == "norm":
+                self._measured[what] = l2_norm(self.arrays.values())
+            else:  # max and min: no |x| temporary
+                self._measured[what] = max((max(float(np.max(v)), -float(np.min(v))) for v in self.arrays.values()
+                                            if np.size(v)), default=0.0)
+        return self._measured[what]
 
     def scaled(self, factor: float) -> DenseDelta:
-        return DenseDelta(self.arrays, self.factor * float(factor), self._stats)
+        return DenseDelta(self.arrays, self.factor * float(factor), self._measured)
 
     def add_into(self, sums: Mapping[str, np.ndarray], weight: float) -> None:
         w = np.float64(self.factor) * np.float64(weight)
@@ -196,22 +200,29 @@ def _row_chunks(codes: Codes, flat: np.ndarray | None = None) -> Iterator[tuple[
         yield grid[rows], None if target is None else target[rows]
 
 
-def _code_stats(codes: Codes) -> tuple[float, float]:
-    """(max |value|, sum of squared values) of one weight, from its codes: the extremes over the int8 codes, the
-    squares over float32 chunks that stay in cache (summed in float32 within a chunk, float64 across chunks)."""
+def _code_peak(codes: Codes) -> float:
+    """max |value| of one weight, from the extremes of its codes (per channel when scaled per channel)."""
     if codes.codes.size == 0:
-        return 0.0, 0.0
+        return 0.0
     scale = codes.scale.astype(np.float64)
-    per_channel = codes.per_channel
-    grid = codes.codes.reshape(-1, scale.size) if per_channel else codes.codes
-    axis = 0 if per_channel else None
+    grid = codes.codes.reshape(-1, scale.size) if codes.per_channel else codes.codes
+    axis = 0 if codes.per_channel else None
     peak = np.maximum(grid.max(axis=axis).astype(np.float64), -grid.min(axis=axis).astype(np.float64))
-    squares = np.zeros(scale.size if per_channel else 1, np.float64)
+    return float(np.max(peak * (scale if codes.per_channel else scale[0])))
+
+
+def _code_squares(codes: Codes) -> float:
+    """The sum of squared values of one weight, from its codes: squares over float32 chunks that stay in cache
+    (summed in float32 within a chunk, float64 across chunks), times the squared scales."""
+    if codes.codes.size == 0:
+        return 0.0
+    scale = codes.scale.astype(np.float64)
+    axis = 0 if codes.per_channel else None
+    squares = np.zeros(scale.size if codes.per_channel else 1, np.float64)
     buffer = np.empty(CHUNK, np.float32)
     for part, _ in _row_chunks(codes):
         tmp = buffer[: part.size].reshape(part.shape)
         np.copyto(tmp, part, casting="unsafe")
         np.square(tmp, out=tmp)
         squares += tmp.sum(axis=axis)
-    return float(np.max(peak * scale)), float(squares @ (scale * scale)) if per_channel else float(
-        squares[0] * scale[0] ** 2)
+    return float(squares @ (scale * scale)) if codes.per_channel else float(squares[0] * scale[0] ** 2)

@@ -12,9 +12,10 @@ Arrays = dict[str, np.ndarray]
 
 
 class PartialSums:
-    """An `Aggregator` that gives every calling thread its own partial (``base.fresh()``), so workers fold
-    updates without a shared lock; `result` absorbs the partials into `base` (in the order the threads first
-    added, so one thread gives exactly the single aggregator's result) and reduces once.
+    """An `Aggregator` that gives every calling thread its own partial (the first thread `base` itself, the others
+    ``base.fresh()``), so workers fold updates without a shared lock; `result` absorbs the other partials into
+    `base` (in the order the threads first added, so one thread gives exactly the single aggregator's result)
+    and reduces once.
 
     The caller makes sure no `add` is in flight when it calls `result` (the round attempt counts its folds).
     """
@@ -28,8 +29,8 @@ class PartialSums:
     def _mine(self) -> Aggregator:
         partial = getattr(self._local, "partial", None)
         if partial is None:
-            partial = self.base.fresh()
-            with self._lock:
+            with self._lock:  # the first thread folds into `base` itself: one model-sized sum fewer
+                partial = self.base if not self._partials else self.base.fresh()
                 self._partials.append(partial)
             self._local.partial = partial
         return partial
@@ -40,7 +41,7 @@ class PartialSums:
     @property
     def count(self) -> int:
         with self._lock:
-            return self.base.count + sum(p.count for p in self._partials)
+            return self.base.count + sum(p.count for p in self._partials if p is not self.base)
 
     @property
     def workers(self) -> int:
@@ -52,6 +53,7 @@ class PartialSums:
         with self._lock:
             partials, self._partials = self._partials, []
         for partial in partials:
-            self.base.absorb(partial)
+            if partial is not self.base:
+                self.base.absorb(partial)
         self._local = threading.local()
         return self.base.result()
