@@ -1,11 +1,12 @@
-"""Row 6: end-to-end round latency through Mosquitto with 10, 100 and 1000 virtual clients (`fedlite simulate`).
+"""Row 6: end-to-end round latency through Mosquitto with many virtual devices (`fedlite simulate`).
 
-PLACEHOLDER until `fedlite simulate` is finished: `simulate_round_latency` runs
-`<python> -m fedlite.cli simulate --clients N --rounds 3 --json` and parses its last stdout line as JSON
-`{"clients": N, "round_seconds": [...], "updates_per_second": x}`. When the command is missing or fails, the
-row says "not measured: ..." instead of a number.
+Each case runs `<python> -m fedlite.cli simulate --clients N --clients-per-round K --rounds R --json` (the lean
+virtual fleet of `demo/fleet.py`: real MQTT links, signatures, selection and codec, one TFLite training per
+fleet process and round) and reads its JSON summary: per-round wall seconds and, per round, the CPU seconds the
+aggregator, the broker and the fleet spent. The first round (connections, model download, warm-up) is reported
+but left out of the median.
 
-    python benchmarks/round_latency.py [--clients 10,100,1000] [--timeout 300]
+    python benchmarks/round_latency.py [--cases 10:10,1000:1000,10000:1000] [--rounds 4] [--timeout 900]
 """
 
 from __future__ import annotations
@@ -20,49 +21,45 @@ from typing import Any
 from benchlib import MAIN_PYTHON, ROOT, emit, median
 
 
-def simulate_available(python: Path = MAIN_PYTHON) -> bool:
-    proc = subprocess.run([str(python), "-m", "fedlite.cli", "simulate", "--help"], capture_output=True, text=True,
-                          check=False, timeout=60, cwd=ROOT)
-    return proc.returncode == 0 and "--clients" in proc.stdout
-
-
-# ==== PLACEHOLDER: wire to the final `fedlite simulate` interface once the lead has landed it ====
-def simulate_round_latency(clients: int, rounds: int = 3, timeout: float = 600,
+def simulate_round_latency(clients: int, per_round: int, rounds: int = 4, timeout: float = 900,
                            python: Path = MAIN_PYTHON) -> dict[str, Any]:
-    """One `fedlite simulate` run; its last stdout line is JSON with clients, round_seconds, updates_per_second."""
+    """One `fedlite simulate` run: its round times (the first one aside) and per-component CPU per round."""
     with tempfile.TemporaryDirectory(prefix="fedlite-simulate-") as run_dir:
-        cmd = [str(python), "-m", "fedlite.cli", "simulate", "--clients", str(clients), "--rounds", str(rounds),
-               "--json", "--run-dir", run_dir]
+        cmd = [str(python), "-m", "fedlite.cli", "simulate", "--clients", str(clients), "--clients-per-round",
+               str(per_round), "--rounds", str(rounds), "--json", "--run-dir", run_dir]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, cwd=ROOT)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"fedlite simulate exited {proc.returncode}: {(proc.stderr or proc.stdout)[-500:]}")
     result = json.loads(lines[-1])
-    return {"clients": int(result["clients"]), "round_seconds": [float(s) for s in result["round_seconds"]],
-            "median_round_seconds": median([float(s) for s in result["round_seconds"]]),
-            "updates_per_second": float(result["updates_per_second"])}
-# ==== END PLACEHOLDER ====
+    seconds = [float(s) for s in result["round_seconds"]]
+    steady = seconds[1:] or seconds
+    cpu = {name: median(values[1:] or values) for name, values in result["cpu_seconds_per_round"].items()}
+    return {"clients": clients, "clients_per_round": per_round, "round_seconds": seconds,
+            "median_round_seconds": median(steady), "min_round_seconds": min(steady),
+            "max_round_seconds": max(steady), "median_cpu_seconds": cpu,
+            "updates_per_second": float(result["updates_per_second"]), "status": "ok"}
 
 
-def measure(clients: list[int], rounds: int = 3, timeout: float = 600) -> list[dict[str, Any]]:
-    if not simulate_available():
-        return [{"clients": n, "status": "not measured: simulate not available"} for n in clients]
+def measure(cases: list[tuple[int, int]], rounds: int = 4, timeout: float = 900) -> list[dict[str, Any]]:
     rows = []
-    for n in clients:
+    for clients, per_round in cases:
         try:
-            rows.append(simulate_round_latency(n, rounds, timeout) | {"status": "ok"})
+            rows.append(simulate_round_latency(clients, per_round, rounds, timeout))
         except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
-            rows.append({"clients": n, "status": f"not measured: {str(exc).splitlines()[0][:200]}"})
+            rows.append({"clients": clients, "clients_per_round": per_round,
+                         "status": f"not measured: {str(exc).splitlines()[0][:200]}"})
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default="10,100,1000")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--cases", default="10:10,1000:1000,10000:1000", help="registered:per-round, ...")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
-    emit(measure([int(n) for n in args.clients.split(",")], args.rounds, args.timeout))
+    cases = [tuple(int(v) for v in case.split(":")) for case in args.cases.split(",")]
+    emit(measure(cases, args.rounds, args.timeout))
 
 
 if __name__ == "__main__":

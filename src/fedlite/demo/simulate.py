@@ -1,8 +1,13 @@
-"""Load-test rounds: many virtual agents in a few processes against a real broker and aggregator."""
+"""Load-test rounds: many virtual devices in a few processes (`demo.fleet`) against a real broker and aggregator.
+
+Each round's record comes with the CPU seconds each component spent since the previous record (aggregator,
+broker, the virtual fleet), read from /proc, so that a round's wall time can be split by who spent it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ class SimulationPlan:
     clients_per_round: int = 0  # 0: every client
     deadline_seconds: float = 300.0
     examples_per_client: int = 32
-    status_interval_seconds: float = 10.0
+    status_interval_seconds: float = 30.0  # the agent's default
     task: str = "digits"
 
 
@@ -50,12 +55,45 @@ def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -
             training={"epochs": 1, "batch_size": 16, "learning_rate": task.lr},
         ))
         _start_workers(fed, plan, devices, data)
-        progress(f"{plan.processes} processes of virtual agents started; waiting for {plan.rounds} rounds")
-        history = follow_history(
-            fed, aggregator, 120 + plan.rounds * (plan.deadline_seconds + 60),
-            lambda r: progress(f"round {r['round']}: {r['status']}, {r['accepted']}/{r['selected']} updates "
-                               f"in {r['duration_seconds']:.2f} s"), poll=0.5)
-    return _summary(plan, per_round, history)
+        progress(f"{plan.processes} processes of virtual devices started; waiting for {plan.rounds} rounds")
+        meter = CpuMeter({"aggregator": [aggregator.popen.pid], "broker": [fed.broker.pid or 0],
+                          "fleet": [p.popen.pid for n, p in fed.processes.items() if n.startswith("worker-")]})
+        cpu: list[dict[str, float]] = []
+
+        def show(record: dict[str, Any]) -> None:
+            cpu.append(meter.spent())
+            split = ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu[-1].items())
+            progress(f"round {record['round']}: {record['status']}, {record['accepted']}/{record['selected']} "
+                     f"updates in {record['duration_seconds']:.2f} s (CPU s since the last record: {split})")
+
+        history = follow_history(fed, aggregator, 120 + plan.rounds * (plan.deadline_seconds + 60), show, poll=0.1)
+    return _summary(plan, per_round, history, cpu)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by groups of processes between calls to `spent`."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self._last = self._read()
+
+    def _read(self) -> dict[str, float]:
+        return {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in self.groups.items()}
+
+    def spent(self) -> dict[str, float]:
+        now = self._read()
+        spent = {name: round(max(0.0, now[name] - self._last[name]), 3) for name in now}
+        self._last = now
+        return spent
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str], data: Path) -> None:
@@ -73,8 +111,10 @@ def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str
         fed.start_command(f"worker-{worker}", [sys.executable, "-m", "fedlite.demo.simulate_worker", str(path)])
 
 
-def _summary(plan: SimulationPlan, per_round: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(plan: SimulationPlan, per_round: int, history: list[dict[str, Any]],
+             cpu: list[dict[str, float]]) -> dict[str, Any]:
     complete = [r for r in history if r["status"] == "complete"]
+    cycles = [c for r, c in zip(history, cpu, strict=False) if r["status"] == "complete"]
     seconds = [round(r["duration_seconds"], 3) for r in complete]
     accepted = sum(r["accepted"] for r in complete)
     return {
@@ -86,4 +126,5 @@ def _summary(plan: SimulationPlan, per_round: int, history: list[dict[str, Any]]
         "updates_per_second": accepted / sum(seconds) if seconds else None,
         "bytes_up_per_round": [r["bytes_up"] for r in complete],
         "accuracy": complete[-1].get("accuracy") if complete else None,
+        "cpu_seconds_per_round": {name: [c[name] for c in cycles] for name in (cycles[0] if cycles else {})},
     }

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=100, help="virtual agents (default 100)")
+    parser.add_argument("--clients", type=int, default=100, help="virtual devices (default 100)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--processes", type=int, default=4, help="processes the virtual agents share")
+    parser.add_argument("--processes", type=int, default=4, help="processes the virtual devices share")
     parser.add_argument("--clients-per-round", type=int, default=0, help="K (default: every client)")
     parser.add_argument("--deadline", type=float, default=300.0, help="round deadline in seconds")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/simulate-<time>")
@@ -31,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['clients']} clients, {result['clients_per_round']} per round: median round "
           f"{result['median_round_seconds']} s, {result['updates_per_second']:.0f} updates/s "
           f"through the broker and aggregator; rounds {result['round_seconds']}")
+    split = ", ".join(f"{name} {statistics.median(values):.2f}" for name, values in
+                      result["cpu_seconds_per_round"].items() if values)
+    if split:
+        print(f"median CPU seconds per round: {split}")
     if args.json:
         print(json.dumps(result))
     return 0

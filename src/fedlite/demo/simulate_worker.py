@@ -1,4 +1,4 @@
-"""One process of virtual agents for `fedlite simulate`: real Agent objects, each with its own MQTT link."""
+"""One process of virtual devices for `fedlite simulate` (see `demo.fleet`)."""
 
 from __future__ import annotations
 
@@ -11,44 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlite.agent.config import AgentConfig, AgentSection, BrokerSection, DeviceSection, TrustSection
-from fedlite.agent.data import DataSpec, split
-from fedlite.agent.models import ModelCache
-from fedlite.agent.service import Agent
-from fedlite.agent.state import FileState
+from fedlite.demo.fleet import LeanFleet
 
 
 def run_worker(spec: dict) -> None:
-    """Start every virtual agent of `spec` in its own thread; return when SIGTERM arrives."""
-    root = Path(spec["run_dir"])
+    """Drive every virtual device of `spec` (a `LeanFleet`) until SIGTERM or SIGINT arrives."""
     with np.load(spec["data"], allow_pickle=False) as data:
         x, y = data["x"], data["y"]
-    models = ModelCache(root / f"models-{spec['worker']}")
-    rng = np.random.default_rng(spec["worker"])
-    agents = []
-    for client_id, password in spec["devices"].items():
-        pick = rng.choice(len(x), size=spec["examples_per_client"], replace=False)
-        config = AgentConfig(
-            device=DeviceSection(client_id, spec["federation"], state_dir=str(root / "devices" / client_id)),
-            data=DataSpec("npz", spec["data"], holdout_fraction=0.0),
-            broker=BrokerSection(host=spec["host"], port=spec["port"], tls=False, username=client_id,
-                                 password=password, reconnect_min_seconds=2.0),
-            agent=AgentSection(status_interval_seconds=spec["status_interval_seconds"]),
-            trust=TrustSection(aggregator_keys=[spec["aggregator_key"]]),
-        )
-        local = split(x[pick].astype(np.float32), y[pick].astype(np.int64), 0.0, 0)
-        agents.append(Agent(config, FileState(root / "no-such-state.json"), data=local, models=models))
+    fleet = LeanFleet(spec, x, y)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threads = [threading.Thread(target=agent.run, name=agent.client_id, daemon=True) for agent in agents]
-    for thread in threads:
-        thread.start()
-    stop.wait()
-    for agent in agents:
-        agent.stop()
-    for thread in threads:
-        thread.join(5)
+    fleet.run(stop)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import json
 import math
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -228,16 +229,31 @@ def _dictionary() -> Any:
     return zstandard.ZstdCompressionDict(COMPACT_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
+_CONTEXTS = threading.local()  # zstd contexts are not thread-safe: one set per thread, reused (a dictionary is
+# digested once per thread instead of once per message)
+
+
 def _compressor(compact: bool) -> Any:
     import zstandard
 
-    return zstandard.ZstdCompressor(level=3, dict_data=_dictionary()) if compact else zstandard.ZstdCompressor(level=3)
+    key = "compressor_compact" if compact else "compressor"
+    context = getattr(_CONTEXTS, key, None)
+    if context is None:
+        context = zstandard.ZstdCompressor(level=3, dict_data=_dictionary()) if compact else \
+            zstandard.ZstdCompressor(level=3)
+        setattr(_CONTEXTS, key, context)
+    return context
 
 
 def _decompressor(compact: bool) -> Any:
     import zstandard
 
-    return zstandard.ZstdDecompressor(dict_data=_dictionary()) if compact else zstandard.ZstdDecompressor()
+    key = "decompressor_compact" if compact else "decompressor"
+    context = getattr(_CONTEXTS, key, None)
+    if context is None:
+        context = zstandard.ZstdDecompressor(dict_data=_dictionary()) if compact else zstandard.ZstdDecompressor()
+        setattr(_CONTEXTS, key, context)
+    return context
 
 
 # --- decoding -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ ignored (forward compatible); missing or mistyped fields raise `MessageError`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -169,7 +170,7 @@ def from_json(cls: type[M], payload: bytes) -> M:
     except (ValueError, RecursionError) as exc:  # ValueError: also an integer of more than 4300 digits
         raise MessageError("malformed", f"not JSON: {exc}") from None
     message = _build(cls, raw, cls.__name__)
-    expected_type = next(f.default for f in dataclasses.fields(cls) if f.name == "type")
+    expected_type = next(f.default for f, _ in _layout(cls) if f.name == "type")
     if getattr(message, "type", None) != expected_type:
         raise MessageError("malformed", f"expected a {expected_type!r} message")
     if getattr(message, "protocol", None) != PROTOCOL_VERSION:
@@ -177,17 +178,23 @@ def from_json(cls: type[M], payload: bytes) -> M:
     return message
 
 
+@functools.cache
+def _layout(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+    """Each field of a message class with its resolved type (resolving them costs more than the parse)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
+
+
 def _build(cls: type[M], raw: Any, where: str) -> M:
     if not isinstance(raw, dict):
         raise MessageError("malformed", f"{where} must be a JSON object")
-    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f, hint in _layout(cls):
         if f.name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise MessageError("malformed", f"{where}.{f.name} is missing")
             continue
-        values[f.name] = _check(hints[f.name], raw[f.name], f"{where}.{f.name}")
+        values[f.name] = _check(hint, raw[f.name], f"{where}.{f.name}")
     try:
         return cls(**values)
     except ValueError as exc:  # a field's own range check (e.g. Selection's seed and threshold)
