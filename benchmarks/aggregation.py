@@ -262,7 +262,7 @@ def child(system: str, params: int, updates: int, distinct: int, seed: int) -> d
     masked = 0 if reset_peak_rss() else max(0, peak_rss() - current_rss())
     baseline = current_rss()
     out = run()
-    growth = peak_rss() - baseline
+    growth = max(0, peak_rss() - baseline)  # the high-water mark can sit below a baseline read after a free
     if path is not None:
         shutil.rmtree(path.parent, ignore_errors=True)
     clock, checksum = out
