@@ -54,7 +54,6 @@ class Round:
 
     announcement: RoundAnnouncement
     delta: dict[str, np.ndarray] | None = None
-    examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -78,7 +77,6 @@ class LeanFleet:
         self._model_requested = ""
         self._parsed: tuple[bytes, RoundAnnouncement] | None = None
         self._pending: list[tuple[Device, str, bytes]] = []
-        self.sent = 0
 
     # --- links ---------------------------------------------------------------------------------------
 
@@ -216,7 +214,6 @@ class LeanFleet:
         device.client.publish(topics.update_topic(self.federation, device.client_id),
                               encode_update(rnd.delta, header, encoding=a.plan.encoding), qos=1)
         device.done_session = a.session
-        self.sent += 1
 
     def _train(self, rnd: Round, payload: bytes) -> None:
         """The round's one local update: real TFLite training from the global weights on the pooled examples."""

@@ -13,7 +13,6 @@ plus one tensor's N copies at `result` time. Use them for small models or small 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -24,14 +23,6 @@ from fedlite.aggregator.strategies.registry import ReducerSpec, register_reducer
 from fedlite.settings import Range
 
 Specs = list[tuple[str, tuple[int, ...]]]
-
-_CHUNK = 1 << 16
-
-
-def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
-    for start in range(0, flat.size, _CHUNK):
-        yield flat[start : start + _CHUNK]
-
 
 def global_norm(delta: dict[str, np.ndarray]) -> float:
     """The L2 norm of all tensors together, accumulated in float64 (temporaries bounded to one chunk)."""
