@@ -153,9 +153,14 @@ def footprint_rows(f: dict[str, Any]) -> list[list[str]]:
 
 
 def speed_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    return [[f"4. training speed, {r['model']} ({r['params']:,} params), batch {r['batch']}, 1 thread",
-             f"{r['tflite_samples_per_s']:,.0f} samples/s (TFLite)", f"{r['tf_samples_per_s']:,.0f} samples/s (TF)",
-             f"{r['ratio']:.2f}× faster", "—", "—"] for r in rows]
+    def rate(r: dict[str, Any], side: str, name: str) -> str:
+        spread, cpu = r[f"{side}_rate"], r[f"{side}_cpu_s_per_1k"]
+        return (f"{spread['median']:,.0f} samples/s ({name}; min {spread['min']:,.0f}, max {spread['max']:,.0f}; "
+                f"CPU {cpu:.3f} s per 1k samples)")
+
+    return [[f"4. training speed, {r['model']} ({r['params']:,} params), batch {r['batch']}, 1 thread, "
+             f"{r['repeats']} repeats of ≥ {r['min_seconds_per_repeat']:g} s",
+             rate(r, "tflite", "TFLite"), rate(r, "tf", "TF"), f"{r['ratio']:.2f}× faster", "—", "—"] for r in rows]
 
 
 def convergence_rows(c: dict[str, Any]) -> list[list[str]]:

@@ -3,7 +3,10 @@
 The TensorFlow side is the very module fedlite converts (`model_export.trainable.TrainableModel`, whose
 `train` is a `tf.function`: forward, GradientTape, assign_sub), started from the same weights and fed the same
 shuffled batches. Both use one thread (LiteRT `num_threads=1`; TF intra/inter-op parallelism 1). Runs in a
-child process so TensorFlow loads nowhere else; the median over repeats is reported.
+child process so TensorFlow loads nowhere else. Each repeat trains epoch after epoch for at least
+`MIN_SECONDS` (one epoch of a small model takes milliseconds: timing it alone measures the scheduler); the
+min/median/max rate over repeats is reported with the CPU seconds per 1,000 samples beside it. The two trainers
+alternate repeat by repeat, so a change in load hits both.
 
     python benchmarks/training_speed.py [--models cnn,mlp] [--samples 1024] [--repeats 5]
 """
@@ -20,26 +23,35 @@ import numpy as np
 from benchlib import BENCH_DIR, MODELS, digits_split, emit, export_in_child, median, run_child
 
 BATCH = 32
+MIN_SECONDS = 1.0  # per repeat
 
 
-def tflite_rate(model_dir: Path, x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
-    """(samples/s, initial flat weights) of Trainer.train_epochs, one epoch per repeat."""
+def sustained(epoch: Any, samples: int) -> tuple[float, float]:
+    """(samples/s wall, CPU seconds per 1,000 samples) of `epoch(i)` called until MIN_SECONDS have passed."""
+    began, cpu, done = time.perf_counter(), time.process_time(), 0
+    while (elapsed := time.perf_counter() - began) < MIN_SECONDS or done == 0:
+        epoch(done)
+        done += 1
+    return samples * done / elapsed, 1000 * (time.process_time() - cpu) / (samples * done)
+
+
+def tflite_epochs(model_dir: Path, x: np.ndarray, y: np.ndarray) -> tuple[Any, np.ndarray]:
+    """(one epoch of Trainer.train_epochs as a function of the epoch index, the initial flat weights)."""
     from fedlite.runtime.trainer import Trainer
 
     trainer = Trainer.from_dir(model_dir, num_threads=1)
     start = trainer.get_weights()
     trainer.train_epochs(x[:BATCH], y[:BATCH], 1, BATCH, 0.05)  # warm-up
-    rates = []
-    for r in range(repeats):
-        trainer.set_weights(start)
-        began = time.perf_counter()
-        trainer.train_epochs(x, y, 1, BATCH, 0.05, rng=np.random.default_rng(r))
-        rates.append(len(x) / (time.perf_counter() - began))
-    return median(rates), start
+
+    def epoch(i: int) -> None:
+        if i == 0:
+            trainer.set_weights(start)
+        trainer.train_epochs(x, y, 1, BATCH, 0.05, rng=np.random.default_rng(i))
+    return epoch, start
 
 
-def tf_rate(model: str, start: np.ndarray, x: np.ndarray, y: np.ndarray, repeats: int) -> float:
-    """samples/s of the same model's `train` tf.function over the same batches."""
+def tf_epochs(model: str, start: np.ndarray, x: np.ndarray, y: np.ndarray) -> Any:
+    """One epoch of the same model's `train` tf.function over the same batches, as a function of its index."""
     import tensorflow as tf
 
     from fedlite.model_export.architectures import build
@@ -54,15 +66,17 @@ def tf_rate(model: str, start: np.ndarray, x: np.ndarray, y: np.ndarray, repeats
     xs, ys = x.reshape(-1, *shape).astype(np.float32), one_hot(y, 10)
     lr, mu = tf.constant(0.05), tf.constant(0.0)
     module.train(tf.constant(xs[:BATCH]), tf.constant(ys[:BATCH]), lr, mu)  # warm-up: traces the function
-    rates = []
-    for r in range(repeats):
-        order = np.random.default_rng(r).permutation(len(xs))
-        began = time.perf_counter()
-        for i in range(0, len(xs), BATCH):
-            batch = order[i:i + BATCH]
+
+    def epoch(i: int) -> None:
+        order = np.random.default_rng(i).permutation(len(xs))
+        for at in range(0, len(xs), BATCH):
+            batch = order[at:at + BATCH]
             module.train(tf.constant(xs[batch]), tf.constant(ys[batch]), lr, mu)
-        rates.append(len(xs) / (time.perf_counter() - began))
-    return median(rates)
+    return epoch
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": median(values), "max": max(values)}
 
 
 def child(model: str, cache: Path, samples: int, repeats: int) -> dict[str, Any]:
@@ -73,10 +87,19 @@ def child(model: str, cache: Path, samples: int, repeats: int) -> dict[str, Any]
     x, y, _, _ = digits_split()
     reps = -(-samples // len(x))
     x, y = np.concatenate([x] * reps)[:samples], np.concatenate([y] * reps)[:samples]
-    tflite, start = tflite_rate(cache / model, x, y, repeats)
-    tf_speed = tf_rate(model, start, x, y, repeats)
-    return {"model": model, "params": int(start.size), "batch": BATCH, "samples": samples, "tflite_samples_per_s":
-            tflite, "tf_samples_per_s": tf_speed, "ratio": tflite / tf_speed}
+    tflite, start = tflite_epochs(cache / model, x, y)
+    tf_epoch = tf_epochs(model, start, x, y)
+    runs: dict[str, list[tuple[float, float]]] = {"tflite": [], "tf": []}
+    for _ in range(repeats):
+        runs["tflite"].append(sustained(tflite, len(x)))
+        runs["tf"].append(sustained(tf_epoch, len(x)))
+    rate = {k: spread([r for r, _ in v]) for k, v in runs.items()}
+    cpu = {k: median([c for _, c in v]) for k, v in runs.items()}
+    return {"model": model, "params": int(start.size), "batch": BATCH, "samples": samples, "repeats": repeats,
+            "min_seconds_per_repeat": MIN_SECONDS, "tflite_samples_per_s": rate["tflite"]["median"],
+            "tf_samples_per_s": rate["tf"]["median"], "tflite_rate": rate["tflite"], "tf_rate": rate["tf"],
+            "tflite_cpu_s_per_1k": cpu["tflite"], "tf_cpu_s_per_1k": cpu["tf"],
+            "ratio": rate["tflite"]["median"] / rate["tf"]["median"]}
 
 
 def measure(models: list[str], cache: Path, samples: int, repeats: int) -> list[dict[str, Any]]:

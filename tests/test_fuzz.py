@@ -345,7 +345,7 @@ def new_aggregator(kind: str) -> Any:
 
 def new_attempt(aggregation: str = "mean", encoding: str = "int8") -> RoundAttempt:
     context = RoundContext(federation=FED, round=ROUND, model_hash=MODEL_HASH, manifest=MANIFEST,
-                           selected=frozenset(HONEST + EVIL), accepted=set(), max_examples=10_000, encoding=encoding)
+                           selected=frozenset(HONEST + EVIL), max_examples=10_000, encoding=encoding)
     return RoundAttempt(number=ROUND, session="fuzz", selected=frozenset(HONEST + EVIL), deadline=time.time() + 60,
                         clients_per_round=len(HONEST + EVIL), quorum=1, context=context, limits=LIMITS,
                         aggregator=new_aggregator(aggregation))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fedlite.aggregator.rounds import select
+from fedlite.aggregator.select import select
 from fedlite.protocol import selection
 from fedlite.protocol.messages import MessageError, RoundAnnouncement, from_json, to_json
 from fedlite.protocol.selection import MAX_THRESHOLD, RULE, Selection, choose, draw, is_selected, nobody

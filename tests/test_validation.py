@@ -44,9 +44,10 @@ def _ctx(**kw) -> RoundContext:
     return RoundContext(**(values | kw))
 
 
-def _reason(payload: bytes, topic: str = "dev-1", ctx: RoundContext | None = None, limits: Limits = Limits()) -> str:
+def _reason(payload: bytes, topic: str = "dev-1", ctx: RoundContext | None = None, limits: Limits = Limits(),
+            accepted: frozenset[str] = frozenset()) -> str:
     with pytest.raises(Rejected) as info:
-        validate_update(payload, topic, ctx or _ctx(), limits)
+        validate_update(payload, topic, ctx or _ctx(), limits, accepted)
     return info.value.reason
 
 
@@ -60,15 +61,16 @@ def test_a_good_update_is_accepted_and_recorded():
     np.testing.assert_allclose(update.delta["w"], original["w"], atol=0.01 * 4 / 127)
     expected_norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in update.delta.values()))
     assert update.norm == pytest.approx(expected_norm)
-    assert ctx.accepted == {"dev-1"}
+    assert ctx == _ctx()  # validation is pure: the context is unchanged
 
 
 def test_duplicate_is_refused_and_first_wins():
-    ctx = _ctx()
+    ctx, accepted = _ctx(), frozenset({"dev-1"})
     first = validate_update(_payload(), "dev-1", ctx)
-    assert _reason(_payload(_delta(seed=9)), ctx=ctx) == "duplicate"
-    assert _reason(_payload(), ctx=ctx) == "duplicate"  # a retransmission too: idempotent
-    assert ctx.accepted == {"dev-1"} and first.client_id == "dev-1"
+    assert _reason(_payload(_delta(seed=9)), ctx=ctx, accepted=accepted) == "duplicate"
+    assert _reason(_payload(), ctx=ctx, accepted=accepted) == "duplicate"  # a retransmission too: idempotent
+    assert first.client_id == "dev-1" and validate_update(_payload(client_id="dev-2"), "dev-2", ctx,
+                                                                accepted=accepted).client_id == "dev-2"
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,6 @@ def test_duplicate_is_refused_and_first_wins():
 def test_header_checks(payload_kw, topic, ctx_kw, reason):
     ctx = _ctx(**ctx_kw)
     assert _reason(_payload(**payload_kw), topic, ctx) == reason
-    assert ctx.accepted == set()
 
 
 def test_wrong_tensor_names_and_shapes():
@@ -148,14 +149,13 @@ def test_deeply_nested_header_is_rejected_not_raised():
 
 
 def test_ledger_counts_by_kind_and_reason_and_logs_once_per_round(caplog):
-    ledger, ctx = Ledger(), _ctx()
-    validate_update(_payload(), "dev-1", ctx)
+    ledger, ctx, accepted = Ledger(), _ctx(), frozenset({"dev-1"})
     bad = [(_payload(), "dev-1"), (_payload(round=4), "dev-2"), (_payload(round=3, client_id="dev-2"), "dev-2"),
            (_payload(client_id="dev-9"), "dev-2")]
     with caplog.at_level("INFO", logger="fedlite.aggregator"):
         for payload, topic in bad:
             with pytest.raises(Rejected) as refused:
-                validate_update(payload, topic, ctx)
+                validate_update(payload, topic, ctx, accepted=accepted)
             ledger.refuse("update", refused.value.reason, ctx.round, str(refused.value))
         ledger.refuse("status", "sender", None, "dev-2 wrote a status for dev-1")
     assert ledger.totals() == {"update": {"duplicate": 1, "sender": 1, "stale": 2}, "status": {"sender": 1}}
@@ -179,8 +179,7 @@ def test_update_limits_sized_from_the_model_refuse_a_bomb_before_expanding_it():
 
 def test_unselected_and_duplicate_senders_are_refused_before_decoding():
     ctx = _ctx()
-    validate_update(_payload(), "dev-1", ctx)
-    assert _reason(b"not even a frame", "dev-1", ctx) == "duplicate"
+    assert _reason(b"not even a frame", "dev-1", ctx, accepted=frozenset({"dev-1"})) == "duplicate"
     assert _reason(b"not even a frame", "dev-7", ctx) == "unselected"
 
 

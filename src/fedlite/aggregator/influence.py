@@ -21,8 +21,11 @@ The configured absolute ``[server] max_update_norm`` (if > 0) still applies on t
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+Held = TypeVar("Held")
 
 
 def weight_cap(advertised: Iterable[int], multiple: float, max_examples: int) -> float:
@@ -37,3 +40,49 @@ def reference_norms(history: list[dict[str, Any]], window: int) -> list[float]:
     """Accepted update norms of the last `window` complete rounds of the history."""
     complete = [r for r in history if r.get("status") == "complete"][-window:] if window else []
     return [float(n) for r in complete for n in (r.get("update_norms") or {}).values() if n > 0]
+
+
+@dataclass
+class NormBound(Generic[Held]):
+    """One round's adaptive norm rule: clip beyond `multiple` x the reference median, refuse beyond
+    `refuse_multiple` x (0: never refuse). With no reference (None: no adaptive bound at all) and an empty one
+    the first `warmup` updates are held until their own median is the reference. Not thread-safe: the round's
+    lock covers it."""
+
+    reference: list[float] | None
+    multiple: float = 2.0
+    refuse_multiple: float = 10.0
+    warmup: int = 3
+    median: float | None = None
+    held: list[Held] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.reference:
+            self.median = statistics.median(self.reference)
+
+    @property
+    def bound(self) -> float | None:
+        """The clip bound in force (None: none, or still warming up)."""
+        return None if self.median is None else self.multiple * self.median
+
+    @property
+    def warming_up(self) -> bool:
+        return self.reference is not None and self.median is None
+
+    def refuses(self, norm: float) -> bool:
+        """Beyond `refuse_multiple` times the reference median: refused, not merely clipped."""
+        limit = self.refuse_multiple * self.median if self.median is not None else 0.0
+        return limit > 0 and norm > limit
+
+    def hold(self, update: Held, norm_of: Callable[[Held], float]) -> list[Held]:
+        """Hold an update during the warm-up; once `warmup` are held, the reference is known and all are released."""
+        self.held.append(update)
+        return self.release(norm_of) if len(self.held) >= self.warmup else []
+
+    def release(self, norm_of: Callable[[Held], float]) -> list[Held]:
+        """The held updates' median norm becomes the reference; the held updates are returned to be judged."""
+        if not self.held:
+            return []
+        self.median = statistics.median(norm_of(u) for u in self.held)
+        held, self.held = self.held, []
+        return held

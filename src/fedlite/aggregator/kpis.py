@@ -12,7 +12,7 @@ product without bias, with a relative error of order 1/sqrt(m) for updates sprea
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -109,7 +109,7 @@ class KpiTracker:
     losses: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     outliers: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
 
-    def replay(self, history: list[dict[str, Any]]) -> None:
+    def replay(self, history: Sequence[RoundRecord | dict[str, Any]]) -> None:
         for record in records(history):
             if record.complete:
                 self.observe(record, record.kpis.get("cosine_similarity", {}))
@@ -162,7 +162,7 @@ class KpiTracker:
         return sorted(c for c, seen in self.outliers.items() if sum(seen[-s.anomaly_window:]) >= s.anomaly_repeat)
 
 
-def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(history: Sequence[RoundRecord | dict[str, Any]]) -> dict[str, Any]:
     """The run's KPI block (demo summary.json `kpis`): totals over the history plus the last round's values."""
     rounds = records(history)
     complete = [r for r in rounds if r.complete]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +79,15 @@ class RoundRecord:
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
 
-def records(history: list[dict[str, Any]]) -> list[RoundRecord]:
-    """history.json's rounds as typed records."""
-    return [RoundRecord.from_dict(entry) for entry in history]
+def records(history: Sequence[RoundRecord | Mapping[str, Any]]) -> list[RoundRecord]:
+    """Rounds as typed records, whether given as records or as history.json's dicts."""
+    return [entry if isinstance(entry, RoundRecord) else RoundRecord.from_dict(dict(entry)) for entry in history]
+
+
+def gate_counts(reasons: dict[str, str]) -> dict[str, int]:
+    """Declines by gate name, from reasons like "idle: CPU busy ...; charged: on battery"."""
+    counts: Counter = Counter()
+    for reason in reasons.values():
+        for part in reason.split("; "):
+            counts[part.split(":", 1)[0].strip() or "unknown"] += 1
+    return dict(counts)

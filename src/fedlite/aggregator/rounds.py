@@ -1,9 +1,8 @@
-"""The round state machine: selection, collection of updates and reports, and the closing rule."""
+"""One round attempt: admission of updates and reports, the influence bounds, partial sums and the closing rule."""
 
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
 from collections import Counter
@@ -12,25 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator.influence import NormBound
 from fedlite.aggregator.kpis import Sketcher, cosine_to_aggregate
 from fedlite.aggregator.partials import PartialSums
-from fedlite.aggregator.record import RoundRecord
+from fedlite.aggregator.record import RoundRecord, gate_counts
 from fedlite.aggregator.validation import Rejected, RoundContext, ValidUpdate, check_update, precheck
-from fedlite.protocol import selection
 from fedlite.protocol.codec import Limits
 from fedlite.protocol.messages import DeviceReport
 from fedlite.protocol.selection import Selection
-
-
-def select(eligible: list[str], clients_per_round: int, over_selection: float,
-           rng: np.random.Generator) -> tuple[frozenset[str], Selection]:
-    """K * (1 + over-selection) eligible devices (all of them when fewer are eligible) by the keyed-hash rule.
-
-    The seed is drawn from `rng` (so `[rounds] seed` makes selection reproducible); returns the aggregator's
-    selected set and the `Selection` the announcement carries, under which exactly that set of `eligible` falls.
-    """
-    want = min(len(eligible), math.ceil(clients_per_round * (1 + over_selection)))
-    return selection.choose(eligible, want, rng.bytes(selection.SEED_BYTES).hex())
 
 
 @dataclass
@@ -74,6 +62,7 @@ class RoundAttempt:
     aggregator: Any  # strategies.Aggregator: add(delta, weight), fresh(), absorb(), count, result()
     limits: Limits
     started_at: float = field(default_factory=time.time)
+    accepted: set[str] = field(default_factory=set)  # senders whose update was admitted (first wins)
     declined: dict[str, str] = field(default_factory=dict)
     aborted: dict[str, str] = field(default_factory=dict)
     rejected: Counter = field(default_factory=Counter)
@@ -94,30 +83,19 @@ class RoundAttempt:
     norm_flagged: list[str] = field(default_factory=list)
     refused_after_hold: list[str] = field(default_factory=list)  # held, then refused once the bound was known
     selection: Selection | None = None  # what the announcement carries (the rule that yields `selected`)
-    _median: float | None = None
-    _held: list[ValidUpdate] = field(default_factory=list)
     _folding: int = 0  # admitted updates being folded outside the lock
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        if self.norm_reference:
-            self._median = statistics.median(self.norm_reference)
+        self._norms: NormBound[ValidUpdate] = NormBound(self.norm_reference, self.norm_multiple,
+                                                        self.refuse_multiple, self.warmup)
         self._changed = threading.Condition(self._lock)
         self._partials = PartialSums(self.aggregator)
 
     @property
-    def accepted(self) -> set[str]:
-        return self.context.accepted
-
-    @property
     def norm_bound(self) -> float | None:
         """The adaptive clip bound in force (None: none, or still warming up)."""
-        return None if self._median is None else self.norm_multiple * self._median
-
-    def _outlier(self, update: ValidUpdate) -> bool:
-        """Beyond `refuse_multiple` times the reference median: refused, not merely clipped."""
-        limit = self.refuse_multiple * self._median if self._median is not None else 0.0
-        return limit > 0 and update.norm > limit
+        return self._norms.bound
 
     def offer(self, payload: bytes, topic_client: str) -> ValidUpdate:
         """Validate and fold in one update; raises Rejected (already counted) if it is refused."""
@@ -132,11 +110,11 @@ class RoundAttempt:
             raise
         with self._lock:
             self._refuse_early(topic_client)  # another worker may have admitted this client meanwhile
-            if self._outlier(update):
+            if self._norms.refuses(update.norm):
                 self.rejected["norm_outlier"] += 1
                 self.norm_flagged.append(topic_client)
                 raise Rejected("norm_outlier", f"update norm {update.norm:.4g} is over {self.refuse_multiple:g} x "
-                               f"the median of recent norms ({self._median:.4g})")
+                               f"the median of recent norms ({self._norms.median:.4g})")
             self.accepted.add(topic_client)
             ready = self._admit(update)
         self._fold_all(ready)
@@ -147,7 +125,7 @@ class RoundAttempt:
         try:
             if self.closed:
                 raise Rejected("late", f"round {self.number} is already closed")
-            precheck(client, self.context)
+            precheck(client, self.context, self.accepted)
         except Rejected as exc:
             self.rejected[exc.reason] += 1
             raise
@@ -157,19 +135,15 @@ class RoundAttempt:
         norm bound is not known yet (held), or every held update once the warm-up is over."""
         self.client_metrics[update.client_id] = dict(update.metrics)
         self.norms[update.client_id] = update.norm
-        if self.norm_reference is not None and self._median is None:
-            self._held.append(update)
-            return self._release_held() if len(self._held) >= self.warmup else []
+        if self._norms.warming_up:
+            return self._judge(self._norms.hold(update, _norm))
         return [self._book(update)]
 
-    def _release_held(self) -> list[_Fold]:
-        """The warm-up is over (lock held): the held updates' median norm becomes the reference; refuse or book
-        each."""
-        self._median = statistics.median(u.norm for u in self._held)
-        held, self._held = self._held, []
+    def _judge(self, released: list[ValidUpdate]) -> list[_Fold]:
+        """Updates held through the warm-up, now the reference is known (lock held): refuse or book each."""
         ready: list[_Fold] = []
-        for update in held:
-            if self._outlier(update):
+        for update in released:
+            if self._norms.refuses(update.norm):
                 self.accepted.discard(update.client_id)
                 self.rejected["norm_outlier"] += 1
                 self.norm_flagged.append(update.client_id)
@@ -268,7 +242,7 @@ class RoundAttempt:
         now = now or time.time()
         with self._lock:
             self.closed = True
-            ready = self._release_held() if self._held else []
+            ready = self._judge(self._norms.release(_norm))
         self._fold_all(ready)
         with self._changed:
             self._changed.wait_for(lambda: self._folding == 0)  # every admitted update is in a partial
@@ -286,7 +260,7 @@ class RoundAttempt:
             round=self.number, session=self.session, status="complete" if complete else "abandoned",
             close_reason=("quorum" if early else "deadline") if complete else "abandoned",
             selected=len(self.selected), accepted=len(self.accepted), declined=len(self.declined),
-            declined_by_gate=_gate_counts(self.declined), aborted=len(self.aborted), timed_out=len(silent),
+            declined_by_gate=gate_counts(self.declined), aborted=len(self.aborted), timed_out=len(silent),
             rejected=dict(self.rejected), clipped=self.clipped, norm_bound=self.norm_bound,
             norm_flagged=sorted(self.norm_flagged),
             norm_refused=sorted(c for c in self.norm_flagged if c not in self.accepted),
@@ -297,10 +271,5 @@ class RoundAttempt:
         )
 
 
-def _gate_counts(reasons: dict[str, str]) -> dict[str, int]:
-    """Declines by gate name, from reasons like "idle: CPU busy ...; charged: on battery"."""
-    counts: Counter = Counter()
-    for reason in reasons.values():
-        for part in reason.split("; "):
-            counts[part.split(":", 1)[0].strip() or "unknown"] += 1
-    return dict(counts)
+def _norm(update: ValidUpdate) -> float:
+    return update.norm

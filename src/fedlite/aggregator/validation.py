@@ -13,7 +13,8 @@ in its codes (`deltas.CodedDelta`): magnitude and norm come from the codes, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,14 +37,13 @@ class Rejected(Exception):
 
 @dataclass
 class RoundContext:
-    """What the aggregator knows about the open round. `accepted` grows as updates are admitted."""
+    """What the aggregator knows about the open round: fixed while it is open (the attempt owns its accepted set)."""
 
     federation: str
     round: int
     model_hash: str
     manifest: dict[str, Any]
     selected: frozenset[str]
-    accepted: set[str] = field(default_factory=set)
     max_examples: int = 1_000_000
     min_examples: int = 1
     max_update_norm: float = 0.0  # 0: no bound
@@ -77,19 +77,18 @@ class ValidUpdate:
         return self.values.dense()
 
 
-def validate_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits()) -> ValidUpdate:
-    """Decode and check one uplink payload; on success the client is added to ``ctx.accepted``."""
-    precheck(topic_client_id, ctx)
-    update = check_update(payload, topic_client_id, ctx, limits)
-    ctx.accepted.add(topic_client_id)
-    return update
+def validate_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits: Limits = Limits(),
+                    accepted: Collection[str] = frozenset()) -> ValidUpdate:
+    """Decode and check one uplink payload from a sender not yet in `accepted`; pure (nothing is changed)."""
+    precheck(topic_client_id, ctx, accepted)
+    return check_update(payload, topic_client_id, ctx, limits)
 
 
-def precheck(topic_client_id: str, ctx: RoundContext) -> None:
+def precheck(topic_client_id: str, ctx: RoundContext, accepted: Collection[str] = frozenset()) -> None:
     """The checks that need only the topic: run before a payload is decompressed or parsed."""
     if topic_client_id not in ctx.selected:
         raise Rejected("unselected", f"client {topic_client_id!r} was not selected for round {ctx.round}")
-    if topic_client_id in ctx.accepted:
+    if topic_client_id in accepted:
         raise Rejected("duplicate", f"client {topic_client_id!r} already has an accepted update in round {ctx.round}")
 
 

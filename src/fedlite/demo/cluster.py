@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedlite.agent.state import write_state
+from fedlite.aggregator.record import RoundRecord, records
 from fedlite.broker_config import permissions
 from fedlite.broker_config.broker import Broker
 from fedlite.broker_config.config import init_broker_dir
@@ -231,7 +232,7 @@ def wait_for(condition: Any, timeout: float, what: str, processes: Iterable[Proc
 
 
 def follow_history(fed: LocalFederation, aggregator: Process, timeout: float, show: Any,
-                   poll: float = 0.25) -> list[dict[str, Any]]:
+                   poll: float = 0.25) -> list[RoundRecord]:
     """Call `show(record)` for each round the aggregator records; return its history once it exits cleanly."""
     path = fed.run_dir / "aggregator" / "history.json"
     shown = 0
@@ -239,7 +240,7 @@ def follow_history(fed: LocalFederation, aggregator: Process, timeout: float, sh
     def finished() -> bool:
         nonlocal shown
         history = json.loads(path.read_text()) if path.exists() else []
-        for record in history[shown:]:
+        for record in records(history[shown:]):
             show(record)
         shown = len(history)
         return aggregator.popen.poll() is not None
@@ -247,5 +248,5 @@ def follow_history(fed: LocalFederation, aggregator: Process, timeout: float, sh
     wait_for(finished, timeout, "the federated rounds", fed.processes.values(), poll=poll)
     if aggregator.popen.returncode != 0:
         raise RuntimeError(f"the aggregator stopped with an error:\n{aggregator.log_tail(30)}")
-    return json.loads(path.read_text())
+    return records(json.loads(path.read_text()))
 

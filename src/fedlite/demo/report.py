@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-Record = Mapping[str, Any]
+from fedlite.aggregator.record import RoundRecord, records
+
+Record = RoundRecord
 
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
@@ -53,12 +55,14 @@ def _num(value: Any) -> float | None:
 
 
 def _int(record: Record, key: str) -> int:
-    value = record.get(key)
+    value = getattr(record, key)
     return int(value) if value is not None else 0
 
 
 def _counter(record: Record, key: str) -> dict[str, int]:
-    return {str(k): int(v) for k, v in (record.get(key) or {}).items()}
+    return {str(k): int(v) for k, v in (getattr(record, key) or {}).items()}
+
+
 
 
 def _add(total: dict[str, int], counts: Mapping[str, int]) -> dict[str, int]:
@@ -68,20 +72,20 @@ def _add(total: dict[str, int], counts: Mapping[str, int]) -> dict[str, int]:
 
 
 def _complete(record: Record) -> bool:
-    return record.get("status", "complete") == "complete"
+    return record.complete
 
 
 def final_accuracy(history: Sequence[Record]) -> tuple[float | None, float | None]:
     """(accuracy, loss) of the last completed round that reports an accuracy."""
     for record in reversed(history):
-        if _complete(record) and _num(record.get("accuracy")) is not None:
-            return _num(record["accuracy"]), _num(record.get("loss"))
+        if _complete(record) and _num(record.accuracy) is not None:
+            return _num(record.accuracy), _num(record.loss)
     return None, None
 
 
 def totals(history: Sequence[Record]) -> dict[str, Any]:
     """Sums over the history: rounds, traffic, participation and reasons."""
-    accuracies = [a for r in history if _complete(r) and (a := _num(r.get("accuracy"))) is not None]
+    accuracies = [a for r in history if _complete(r) and (a := _num(r.accuracy)) is not None]
     gates: dict[str, int] = {}
     reasons: dict[str, int] = {}
     for record in history:
@@ -97,7 +101,7 @@ def totals(history: Sequence[Record]) -> dict[str, Any]:
         "declined_by_gate": dict(sorted(gates.items())),
         "rejected": dict(sorted(reasons.items())),
         "best_accuracy": max(accuracies) if accuracies else None,
-        "round_seconds_total": round(sum(_num(r.get("duration_seconds")) or 0.0 for r in history), 3),
+        "round_seconds_total": round(sum(_num(r.duration_seconds) or 0.0 for r in history), 3),
     }
 
 
@@ -124,11 +128,12 @@ def _write_json(path: Path, value: Any) -> None:
 # ---------------------------------------------------------------- live progress
 
 
-def format_progress(record: Record, total_rounds: int | None = None) -> str:
+def format_progress(record: Record | Mapping[str, Any], total_rounds: int | None = None) -> str:
     """One terminal line per round, e.g. `round  3/20  accepted 8/13  declined 3 (idle 2, charged 1)  acc 0.874 ...`."""
-    total = total_rounds or record.get("total_rounds") or record.get("rounds")
+    record = records([record])[0]
+    total = total_rounds or record.extra.get("total_rounds") or record.extra.get("rounds")
     width = len(str(total)) if total else 2
-    head = f"round {record.get('round', '?'):>{width}}" + (f"/{total}" if total else "")
+    head = f"round {record.round:>{width}}" + (f"/{total}" if total else "")
     parts = [head]
     if not _complete(record):
         parts.append("ABANDONED")
@@ -144,11 +149,11 @@ def format_progress(record: Record, total_rounds: int | None = None) -> str:
     rejected = _counter(record, "rejected")
     if sum(rejected.values()):
         parts.append(f"rejected {sum(rejected.values())} (" + ", ".join(f"{k} {v}" for k, v in rejected.items()) + ")")
-    accuracy = _num(record.get("accuracy"))
+    accuracy = _num(record.accuracy)
     if accuracy is not None:
         parts.append(f"acc {accuracy:.3f}")
     parts += [f"up {human_bytes(_int(record, 'bytes_up'))}", f"down {human_bytes(_int(record, 'bytes_down'))}"]
-    seconds = _num(record.get("duration_seconds"))
+    seconds = _num(record.duration_seconds)
     if seconds is not None:
         parts.append(f"{seconds:.1f} s")
     return "  ".join(parts)
@@ -178,7 +183,7 @@ def _round_axis(ax: Any, rounds: Sequence[int]) -> None:
 
 
 def _mark_abandoned(ax: Any, history: Sequence[Record]) -> bool:
-    abandoned = [int(r["round"]) for r in history if not _complete(r)]
+    abandoned = [r.round for r in history if not _complete(r)]
     for i, rnd in enumerate(abandoned):
         ax.axvspan(rnd - 0.5, rnd + 0.5, color="#ced4da", alpha=0.5, lw=0, zorder=0,
                    label="abandoned round" if i == 0 else None)
@@ -186,7 +191,7 @@ def _mark_abandoned(ax: Any, history: Sequence[Record]) -> bool:
 
 
 def _series(history: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
-    points = [(int(r["round"]), v) for r in history if _complete(r) and (v := _num(r.get(key))) is not None]
+    points = [(r.round, v) for r in history if _complete(r) and (v := _num(getattr(r, key))) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -195,7 +200,7 @@ def plot_accuracy_loss(path: Path, history: Sequence[Record], centralized: float
     """Two panels: global test accuracy and loss per round, centralized baseline dashed."""
     fig, axes = _figure(11, 4.2, 1, 2)
     acc_ax, loss_ax = axes[0]
-    rounds = [int(r["round"]) for r in history]
+    rounds = [r.round for r in history]
     for ax, key, label, baseline in ((acc_ax, "accuracy", "accuracy", centralized),
                                      (loss_ax, "loss", "loss (cross-entropy)", centralized_loss)):
         _mark_abandoned(ax, history)
@@ -227,7 +232,7 @@ def plot_bytes(path: Path, history: Sequence[Record], title: str = "") -> None:
 
     fig, axes = _figure(9, 4.2)
     ax = axes[0][0]
-    rounds = np.array([int(r["round"]) for r in history])
+    rounds = np.array([r.round for r in history])
     up = np.array([_int(r, "bytes_up") for r in history], dtype=float)
     down = np.array([_int(r, "bytes_down") for r in history], dtype=float)
     unit, scale = _unit(max([*up, *down, 0.0]))
@@ -252,7 +257,7 @@ def plot_participation(path: Path, history: Sequence[Record], title: str = "") -
 
     fig, axes = _figure(11, 7.2, 2, 1)
     top, bottom = axes[0][0], axes[1][0]
-    rounds = np.array([int(r["round"]) for r in history])
+    rounds = np.array([r.round for r in history])
     kinds = ["accepted", "declined", "aborted", "timed_out"]
     rejected = np.array([sum(_counter(r, "rejected").values()) for r in history])
     if rejected.sum():
@@ -311,7 +316,7 @@ def _plot_gates(ax: Any, history: Sequence[Record], rounds: Any) -> None:
 # ---------------------------------------------------------------- report
 
 
-def write_report(report_dir: str | os.PathLike[str], history: Sequence[Record], *,
+def write_report(report_dir: str | os.PathLike[str], history: Sequence[Record | Mapping[str, Any]], *,
                  centralized_accuracy: float | Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None,
                  plots: bool = True) -> dict[str, Any]:
     """Write summary.json, history.json and the three PNG plots into `report_dir`; return the summary.
@@ -322,7 +327,7 @@ def write_report(report_dir: str | os.PathLike[str], history: Sequence[Record], 
     """
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    history = sorted(history, key=lambda r: int(r.get("round", 0)))
+    history = sorted(records(history), key=lambda r: r.round)
     baseline = dict(centralized_accuracy) if isinstance(centralized_accuracy, Mapping) else None
     central = _num(baseline["accuracy"]) if baseline else _num(centralized_accuracy)
     accuracy, loss = final_accuracy(history)
@@ -340,7 +345,7 @@ def write_report(report_dir: str | os.PathLike[str], history: Sequence[Record], 
         plot_bytes(out / PLOTS[1], history, "Traffic per round" + (f" - {caption}" if caption else ""))
         plot_participation(out / PLOTS[2], history, caption)
         summary["files"].update({name.removesuffix(".png"): name for name in PLOTS})
-    _write_json(out / HISTORY_FILE, list(history))
+    _write_json(out / HISTORY_FILE, [r.to_dict() for r in history])
     _write_json(out / SUMMARY_FILE, summary)
     return _json_safe(summary)
 

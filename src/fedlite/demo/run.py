@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator.record import RoundRecord
 from fedlite.dashboard.embed import start_for_demo
 from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, follow_history, write_shard
 from fedlite.demo.datasets import Task, load_task
@@ -116,8 +117,10 @@ def _privacy_table(plan: DemoPlan) -> dict[str, dict[str, Any]]:
                         "fleet_size": plan.clients}}
 
 
-def _epsilon_note(record: dict[str, Any]) -> str:
-    return "" if record.get("epsilon") is None else f"  ε {record['epsilon']:.3g} at δ {record['delta']:g}"
+def _epsilon_note(record: RoundRecord | None) -> str:
+    if record is None or record.epsilon is None:
+        return ""
+    return f"  ε {record.epsilon:.3g} at δ {record.delta or 0:g}"
 
 
 def _observe_rounds(fed: LocalFederation, vanisher: Vanisher | None) -> Link:
@@ -143,7 +146,7 @@ def _observe_rounds(fed: LocalFederation, vanisher: Vanisher | None) -> Link:
     return link
 
 
-def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[dict[str, Any]], seconds: float,
+def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord], seconds: float,
             say: Any) -> dict[str, Any]:
     from fedlite.aggregator.kpis import summarize
     from fedlite.demo.baseline import centralized_accuracy
@@ -153,12 +156,13 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[dict[str, A
     baseline = centralized_accuracy(task, plan.centralized_epochs, task.batch_size, task.lr, plan.seed,
                                     models / "round-00000")
     final = max((p for p in models.glob("round-*") if (p / "infer_int8.tflite").exists()), default=None)
-    last = next((r for r in reversed(history) if r.get("status") == "complete"), {})
+    last = next((r for r in reversed(history) if r.complete), None)
     summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
         "task": task.name, "plan": asdict(plan), "duration_seconds": round(seconds, 1),
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
-        "epsilon": last.get("epsilon"), "delta": last.get("delta"), "kpis": summarize(history),
+        "epsilon": last.epsilon if last else None, "delta": last.delta if last else None,
+        "kpis": summarize(history),
     })
     say("")
     say(f"federated accuracy {summary['final_accuracy']:.3f}   centralized {baseline['accuracy']:.3f}   "

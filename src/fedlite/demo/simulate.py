@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator.record import RoundRecord
 from fedlite.demo.cluster import LocalFederation, follow_history
 from fedlite.demo.datasets import load_task
 
@@ -60,11 +61,11 @@ def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -
                           "fleet": [p.popen.pid for n, p in fed.processes.items() if n.startswith("worker-")]})
         cpu: list[dict[str, float]] = []
 
-        def show(record: dict[str, Any]) -> None:
+        def show(record: RoundRecord) -> None:
             cpu.append(meter.spent())
             split = ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu[-1].items())
-            progress(f"round {record['round']}: {record['status']}, {record['accepted']}/{record['selected']} "
-                     f"updates in {record['duration_seconds']:.2f} s (CPU s since the last record: {split})")
+            progress(f"round {record.round}: {record.status}, {record.accepted}/{record.selected} "
+                     f"updates in {record.duration_seconds:.2f} s (CPU s since the last record: {split})")
 
         history = follow_history(fed, aggregator, 120 + plan.rounds * (plan.deadline_seconds + 60), show, poll=0.1)
     return _summary(plan, per_round, history, cpu)
@@ -111,12 +112,12 @@ def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str
         fed.start_command(f"worker-{worker}", [sys.executable, "-m", "fedlite.demo.simulate_worker", str(path)])
 
 
-def _summary(plan: SimulationPlan, per_round: int, history: list[dict[str, Any]],
+def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord],
              cpu: list[dict[str, float]]) -> dict[str, Any]:
-    complete = [r for r in history if r["status"] == "complete"]
-    cycles = [c for r, c in zip(history, cpu, strict=False) if r["status"] == "complete"]
-    seconds = [round(r["duration_seconds"], 3) for r in complete]
-    accepted = sum(r["accepted"] for r in complete)
+    complete = [r for r in history if r.complete]
+    cycles = [c for r, c in zip(history, cpu, strict=False) if r.complete]
+    seconds = [round(r.duration_seconds, 3) for r in complete]
+    accepted = sum(r.accepted for r in complete)
     return {
         "clients": plan.clients,
         "clients_per_round": per_round,
@@ -124,7 +125,7 @@ def _summary(plan: SimulationPlan, per_round: int, history: list[dict[str, Any]]
         "round_seconds": seconds,
         "median_round_seconds": float(np.median(seconds)) if seconds else None,
         "updates_per_second": accepted / sum(seconds) if seconds else None,
-        "bytes_up_per_round": [r["bytes_up"] for r in complete],
-        "accuracy": complete[-1].get("accuracy") if complete else None,
+        "bytes_up_per_round": [r.bytes_up for r in complete],
+        "accuracy": complete[-1].accuracy if complete else None,
         "cpu_seconds_per_round": {name: [c[name] for c in cycles] for name in (cycles[0] if cycles else {})},
     }

@@ -10,7 +10,8 @@ import numpy as np
 
 from fedlite.aggregator.influence import reference_norms, weight_cap
 from fedlite.aggregator.orchestrators.registry import Weights, register
-from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome, select
+from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome
+from fedlite.aggregator.select import select
 from fedlite.aggregator.strategies import dp, make_aggregator
 from fedlite.aggregator.validation import RoundContext
 from fedlite.protocol import topics
@@ -110,7 +111,7 @@ class SyncRounds:
             bound, policy = self.config.privacy.clip_norm, "clip"
         return RoundContext(
             federation=host.federation, round=number, model_hash=host.model_hash, manifest=host.manifest,
-            selected=frozenset(selected), accepted=set(), max_examples=s.max_examples,
+            selected=frozenset(selected), max_examples=s.max_examples,
             max_update_norm=bound, norm_policy=policy, max_abs_value=s.max_abs_value, run=host.run_id(),
             encoding=self.config.training.encoding,
         )
