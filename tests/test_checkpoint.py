@@ -16,11 +16,10 @@ from fedlite.aggregator.checkpoint import (
     CheckpointError,
     ResumeRefused,
     list_checkpoints,
-    load_for_resume,
     load_latest,
-    reset_state,
     save_checkpoint,
 )
+from fedlite.aggregator.state_dir import load_for_resume, reset_state
 from fedlite.fsutil import StorageError, write_atomic
 
 

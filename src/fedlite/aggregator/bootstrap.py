@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.aggregator.checkpoint import HISTORY_FILE, load_for_resume
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.export import export_round, version_dir
+from fedlite.aggregator.state_dir import HISTORY_FILE, load_for_resume
 from fedlite.protocol.layout import flatten, unflatten
 from fedlite.protocol.transport import BrokerSettings
 

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _reset(state_dir: str, log: logging.Logger) -> None:
-    from fedlite.aggregator.checkpoint import reset_state
+    from fedlite.aggregator.state_dir import reset_state
 
     moved = reset_state(state_dir)
     if moved is None:
