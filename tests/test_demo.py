@@ -34,6 +34,9 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
     assert summary["final_accuracy"] == complete[-1]["accuracy"]
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in history) > 0
     assert summary["bytes_down"] == sum(r["bytes_down"] for r in history) > 0
+    assert summary["codec"] == "int8"
+    updates = sum(r["accepted"] for r in history)
+    assert summary["bytes_up_per_update"] == pytest.approx(summary["bytes_up"] / updates, abs=0.05)
     # the KPI block agrees with the per-round history
     kpis, last = summary["kpis"], complete[-1]
     assert kpis["successful_client_rounds"] == sum(r["accepted"] for r in complete)
@@ -55,6 +58,29 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (run_dir / "aggregator" / "models" / "round-00040" / "infer_int8.tflite").stat().st_size > 0
     assert not _children_named(str(run_dir)), "processes of the demo are still running"
+
+
+def test_demo_with_a_ternary_codec_sends_a_fraction_of_int8s_bytes(tmp_path):
+    run_dir = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir), "--rounds", "3",
+                             "--clients", "4", "--codec", "ternary-ef"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    manifest = json.loads((run_dir / "aggregator" / "models" / "round-00000" / "manifest.json").read_text())
+    params = manifest["num_params"]
+    assert summary["codec"] == "ternary-ef" and summary["rounds"] == 3
+    # int8 codes alone are 1 byte per parameter; ternary codes are 2 bits (plus the frame and its scales)
+    assert 0 < summary["bytes_up_per_update"] < 0.5 * params, (summary["bytes_up_per_update"], params)
+    assert "ternary-ef" in result.stdout
+
+
+def test_demo_refuses_an_unknown_codec_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(tmp_path / "d"),
+                             "--codec", "gzip"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == ""
+    assert result.stdout.strip().splitlines() == [
+        "fedlite demo: unknown codec 'gzip'; choose from int8, int8-tensor, int4, ternary-ef"]
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_stops_every_process_on_ctrl_c(tmp_path):

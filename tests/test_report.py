@@ -46,6 +46,9 @@ def test_write_report_totals_match_the_history(tmp_path: Path) -> None:
         assert summary[key] == sum(r[key] for r in history), key
     assert summary["declined_by_gate"] == {"battery": 5, "charging": 4, "idle": 7}
     assert summary["rejected"] == {"norm": 1}
+    up, down = sum(r["bytes_up"] for r in history), sum(r["bytes_down"] for r in history)
+    assert summary["bytes_up_per_update"] == pytest.approx(up / 29, abs=0.05)  # 4 x 7 + 1 accepted
+    assert summary["bytes_down_per_device_round"] == pytest.approx(down / 50, abs=0.05)  # 5 x 10 selected
     assert summary["task"] == "digits" and summary["alpha"] == 0.3 and summary["duration_seconds"] == 42.0
     assert summary["model_dir"] == str(tmp_path / "model")
     history_on_disk = json.loads((tmp_path / "report" / "history.json").read_text())

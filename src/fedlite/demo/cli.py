@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp", action="store_true", help="DP-FedAvg: clip updates, add Gaussian noise, report ε")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="with --dp: noise std / clip norm")
     parser.add_argument("--clip-norm", type=float, default=0.3, help="with --dp: L2 bound of each update")
+    parser.add_argument("--codec", default="int8", help="update encoding: int8 (default), int8-tensor, int4 or "
+                        "ternary-ef (fedlite.protocol.codecs)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
 
 
@@ -31,13 +33,18 @@ def run(args: argparse.Namespace) -> int:
     if args.clients < 2 or args.rounds < 1 or args.alpha <= 0:
         print("fedlite demo: need --clients >= 2, --rounds >= 1 and --alpha > 0")
         return 2
+    from fedlite.protocol.codecs import UPLINK
+
+    if args.codec not in UPLINK:
+        print(f"fedlite demo: unknown codec {args.codec!r}; choose from {', '.join(UPLINK)}")
+        return 2
     if args.noise_multiplier <= 0 or args.clip_norm <= 0:
         print("fedlite demo: need --noise-multiplier > 0 and --clip-norm > 0")
         return 2
     run_dir = (args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     plan = DemoPlan(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                     alpha=args.alpha, local_epochs=args.local_epochs, seed=args.seed, dp=args.dp,
-                    noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm)
+                    noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, codec=args.codec)
     try:
         run_demo(plan, run_dir)
     except KeyboardInterrupt:

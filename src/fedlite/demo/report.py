@@ -88,6 +88,7 @@ def totals(history: Sequence[Record]) -> dict[str, Any]:
     accuracies = [a for r in history if _complete(r) and (a := _num(r.accuracy)) is not None]
     gates: dict[str, int] = {}
     reasons: dict[str, int] = {}
+    accepted, selected = sum(r.accepted for r in history), sum(r.selected for r in history)
     for record in history:
         _add(gates, _counter(record, "declined_by_gate"))
         _add(reasons, _counter(record, "rejected"))
@@ -97,6 +98,9 @@ def totals(history: Sequence[Record]) -> dict[str, Any]:
         "rounds_total": len(history),
         "bytes_up": sum(_int(r, "bytes_up") for r in history),
         "bytes_down": sum(_int(r, "bytes_down") for r in history),
+        # every payload received (refused ones too) over the updates accepted; weights sent over devices selected
+        "bytes_up_per_update": round(sum(r.bytes_up for r in history) / accepted, 1) if accepted else None,
+        "bytes_down_per_device_round": round(sum(r.bytes_down for r in history) / selected, 1) if selected else None,
         **{key: sum(_int(r, key) for r in history) for key in COUNTS},
         "declined_by_gate": dict(sorted(gates.items())),
         "rejected": dict(sorted(reasons.items())),

@@ -43,6 +43,7 @@ class DemoPlan:
     dp: bool = False  # DP-FedAvg: the aggregator's [privacy] section
     noise_multiplier: float = 1.0
     clip_norm: float = 0.3
+    codec: str = "int8"  # the update encoding of the training plan ([training] encoding)
 
 
 def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir
         rounds={"total": plan.rounds, "clients_per_round": per_round, "over_selection": plan.over_selection,
                 "quorum": max(1, per_round // 2), "deadline_seconds": plan.deadline_seconds,
                 "wait_for_devices_seconds": 10.0, "status_ttl_seconds": 5.0, "seed": plan.seed},
-        training={"epochs": plan.local_epochs, "batch_size": task.batch_size, "learning_rate": task.lr},
+        training={"epochs": plan.local_epochs, "batch_size": task.batch_size, "learning_rate": task.lr,
+                  "encoding": plan.codec},
         evaluation={"test_data": str(run_dir / "data" / "test.npz")},
         **_privacy_table(plan),
     )
@@ -158,7 +160,7 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     final = max((p for p in models.glob("round-*") if (p / "infer_int8.tflite").exists()), default=None)
     last = next((r for r in reversed(history) if r.complete), None)
     summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
-        "task": task.name, "plan": asdict(plan), "duration_seconds": round(seconds, 1),
+        "task": task.name, "plan": asdict(plan), "codec": plan.codec, "duration_seconds": round(seconds, 1),
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
         "epsilon": last.epsilon if last else None, "delta": last.delta if last else None,
@@ -167,7 +169,9 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     say("")
     say(f"federated accuracy {summary['final_accuracy']:.3f}   centralized {baseline['accuracy']:.3f}   "
         f"after {summary['rounds']} rounds in {seconds:.0f} s" + _epsilon_note(last))
-    say(f"bytes up {human_bytes(summary['bytes_up'])}, down {human_bytes(summary['bytes_down'])}")
+    say(f"bytes up {human_bytes(summary['bytes_up'])} ({plan.codec}, "
+        f"{human_bytes(summary['bytes_up_per_update'] or 0)} per update), down {human_bytes(summary['bytes_down'])} "
+        f"({human_bytes(summary['bytes_down_per_device_round'] or 0)} per device and round)")
     say(f"int8 inference model: {summary['int8_model']}")
     say(f"report: {run_dir / 'report'} (summary.json and plots)")
     return summary
