@@ -21,11 +21,16 @@ The configured absolute ``[server] max_update_norm`` (if > 0) still applies on t
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-Held = TypeVar("Held")
+
+class _Normed(Protocol):
+    norm: float
+
+
+Held = TypeVar("Held", bound=_Normed)
 
 
 def weight_cap(advertised: Iterable[int], multiple: float, max_examples: int) -> float:
@@ -74,15 +79,15 @@ class NormBound(Generic[Held]):
         limit = self.refuse_multiple * self.median if self.median is not None else 0.0
         return limit > 0 and norm > limit
 
-    def hold(self, update: Held, norm_of: Callable[[Held], float]) -> list[Held]:
+    def hold(self, update: Held) -> list[Held]:
         """Hold an update during the warm-up; once `warmup` are held, the reference is known and all are released."""
         self.held.append(update)
-        return self.release(norm_of) if len(self.held) >= self.warmup else []
+        return self.release() if len(self.held) >= self.warmup else []
 
-    def release(self, norm_of: Callable[[Held], float]) -> list[Held]:
+    def release(self) -> list[Held]:
         """The held updates' median norm becomes the reference; the held updates are returned to be judged."""
         if not self.held:
             return []
-        self.median = statistics.median(norm_of(u) for u in self.held)
+        self.median = statistics.median(u.norm for u in self.held)
         held, self.held = self.held, []
         return held

@@ -136,7 +136,7 @@ class RoundAttempt:
         self.client_metrics[update.client_id] = dict(update.metrics)
         self.norms[update.client_id] = update.norm
         if self._norms.warming_up:
-            return self._judge(self._norms.hold(update, _norm))
+            return self._judge(self._norms.hold(update))
         return [self._book(update)]
 
     def _judge(self, released: list[ValidUpdate]) -> list[_Fold]:
@@ -242,7 +242,7 @@ class RoundAttempt:
         now = now or time.time()
         with self._lock:
             self.closed = True
-            ready = self._judge(self._norms.release(_norm))
+            ready = self._judge(self._norms.release())
         self._fold_all(ready)
         with self._changed:
             self._changed.wait_for(lambda: self._folding == 0)  # every admitted update is in a partial
@@ -270,6 +270,3 @@ class RoundAttempt:
             duration_seconds=now - self.started_at, client_metrics=self.client_metrics, update_norms=self.norms,
         )
 
-
-def _norm(update: ValidUpdate) -> float:
-    return update.norm

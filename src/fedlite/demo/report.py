@@ -71,42 +71,38 @@ def _add(total: dict[str, int], counts: Mapping[str, int]) -> dict[str, int]:
     return total
 
 
-def _complete(record: Record) -> bool:
-    return record.complete
-
-
 def final_accuracy(history: Sequence[Record]) -> tuple[float | None, float | None]:
     """(accuracy, loss) of the last completed round that reports an accuracy."""
     for record in reversed(history):
-        if _complete(record) and _num(record.accuracy) is not None:
+        if record.complete and _num(record.accuracy) is not None:
             return _num(record.accuracy), _num(record.loss)
     return None, None
 
 
 def totals(history: Sequence[Record]) -> dict[str, Any]:
     """Sums over the history: rounds, traffic, participation and reasons."""
-    accuracies = [a for r in history if _complete(r) and (a := _num(r.accuracy)) is not None]
+    accuracies = [a for r in history if r.complete and (a := _num(r.accuracy)) is not None]
     gates: dict[str, int] = {}
     reasons: dict[str, int] = {}
-    accepted, selected = sum(r.accepted for r in history), sum(r.selected for r in history)
     for record in history:
         _add(gates, _counter(record, "declined_by_gate"))
         _add(reasons, _counter(record, "rejected"))
-    return {
-        "rounds": sum(1 for r in history if _complete(r)),
-        "rounds_abandoned": sum(1 for r in history if not _complete(r)),
+    out = {
+        "rounds": sum(1 for r in history if r.complete),
+        "rounds_abandoned": sum(1 for r in history if not r.complete),
         "rounds_total": len(history),
         "bytes_up": sum(_int(r, "bytes_up") for r in history),
         "bytes_down": sum(_int(r, "bytes_down") for r in history),
-        # every payload received (refused ones too) over the updates accepted; weights sent over devices selected
-        "bytes_up_per_update": round(sum(r.bytes_up for r in history) / accepted, 1) if accepted else None,
-        "bytes_down_per_device_round": round(sum(r.bytes_down for r in history) / selected, 1) if selected else None,
         **{key: sum(_int(r, key) for r in history) for key in COUNTS},
         "declined_by_gate": dict(sorted(gates.items())),
         "rejected": dict(sorted(reasons.items())),
         "best_accuracy": max(accuracies) if accuracies else None,
         "round_seconds_total": round(sum(_num(r.duration_seconds) or 0.0 for r in history), 3),
     }
+    # every payload received (refused ones too) over the updates accepted; weights sent over devices selected
+    out["bytes_up_per_update"] = round(out["bytes_up"] / out["accepted"], 1) if out["accepted"] else None
+    out["bytes_down_per_device_round"] = round(out["bytes_down"] / out["selected"], 1) if out["selected"] else None
+    return out
 
 
 def _json_safe(value: Any) -> Any:
@@ -139,7 +135,7 @@ def format_progress(record: Record | Mapping[str, Any], total_rounds: int | None
     width = len(str(total)) if total else 2
     head = f"round {record.round:>{width}}" + (f"/{total}" if total else "")
     parts = [head]
-    if not _complete(record):
+    if not record.complete:
         parts.append("ABANDONED")
     parts.append(f"accepted {_int(record, 'accepted')}/{_int(record, 'selected')}")
     declined = _int(record, "declined")
@@ -187,7 +183,7 @@ def _round_axis(ax: Any, rounds: Sequence[int]) -> None:
 
 
 def _mark_abandoned(ax: Any, history: Sequence[Record]) -> bool:
-    abandoned = [r.round for r in history if not _complete(r)]
+    abandoned = [r.round for r in history if not r.complete]
     for i, rnd in enumerate(abandoned):
         ax.axvspan(rnd - 0.5, rnd + 0.5, color="#ced4da", alpha=0.5, lw=0, zorder=0,
                    label="abandoned round" if i == 0 else None)
@@ -195,7 +191,7 @@ def _mark_abandoned(ax: Any, history: Sequence[Record]) -> bool:
 
 
 def _series(history: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
-    points = [(r.round, v) for r in history if _complete(r) and (v := _num(getattr(r, key))) is not None]
+    points = [(r.round, v) for r in history if r.complete and (v := _num(getattr(r, key))) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 

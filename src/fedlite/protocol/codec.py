@@ -233,27 +233,29 @@ _CONTEXTS = threading.local()  # zstd contexts are not thread-safe: one set per 
 # digested once per thread instead of once per message)
 
 
+def _per_thread(key: str, make: Callable[[], Any]) -> Any:
+    """This thread's context named `key`, made on first use."""
+    context = getattr(_CONTEXTS, key, None)
+    if context is None:
+        context = make()
+        setattr(_CONTEXTS, key, context)
+    return context
+
+
 def _compressor(compact: bool) -> Any:
     import zstandard
 
-    key = "compressor_compact" if compact else "compressor"
-    context = getattr(_CONTEXTS, key, None)
-    if context is None:
-        context = zstandard.ZstdCompressor(level=3, dict_data=_dictionary()) if compact else \
-            zstandard.ZstdCompressor(level=3)
-        setattr(_CONTEXTS, key, context)
-    return context
+    if compact:
+        return _per_thread("compressor_compact", lambda: zstandard.ZstdCompressor(level=3, dict_data=_dictionary()))
+    return _per_thread("compressor", lambda: zstandard.ZstdCompressor(level=3))
 
 
 def _decompressor(compact: bool) -> Any:
     import zstandard
 
-    key = "decompressor_compact" if compact else "decompressor"
-    context = getattr(_CONTEXTS, key, None)
-    if context is None:
-        context = zstandard.ZstdDecompressor(dict_data=_dictionary()) if compact else zstandard.ZstdDecompressor()
-        setattr(_CONTEXTS, key, context)
-    return context
+    if compact:
+        return _per_thread("decompressor_compact", lambda: zstandard.ZstdDecompressor(dict_data=_dictionary()))
+    return _per_thread("decompressor", zstandard.ZstdDecompressor)
 
 
 # --- decoding -----------------------------------------------------------------------------------
