@@ -140,7 +140,8 @@ class Seen:
 def tap_topics(federation: str) -> list[str]:
     """Everything of a federation the ACL lets the aggregator's account read (it may not read `#`)."""
     root = f"{topics.ROOT}/{federation}"
-    return [topics.round_topic(federation), f"{root}/model/#", f"{root}/weights/#", topics.deploy_topic(federation),
+    return [topics.round_topic(federation), f"{root}/model/#", f"{root}/weights/#", f"{root}/delta/#",
+            topics.deploy_topic(federation),
             topics.all_updates(federation), topics.all_statuses(federation), topics.all_reports(federation)]
 
 

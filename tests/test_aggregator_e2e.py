@@ -67,7 +67,15 @@ def test_ten_rounds_raise_accuracy_and_export_each_round(tmp_path):
         for number in range(1, 11):
             manifest = json.loads((models / f"round-{number:05d}" / "manifest.json").read_text())
             assert manifest["files"]["infer_int8"]["bytes"] > 0
-        assert sum(r["bytes_up"] for r in history) > 0 and sum(r["bytes_down"] for r in history) > 0
+        assert sum(r["bytes_up"] for r in history) > 0
+        # bytes down as the devices measured them: round 1 the model and the full float32 weights, then the
+        # int8 delta since the round each device took part in
+        float32_weights = 4 * manifest["num_params"]
+        assert all(r["downloads"] == 3 for r in history)
+        assert history[0]["bytes_down"] / 3 > float32_weights
+        later = [r["bytes_down"] / r["downloads"] for r in history[1:]]
+        assert max(later) < 0.3 * float32_weights, later
+        assert "weights from delta" in fed.processes["dev-1"].log_tail(200)
 
 
 def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_path):

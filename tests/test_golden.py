@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlite.protocol.codec import Header, decode, encode_update, encode_weights
+from fedlite.protocol.codec import Header, decode, encode_delta, encode_update, encode_weights
+from fedlite.protocol.downlink import digest
 from fedlite.protocol.messages import (
     CanaryTarget,
     DeployInstruction,
@@ -39,7 +40,8 @@ def _round() -> RoundAnnouncement:
         weights_topic="fl/wearables/weights/3",
         selection=Selection(rule="sha256-64", seed="000102030405060708090a0b0c0d0e0f", threshold=12493378733745527094),
         deadline=1796184000.0, plan=TrainingPlan(epochs=2, batch_size=32, learning_rate=0.05), session="a1b2c3d4e5f6",
-        state="open", issued_at=1796183940.0, run=RUN, run_started_at=1796180000.0, epoch=1)
+        state="open", issued_at=1796183940.0, run=RUN, run_started_at=1796180000.0, epoch=1,
+        weights_digest=digest(np.concatenate([DELTA["dense/kernel"].ravel(), DELTA["dense/bias"]])), delta_base=1)
 
 
 def _closed() -> RoundAnnouncement:
@@ -50,7 +52,7 @@ def _closed() -> RoundAnnouncement:
 def _status() -> DeviceStatus:
     return DeviceStatus(client_id="pi-0042", state="online", eligible=False, failed_gates={"charged": "on battery"},
                         num_examples=480, runtime="ai-edge-litert", agent_version="0.1.0", cached_models=[HASH],
-                        deployed_model="", updated_at=1796183941.25)
+                        deployed_model="", updated_at=1796183941.25, weights_run=RUN, weights_round=2)
 
 
 def _report() -> DeviceReport:
@@ -73,7 +75,8 @@ DELTA = {"dense/kernel": np.array([[0.5, -0.25], [0.125, 1.0]], np.float32),
 
 def _update_header() -> Header:
     return Header(kind="update", federation="wearables", round=3, model_hash=HASH, client_id="pi-0042",
-                  num_examples=480, metrics={"train_loss": 0.5, "steps": 30.0}, sent_at=1796183980.0, run=RUN)
+                  num_examples=480, metrics={"train_loss": 0.5, "steps": 30.0}, sent_at=1796183980.0, run=RUN,
+                  extra={"bytes_down": 1234})
 
 
 def _update() -> bytes:
@@ -83,6 +86,11 @@ def _update() -> bytes:
 def _weights() -> bytes:
     header = Header(kind="weights", federation="wearables", round=3, model_hash=HASH, sent_at=1796183939.0, run=RUN)
     return encode_weights(DELTA, header, dtype="float16", compress=False)
+
+
+def _delta_frame() -> bytes:
+    header = Header(kind="delta", federation="wearables", round=3, model_hash=HASH, sent_at=1796183939.0, run=RUN)
+    return encode_delta(DELTA, header, encoding="int8", base_round=2, compress=False)
 
 
 def _signer() -> Signer:
@@ -100,7 +108,7 @@ def vectors() -> dict[str, bytes]:
     return {
         "round-open": to_json(_round()), "round-closed": to_json(_closed()), "status": to_json(_status()),
         "report": to_json(_report()), "deploy": to_json(_deploy()), "update-frame": _update(),
-        "weights-frame": _weights(), "signed-round": _signed_round(),
+        "weights-frame": _weights(), "delta-frame": _delta_frame(), "signed-round": _signed_round(),
     }
 
 
@@ -141,6 +149,9 @@ def test_the_spec_frames_decode_and_the_signature_verifies() -> None:
     assert np.allclose(update.tensors["dense/kernel"], DELTA["dense/kernel"], atol=1.0 / 127)
     weights = decode(bytes.fromhex(blocks["weights-frame"].replace("\n", "")))
     assert np.allclose(weights.tensors["dense/bias"], DELTA["dense/bias"], atol=1e-3)
+    step = decode(bytes.fromhex(blocks["delta-frame"].replace("\n", "")))
+    assert step.header.kind == "delta" and step.header.extra == {"base_round": 2} and step.header.round == 3
+    assert np.allclose(step.tensors["dense/kernel"], DELTA["dense/kernel"], atol=1.0 / 127)
     envelope = bytes.fromhex(blocks["signed-round"].replace("\n", ""))
     public = _signer()._key.public_key()
     assert Verifier([public]).verify("fl/wearables/round", envelope) == to_json(_round())

@@ -26,6 +26,7 @@ def _history() -> list[dict]:
             "declined_by_gate": {"idle": 1, "charging": 1} if complete else {"battery": 5, "idle": 3},
             "aborted": 1 if rnd == 4 else 0, "timed_out": 0 if complete else 1,
             "rejected": {"norm": 1} if rnd == 5 else {}, "bytes_up": 7_000 * rnd + 123, "bytes_down": 250_000 + rnd,
+            "downloads": 7 if complete else 1,
             "accuracy": 0.5 + 0.1 * rnd if complete else None, "loss": 1.5 - 0.2 * rnd if complete else None,
             "duration_seconds": 1.5 + rnd,
         })
@@ -48,7 +49,7 @@ def test_write_report_totals_match_the_history(tmp_path: Path) -> None:
     assert summary["rejected"] == {"norm": 1}
     up, down = sum(r["bytes_up"] for r in history), sum(r["bytes_down"] for r in history)
     assert summary["bytes_up_per_update"] == pytest.approx(up / 29, abs=0.05)  # 4 x 7 + 1 accepted
-    assert summary["bytes_down_per_device_round"] == pytest.approx(down / 50, abs=0.05)  # 5 x 10 selected
+    assert summary["bytes_down_per_device_round"] == pytest.approx(down / 29, abs=0.05)  # the 29 that reported
     assert summary["task"] == "digits" and summary["alpha"] == 0.3 and summary["duration_seconds"] == 42.0
     assert summary["model_dir"] == str(tmp_path / "model")
     history_on_disk = json.loads((tmp_path / "report" / "history.json").read_text())

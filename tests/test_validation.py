@@ -229,3 +229,10 @@ def test_an_update_in_another_encoding_than_the_plans_is_refused_before_its_tens
     assert _reason(frame) == "encoding"
     assert _reason(_payload(), ctx=_ctx(encoding="float16")) == "encoding"
     assert validate_update(_payload(), "dev-1", _ctx(encoding="int8")).client_id == "dev-1"
+
+
+def test_the_downlink_bytes_a_device_reports_are_read_and_a_bad_count_is_refused():
+    assert validate_update(_payload(extra={"bytes_down": 24_600}), "dev-1", _ctx()).bytes_down == 24_600
+    assert validate_update(_payload(), "dev-1", _ctx()).bytes_down is None  # not said: not counted
+    for bad in ("24600", -1, 1.5, True, 1 << 41):
+        assert _reason(_payload(extra={"bytes_down": bad})) == "header", bad

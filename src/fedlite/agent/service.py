@@ -18,15 +18,16 @@ from fedlite.agent import watermark
 from fedlite.agent.config import AgentConfig
 from fedlite.agent.data import LocalData, load_local_data
 from fedlite.agent.deploy import Channel, Deployer
+from fedlite.agent.downlink import FILE as HELD_FILE
+from fedlite.agent.downlink import HeldWeights, WeightsRefused, fetch
 from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
 from fedlite.agent.residual import FILE as RESIDUAL_FILE
 from fedlite.agent.residual import ResidualKey, ResidualStore
 from fedlite.agent.state import FileState, PsutilState, StateProvider
 from fedlite.protocol import codecs, topics
-from fedlite.protocol.codec import Header, decode, encode_update_with_residual
+from fedlite.protocol.codec import Header, encode_update_with_residual
 from fedlite.protocol.errors import ProtocolError
-from fedlite.protocol.layout import flatten
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
 from fedlite.protocol.selection import is_selected
 from fedlite.protocol.signing import SignatureError, Verifier
@@ -104,6 +105,8 @@ class Agent:
         self._mark = watermark.load(self._progress_path)
         self._mark_lock = threading.Lock()  # the network thread advances the mark, the agent's thread finishes it
         self.residuals = ResidualStore(self.state_dir / RESIDUAL_FILE)  # error feedback, per model
+        self.held = HeldWeights(self.state_dir / HELD_FILE)  # the base of the next downlink deltas
+        self._received = 0  # payload bytes received for the round being trained (model, weights, deltas)
         self._rng = np.random.default_rng(config.agent.seed or None)
         self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
         self.deployer = Deployer(config.deploy, self.state_dir, self.client_id, self.federation)
@@ -217,6 +220,7 @@ class Agent:
             if a.plan.encoding not in codecs.UPLINK:
                 raise RoundAbandoned("declined", f"encoding: {a.plan.encoding!r} is not one this agent can produce")
             self._check_gates("declined")
+            self._received = 0
             trainer, manifest = self._fetch_model(a)
             global_flat = self._fetch_weights(a, manifest)
             self._publish_status("training")
@@ -245,6 +249,7 @@ class Agent:
             self.link.unsubscribe(a.model_topic)
             if payload is None:
                 raise RoundAbandoned("aborted", f"model {a.model_hash[:12]} did not arrive before the round closed")
+            self._received += len(payload)
             try:
                 self.models.store(a.model_hash, self._verified(a.model_topic, payload))
             except ProtocolError as exc:
@@ -257,24 +262,30 @@ class Agent:
         return trainer, manifest
 
     def _fetch_weights(self, a: RoundAnnouncement, manifest: dict[str, Any]) -> np.ndarray:
-        self.link.subscribe(a.weights_topic)
-        payload = self._mailbox.wait(a.weights_topic, a.deadline, self.stop_event, self._closed(a),
-                                     self.notifier.ping)
-        self.link.unsubscribe(a.weights_topic)
-        if payload is None:
-            raise RoundAbandoned("aborted", "global weights did not arrive before the round closed")
         try:
-            message = decode(self._verified(a.weights_topic, payload))
-            if message.header.kind != "weights" or message.header.round != a.round:
-                raise ProtocolError("stale", f"weights for round {message.header.round}, expected {a.round}")
-            if message.header.run != a.run:
-                raise ProtocolError("run", "weights belong to another run")
-            if message.header.model_hash != a.model_hash:
-                raise ProtocolError("model_hash", "weights belong to another model")
-            return flatten(message.tensors, manifest)
-        except ProtocolError as exc:
-            self.counters.bad_messages += 1
-            raise RoundAbandoned("aborted", f"weights message refused: {exc}") from None
+            fetched = fetch(a, manifest, self.held, lambda names, wait: self._receive(a, names, wait), self._bad)
+        except WeightsRefused as exc:
+            raise RoundAbandoned("aborted", str(exc)) from None
+        self._received += fetched.bytes
+        if fetched.how != "full":
+            log.info("round %d: weights from %s (%d B received)", a.round, fetched.how, fetched.bytes)
+        return fetched.flat
+
+    def _receive(self, a: RoundAnnouncement, names: list[str], wait: float) -> list[bytes | None]:
+        """The verified payloads of retained topics, each awaited until the round closes or `wait` seconds pass."""
+        for name in names:
+            self.link.subscribe(name)
+        deadline = min(a.deadline, time.time() + wait)
+        try:
+            payloads = [self._mailbox.wait(name, deadline, self.stop_event, self._closed(a), self.notifier.ping)
+                        for name in names]
+        finally:
+            for name in names:
+                self.link.unsubscribe(name)
+        return [None if p is None else self._verified(name, p) for name, p in zip(names, payloads, strict=True)]
+
+    def _bad(self, reason: str) -> None:
+        self.counters.bad_messages += 1
 
     def _train(self, a: RoundAnnouncement, trainer: Any, manifest: dict[str, Any],
                global_flat: np.ndarray) -> tuple[bytes, int]:
@@ -313,7 +324,8 @@ class Agent:
                         "eval_loss_after": after[0], "eval_accuracy_after": after[1]}
         header = Header(kind="update", federation=self.federation, round=a.round, model_hash=a.model_hash,
                         client_id=self.client_id, num_examples=int(len(x)), run=a.run,
-                        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+                        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+                        extra={"bytes_down": self._received})
         key = ResidualKey(a.run, a.model_hash, plan.encoding, a.round)
         residual = self.residuals.load(key) if codecs.get(plan.encoding).residual else None
         payload, left = encode_update_with_residual(delta, header, encoding=plan.encoding, residual=residual,
@@ -356,6 +368,7 @@ class Agent:
             failed_gates=failures, num_examples=int(len(self.data.x_train)), runtime=self.models.runtime,
             agent_version=__version__, cached_models=self.models.hashes(), updated_at=time.time(),
             deployed_model=self.deployer.deployed_model, encodings=list(codecs.UPLINK),
+            weights_run=self.held.status()[0], weights_round=self.held.status()[1],
         )
 
     def _publish_status(self, state: str = "online") -> None:

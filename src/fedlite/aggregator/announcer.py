@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fedlite.aggregator.downlink import RoundWeights
 from fedlite.aggregator.record import RoundRecord
 from fedlite.aggregator.retained import RetainedTopics
 from fedlite.aggregator.rounds import RoundAttempt
@@ -27,13 +28,14 @@ class Announcer:
     identity: Callable[[], RunIdentity | None]
     _opened: RoundAnnouncement | None = None  # the current attempt's open announcement
 
-    def open(self, attempt: RoundAttempt) -> None:
+    def open(self, attempt: RoundAttempt, weights: RoundWeights) -> None:
         if attempt.selection is None:
             raise ValueError(f"round {attempt.number} has no selection to announce")
         self._opened = RoundAnnouncement(
             federation=self.federation, round=attempt.number, model_hash=self.model_hash,
             model_topic=topics.model_topic(self.federation, self.model_hash),
-            weights_topic=topics.weights_topic(self.federation, attempt.number), selection=attempt.selection,
+            weights_topic=weights.topic, weights_digest=weights.digest, delta_base=weights.delta_base,
+            selection=attempt.selection,
             deadline=attempt.deadline, plan=self.plan, session=attempt.session, issued_at=time.time(),
             **self._run_fields(),
         )

@@ -32,13 +32,21 @@ class ModelSection:
     options: dict = field(default_factory=dict)
     builder: str = ""  # "package.module:function" for a user's own architecture
     seed: Annotated[int, SEED] = 0
-    downlink_dtype: str = "float32"  # float32 | float16
+    downlink_dtype: str = "float32"  # the full weights' encoding: float32 | float16 | int8 (codecs.DOWNLINK)
+    # the step between consecutive rounds' weights, for devices that hold the previous ones: an update codec, or none
+    downlink_delta: str = "int8"
     # re-export TFLite models every N completed rounds
     export_every: Annotated[int, Range(ge=1, special=0, means="only at the end")] = 1
 
     def validate(self) -> None:
         require(bool(self.input_shape), "input_shape needs at least one size")
-        require(self.downlink_dtype in ("float32", "float16"), "downlink_dtype must be float32 or float16")
+        require(self.downlink_dtype in codecs.DOWNLINK,
+                f"downlink_dtype must be one of {', '.join(codecs.DOWNLINK)}, not {self.downlink_dtype!r}")
+        require(self.downlink_delta in ("none", *codecs.UPLINK),
+                f"downlink_delta must be none or one of {', '.join(codecs.UPLINK)}, not {self.downlink_delta!r}")
+        require(self.downlink_delta == "none" or self.downlink_dtype == "float32",
+                "downlink_delta needs downlink_dtype = \"float32\" (deltas apply to exact weights); set "
+                "downlink_delta = \"none\" to send lossy full weights")
 
 
 @dataclass

@@ -37,7 +37,8 @@ class RoundRecord:
     max_weight: float | None = None
     examples: int = 0
     bytes_up: int = 0
-    bytes_down: int = 0
+    bytes_down: int = 0  # measured: what the devices whose update was accepted received for it (`downloads` of them)
+    downloads: int = 0
     started_at: float = 0.0
     duration_seconds: float = 0.0
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -67,6 +67,8 @@ class RoundAttempt:
     aborted: dict[str, str] = field(default_factory=dict)
     rejected: Counter = field(default_factory=Counter)
     bytes_up: int = 0
+    bytes_down: int = 0  # what the senders of valid updates say they received for the round
+    downloads: int = 0  # how many of them said it
     clipped: int = 0
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
@@ -116,6 +118,9 @@ class RoundAttempt:
                 raise Rejected("norm_outlier", f"update norm {update.norm:.4g} is over {self.refuse_multiple:g} x "
                                f"the median of recent norms ({self._norms.median:.4g})")
             self.accepted.add(topic_client)
+            if update.bytes_down is not None:
+                self.bytes_down += update.bytes_down
+                self.downloads += 1
             ready = self._admit(update)
         self._fold_all(ready)
         return update
@@ -266,7 +271,8 @@ class RoundAttempt:
             norm_refused=sorted(c for c in self.norm_flagged if c not in self.accepted),
             examples_capped=self.examples_capped,
             max_weight=None if math.isinf(self.max_weight) else self.max_weight,
-            examples=int(sum(self.example_counts.values())), bytes_up=self.bytes_up, started_at=self.started_at,
+            examples=int(sum(self.example_counts.values())), bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down, downloads=self.downloads, started_at=self.started_at,
             duration_seconds=now - self.started_at, client_metrics=self.client_metrics, update_norms=self.norms,
         )
 

@@ -24,6 +24,7 @@ from fedlite.aggregator.checkpoint import check_writable
 from fedlite.aggregator.commit import CommitRefused, Committer, write_history
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.dispatch import Dispatcher
+from fedlite.aggregator.downlink import Downlink
 from fedlite.aggregator.export import Exporter, redo_missed_exports
 from fedlite.aggregator.fleet import Fleet
 from fedlite.aggregator.fleet_writer import FleetWriter
@@ -121,6 +122,7 @@ class Aggregator:
             else:
                 complete = [r for r in records(self.history) if r.complete]
                 self.announcer.done(self.config.rounds.total, complete[-1] if complete else None)
+                self.downlink.finish()
                 log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
                 self._serve_after_rounds()
         except StorageError as exc:
@@ -158,6 +160,9 @@ class Aggregator:
         self.limits = update_limits([tuple(s) for _, s in self.specs], self.limits, self.config.training.encoding)
         self.announcer = Announcer(self.federation, self.model_hash, self.config.training, self.retained,
                                    lambda: self.run_identity)
+        model = self.config.model
+        self.downlink = Downlink(self.federation, self.model_hash, manifest, self.retained, self.run_id,
+                                 dtype=model.downlink_dtype, delta_encoding=model.downlink_delta)
         self.model_payload = encode_model(train_bytes, Header(kind="model", federation=self.federation, round=0,
                                                               model_hash=self.model_hash, extra={"manifest": manifest}))
 
@@ -222,11 +227,6 @@ class Aggregator:
             flagged = set(self.kpis.anomalous())
             eligible = [c for c in eligible if c not in flagged]
         return eligible
-
-    def bytes_down(self, selected: frozenset[str], weights_bytes: int) -> int:
-        """Payload bytes the broker delivers to the selected devices: weights, plus the model where not cached."""
-        uncached = sum(1 for c in selected if not self.fleet.has_model(c, self.model_hash))
-        return weights_bytes * len(selected) + len(self.model_payload) * uncached
 
     def refuse(self, kind: str, reason: str, detail: str, number: int | None = None) -> None:
         self.dispatch.refuse(kind, reason, detail, number)

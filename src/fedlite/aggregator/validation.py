@@ -70,6 +70,7 @@ class ValidUpdate:
     norm: float  # L2 norm before clipping
     clipped: bool
     bytes: int
+    bytes_down: int | None = None  # what the device says it received for the round (None: it did not say)
 
     @property
     def delta(self) -> dict[str, np.ndarray]:
@@ -147,7 +148,13 @@ def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits
     if problem:
         raise Rejected("metrics", problem)
     metrics = {key: float(value) for key, value in header.metrics.items()}
-    return ValidUpdate(topic_client_id, delta, header.num_examples, metrics, norm, clipped, size)
+    received = header.extra.get("bytes_down")
+    if received is not None and not (type(received) is int and 0 <= received <= MAX_BYTES_DOWN):
+        raise Rejected("header", f"extra.bytes_down must be an integer in [0, {MAX_BYTES_DOWN}]")
+    return ValidUpdate(topic_client_id, delta, header.num_examples, metrics, norm, clipped, size, received)
+
+
+MAX_BYTES_DOWN = 1 << 40  # a device's downlink bytes for one round beyond this are not a measurement
 
 
 MAX_METRIC = 1e12  # any reported metric beyond this magnitude is not a measurement

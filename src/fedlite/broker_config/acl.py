@@ -24,6 +24,7 @@ def aggregator_owned(federation: str) -> list[str]:
         topics.round_topic(federation),
         _subtree(topics.model_topic(federation, "any")),
         _subtree(topics.weights_topic(federation, 0)),
+        _subtree(topics.delta_topic(federation, 0)),
         topics.deploy_topic(federation),
     ]
 

@@ -210,7 +210,8 @@ class LeanFleet:
         if rnd.delta is None:
             self._train(rnd, self._verify(topic, envelope))
         header = Header(kind="update", federation=self.federation, round=a.round, model_hash=a.model_hash,
-                        client_id=device.client_id, num_examples=self.examples, run=a.run, metrics=rnd.metrics)
+                        client_id=device.client_id, num_examples=self.examples, run=a.run, metrics=rnd.metrics,
+                        extra={"bytes_down": len(envelope)})
         device.client.publish(topics.update_topic(self.federation, device.client_id),
                               encode_update(rnd.delta, header, encoding=a.plan.encoding), qos=1)
         device.done_session = a.session

@@ -93,15 +93,18 @@ def totals(history: Sequence[Record]) -> dict[str, Any]:
         "rounds_total": len(history),
         "bytes_up": sum(_int(r, "bytes_up") for r in history),
         "bytes_down": sum(_int(r, "bytes_down") for r in history),
+        "downloads": sum(_int(r, "downloads") for r in history),
         **{key: sum(_int(r, key) for r in history) for key in COUNTS},
         "declined_by_gate": dict(sorted(gates.items())),
         "rejected": dict(sorted(reasons.items())),
         "best_accuracy": max(accuracies) if accuracies else None,
         "round_seconds_total": round(sum(_num(r.duration_seconds) or 0.0 for r in history), 3),
     }
-    # every payload received (refused ones too) over the updates accepted; weights sent over devices selected
+    # every payload received (refused ones too) over the updates accepted; what devices say they received for a
+    # round (model, weights, deltas) over the devices that said it
     out["bytes_up_per_update"] = round(out["bytes_up"] / out["accepted"], 1) if out["accepted"] else None
-    out["bytes_down_per_device_round"] = round(out["bytes_down"] / out["selected"], 1) if out["selected"] else None
+    out["bytes_down_per_device_round"] = (round(out["bytes_down"] / out["downloads"], 1) if out["downloads"]
+                                          else None)
     return out
 
 

@@ -45,7 +45,7 @@ __all__ = ["CodecError", "SCALE_SUFFIX"]
 MAGIC = b"FLT"
 FLAG_ZSTD = 0x01
 FLAG_COMPACT = 0x02
-KINDS = ("update", "weights", "model")
+KINDS = ("update", "weights", "delta", "model")
 ENCODINGS = tuple(codecs.names())
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")
 _ST_DTYPES = {"I8": np.int8, "F16": np.float16, "F32": np.float32, "U8": np.uint8}
@@ -181,6 +181,20 @@ def encode_weights(
     codec = codecs.get(dtype)
     tensors, _ = codec.encode(weights)
     return _encode(tensors, _with(header, "weights", dtype), compress)
+
+
+def encode_delta(step: dict[str, np.ndarray], header: Header, *, encoding: str, base_round: int,
+                 compress: bool = True) -> bytes:
+    """A downlink delta (kind ``delta``): the step from round `base_round`'s weights to ``header.round``'s, in an
+    update codec (`codecs.UPLINK`); ``header.extra["base_round"]`` names the weights it applies to."""
+    codec = codecs.get(encoding)
+    if "update" not in codec.kinds:
+        raise ValueError(f"{encoding} does not encode deltas")
+    tensors, _ = codec.encode(step)
+    values = asdict(header)
+    values["extra"] = {**header.extra, "base_round": int(base_round)}
+    return _encode(tensors, _with(Header(**values), "delta", encoding), compress,
+                   list(step) if codec.compact else None, codec.suffixes)
 
 
 def encode_model(model_file: bytes, header: Header, *, compress: bool = True) -> bytes:

@@ -78,6 +78,12 @@ class RoundAnnouncement:
     epoch: int = 0  # the aggregator process start within the run: rounds are ordered by (epoch, round)
     accepted: int = 0  # closed, done: the updates the attempt accepted
     reason: str = ""  # closed, done: why the attempt closed (CLOSE_REASONS)
+    # open: `protocol.downlink.digest` of the weights on `weights_topic` ("" when they are not float32): a device
+    # that holds weights with this digest needs no download
+    weights_digest: str = ""
+    # open: delta frames to this round start at round `delta_base` + 1 (0: none); a device holding the weights of
+    # round v, delta_base <= v < round, may apply the deltas of rounds v + 1 .. round instead of the full weights
+    delta_base: int = 0
     type: str = "round"
     protocol: int = PROTOCOL_VERSION
 
@@ -98,6 +104,8 @@ class DeviceStatus:
     updated_at: float = 0.0
     # the update encodings the device can produce; absent: int8 only (agents that predate the codec registry)
     encodings: list[str] = field(default_factory=lambda: ["int8"])
+    weights_run: str = ""  # the run of the global weights the device holds ("" none)
+    weights_round: int = 0  # ... and their round: the base its next downlink deltas start from
     type: str = "status"
     protocol: int = PROTOCOL_VERSION
 

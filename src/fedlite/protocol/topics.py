@@ -32,6 +32,11 @@ def weights_topic(federation: str, round_number: int) -> str:
     return f"{ROOT}/{federation}/weights/{round_number}"
 
 
+def delta_topic(federation: str, round_number: int) -> str:
+    """Retained downlink delta from round `round_number` - 1's weights to this round's, written by the aggregator."""
+    return f"{ROOT}/{federation}/delta/{round_number}"
+
+
 def deploy_topic(federation: str) -> str:
     """Retained deployment instruction (inference model rollout), written by the aggregator only."""
     return f"{ROOT}/{federation}/deploy"
@@ -68,13 +73,13 @@ def all_reports(federation: str, share_group: str | None = None) -> str:
 
 
 # The kinds of topic only the aggregator writes, all retained (the third part of their names).
-AGGREGATOR_KINDS = ("round", "model", "weights", "deploy")
+AGGREGATOR_KINDS = ("round", "model", "weights", "delta", "deploy")
 
 
 def aggregator_retained(federation: str) -> list[str]:
     """Subscriptions to every retained topic the aggregator owns (to see and repair what the broker holds)."""
     return [round_topic(federation), f"{ROOT}/{federation}/model/+", f"{ROOT}/{federation}/weights/+",
-            deploy_topic(federation)]
+            f"{ROOT}/{federation}/delta/+", deploy_topic(federation)]
 
 
 def client_of(topic: str) -> str:

@@ -14,8 +14,6 @@ from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome
 from fedlite.aggregator.select import select
 from fedlite.aggregator.strategies import dp, make_aggregator
 from fedlite.aggregator.validation import RoundContext
-from fedlite.protocol import topics
-from fedlite.protocol.codec import Header, encode_weights
 from fedlite.protocol.selection import Selection
 
 if TYPE_CHECKING:
@@ -63,13 +61,9 @@ class SyncRounds:
             quorum=cfg.rounds.min_accepted, context=self._context(number, selected), limits=host.limits,
             aggregator=self._reducer(number), sketcher=host.sketcher, **self._influence(selected),
         )
-        payload = encode_weights(weights, Header(kind="weights", federation=host.federation, round=number,
-                                                 model_hash=host.model_hash, run=host.run_id()),
-                                 dtype=cfg.model.downlink_dtype)
-        bytes_down = host.bytes_down(selected, len(payload))
-        host.retained.broadcast(topics.weights_topic(host.federation, number), payload)
+        sent = host.downlink.publish(number, weights)
         host.current = attempt
-        host.announcer.open(attempt)
+        host.announcer.open(attempt, sent)
         host.log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
                       cfg.rounds.deadline_seconds)
         while attempt.wait(HOUSEKEEPING_SECONDS) is None:  # woken by every admission and report
@@ -81,8 +75,7 @@ class SyncRounds:
         host.announcer.closed(outcome.record)
         for client in attempt.refused_after_hold:  # refused once the warm-up fixed the norm bound
             host.refuse("update", "norm_outlier", f"update from {client}: its norm is an outlier", number)
-        outcome.record.bytes_down = bytes_down
-        host.retained.clear(topics.weights_topic(host.federation, number))
+        host.downlink.withdraw(number)
         return outcome
 
     def _influence(self, selected: frozenset[str]) -> dict[str, Any]:
