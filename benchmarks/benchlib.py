@@ -145,7 +145,7 @@ def _dirichlet_local(labels: np.ndarray, clients: int, alpha: float, rng: np.ran
 
 
 def export(model: str, cache: Path) -> Path:
-    """Export one of MODELS into cache/<model> (once) and return the directory."""
+    """Export one of MODELS, or ``task-<name>`` (a demo task's model), into cache/<model> (once); its directory."""
     out = cache / model
     if (out / "manifest.json").exists():
         return out
@@ -154,6 +154,14 @@ def export(model: str, cache: Path) -> Path:
 
     from fedlite.model_export.convert import export_model
 
+    if model.startswith("task-"):  # a demo task's model (fedlite.demo.datasets), e.g. task-health
+        from fedlite.demo.datasets import load_task
+
+        task = load_task(model.removeprefix("task-"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_model(task.arch, task.input_shape, task.classes, out, options=task.options,
+                         representative=task.x_train[:256])
+        return out
     arch, shape, options = MODELS[model]
     x_train = digits_split()[0]
     with contextlib.redirect_stdout(io.StringIO()):  # the converter is chatty; stdout carries our JSON

@@ -85,7 +85,8 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
     with LocalFederation(tmp_path / "run", FED, [*agents, silent, outsider]) as fed:
         config = _setup(fed, tmp_path, agents,
                         rounds={"total": 2, "clients_per_round": 3, "quorum": 2, "deadline_seconds": 20.0},
-                        server={"max_update_bytes": 200_000}, metrics={"prometheus_port": prometheus})
+                        server={"max_update_bytes": 200_000}, metrics={"prometheus_port": prometheus},
+                        training={"encoding": "int8"})  # dev-x's status lists no encodings: int8 only
         b = fed.broker
         observer = open_client(b.host, b.port, "aggregator", fed.passwords["aggregator"], client_id="observer")
         observer.subscribe(topics.round_topic(FED))

@@ -52,3 +52,19 @@ def test_flower_columns_when_flower_is_installed(smoke: dict) -> None:
     assert all(row["flower_seconds"] > 0 and "memory_ratio" in row for row in results["aggregation"])
     assert results["footprint"]["flower_tflite"]["idle_bytes"] > 0
     assert results["convergence"]["flower_final"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_codec_study_measures_every_variant_and_the_coarser_codecs_send_less(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_study.py"), "--tasks", "health",
+                           "--rounds", "4", "--seeds", "2", "--no-timing", "--cache", str(tmp_path)],
+                          capture_output=True, text=True, timeout=280, cwd=ROOT / "benchmarks", check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["uplink"], r["downlink"]): r for r in json.loads(proc.stdout)["tasks"][0]["rows"]}
+    up = [rows[(codec, "full")]["bytes_up_per_update"] for codec in ("float32", "int8", "int4", "ternary-ef")]
+    assert up == sorted(up, reverse=True)  # each codec coarser than the last sends less
+    full = rows[("int8", "full")]
+    for delta in ("int8", "int4", "ternary-ef"):  # devices that hold last round's weights get a delta
+        assert rows[("int8", delta)]["bytes_down_steady"] < 0.7 * full["bytes_down_steady"]
+        assert rows[("int8", delta)]["downloads"]["delta"] > 0
+    assert full["downloads"]["delta"] == 0 and full["accuracy"]["mean"] > 0.8  # four rounds of training

@@ -52,6 +52,8 @@ def test_devices_that_cannot_produce_the_plans_encoding_are_not_selected(tmp_pat
                                          updated_at=now))
     aggregator.fleet.update(DeviceStatus("busy", "online", eligible=False, encodings=["int8", "ternary-ef"],
                                          updated_at=now))
+    assert aggregator.selectable() == []  # the default plan (int4): neither lists it
+    aggregator.config.training.encoding = "int8"
     assert aggregator.selectable() == ["new", "old"]
     aggregator.config.training.encoding = "ternary-ef"
     assert aggregator.selectable() == ["new"]

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedlite.aggregator.record import records
 from fedlite.demo.baseline import centralized_accuracy
 from fedlite.demo.datasets import load_task
-from fedlite.demo.report import PLOTS, format_progress, human_bytes, write_report
+from fedlite.demo.report import PLOTS, _caption, _int, float32_traffic, format_progress, human_bytes, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -60,13 +61,21 @@ def test_plots_are_readable_pngs(tmp_path: Path) -> None:
     import matplotlib.image
 
     write_report(tmp_path, _history(), centralized_accuracy={"accuracy": 0.95, "loss": 0.2, "seconds": 1.0},
-                 extra={"task": "health"})
+                 extra={"task": "health", "params": 6570, "codec": "int4"})
     for name in PLOTS:
         path = tmp_path / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE, name
         image = matplotlib.image.imread(path)
         assert image.shape[0] >= 300 and image.shape[1] >= 600, (name, image.shape)
         assert image[..., :3].std() > 0.05, f"{name} looks blank"
+
+
+def test_the_caption_names_the_run_and_the_float32_traffic_counts_both_directions() -> None:
+    caption = _caption({"task": "digits", "clients": 10, "partition": "dirichlet", "alpha": 0.5, "codec": "int4"})
+    assert caption == "digits, 10 clients, dirichlet alpha=0.5, int4 updates"
+    record = records(_history())[0]  # 7 updates accepted, 7 devices that reported their downloads
+    assert float32_traffic(record, 6570) == 4 * 6570 * 14
+    assert _int(record, "bytes_up") + _int(record, "bytes_down") < float32_traffic(record, 6570)
 
 
 def test_report_of_an_empty_or_failed_run(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ class ModelSection:
     seed: Annotated[int, SEED] = 0
     downlink_dtype: str = "float32"  # the full weights' encoding: float32 | float16 | int8 (codecs.DOWNLINK)
     # the step between consecutive rounds' weights, for devices that hold the previous ones: an update codec, or none
-    downlink_delta: str = "int8"
+    downlink_delta: str = "ternary-ef"  # by the codec study (benchmarks/codec_study.py, README)
     # re-export TFLite models every N completed rounds
     export_every: Annotated[int, Range(ge=1, special=0, means="only at the end")] = 1
 
@@ -185,7 +185,7 @@ class RolloutSection:
     serve_after_rounds: bool = False  # keep running after the last round, serving rollouts until stopped
 
 
-DEFAULT_ENCODING = "int8"
+DEFAULT_ENCODING = "int4"  # by the codec study (benchmarks/codec_study.py, README)
 
 
 @dataclass

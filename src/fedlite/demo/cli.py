@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp", action="store_true", help="DP-FedAvg: clip updates, add Gaussian noise, report ε")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="with --dp: noise std / clip norm")
     parser.add_argument("--clip-norm", type=float, default=0.3, help="with --dp: L2 bound of each update")
+    from fedlite.aggregator.config import DEFAULT_ENCODING
     from fedlite.protocol.codecs import UPLINK
 
-    parser.add_argument("--codec", default="int8", help=f"update encoding, one of {', '.join(UPLINK)} (default int8)")
+    parser.add_argument("--codec", default=DEFAULT_ENCODING,
+                        help=f"update encoding, one of {', '.join(UPLINK)} (default {DEFAULT_ENCODING})")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
 
 

@@ -1,4 +1,4 @@
-"""Run report: summary.json, history.json and PNG plots of accuracy, traffic and participation per round."""
+"""Run report: summary.json, history.json and PNG plots of accuracy, traffic, accuracy per byte and participation."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ Record = RoundRecord
 
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
-PLOTS = ("accuracy_loss.png", "bytes.png", "participation.png")
+PLOTS = ("accuracy_loss.png", "bytes.png", "participation.png", "bytes_accuracy.png")
 COUNTS = ("selected", "accepted", "declined", "aborted", "timed_out")
 COLORS = {"selected": "#444444", "accepted": "#2b8a3e", "declined": "#e8590c", "aborted": "#c92a2a",
           "timed_out": "#868e96", "rejected": "#862e9c", "up": "#1c7ed6", "down": "#f59f00",
-          "accuracy": "#1c7ed6", "loss": "#e03131", "baseline": "#343a40"}
+          "accuracy": "#1c7ed6", "loss": "#e03131", "baseline": "#343a40", "float32": "#adb5bd"}
 DPI = 110
 MANY_ROUNDS = 40  # beyond this, per-round bars get too thin: draw lines instead
 
@@ -254,6 +254,39 @@ def plot_bytes(path: Path, history: Sequence[Record], title: str = "") -> None:
     fig.savefig(path)
 
 
+def float32_traffic(record: Record, params: int) -> int:
+    """What a round's traffic would be with float32 updates and weights (4 bytes per parameter each way)."""
+    return 4 * params * (record.accepted + record.downloads)
+
+
+def plot_bytes_accuracy(path: Path, history: Sequence[Record], params: int | None = None, title: str = "") -> None:
+    """Global test accuracy against the cumulative traffic (up + down) it cost; float32 traffic grey when known."""
+    import numpy as np
+
+    fig, axes = _figure(9, 4.2)
+    ax = axes[0][0]
+    spent = np.cumsum([_int(r, "bytes_up") + _int(r, "bytes_down") for r in history], dtype=float)
+    dense = np.cumsum([float32_traffic(r, params) for r in history], dtype=float) if params else None
+    unit, scale = _unit(max([*spent, *(dense if dense is not None else []), 0.0]))
+    points = [(x, a) for x, r in zip(spent, history, strict=True) if r.complete and (a := _num(r.accuracy)) is not None]
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(np.array(xs) / scale, ys, marker="o", ms=4, lw=2, color=COLORS["accuracy"],
+                label=f"this run ({human_bytes(spent[-1])} in all)")
+        if dense is not None:
+            xd = [d for d, r in zip(dense, history, strict=True) if r.complete and _num(r.accuracy) is not None]
+            ax.plot(np.array(xd) / scale, ys, ls="--", lw=1.5, color=COLORS["float32"],
+                    label=f"the same rounds in float32 ({human_bytes(dense[-1])})")
+        ax.legend(loc="lower right", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no completed round", transform=ax.transAxes, ha="center", va="center", color="#868e96")
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"cumulative traffic, up + down ({unit})")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "Accuracy per byte")
+    fig.savefig(path)
+
+
 def plot_participation(path: Path, history: Sequence[Record], title: str = "") -> None:
     """Top: selected / accepted / declined / aborted / timed out per round. Bottom: declines by gate, rejections."""
     import numpy as np
@@ -347,6 +380,9 @@ def write_report(report_dir: str | os.PathLike[str], history: Sequence[Record | 
                            caption)
         plot_bytes(out / PLOTS[1], history, "Traffic per round" + (f" - {caption}" if caption else ""))
         plot_participation(out / PLOTS[2], history, caption)
+        params = (extra or {}).get("params")
+        plot_bytes_accuracy(out / PLOTS[3], history, int(params) if params else None,
+                            "Accuracy per byte" + (f" - {caption}" if caption else ""))
         summary["files"].update({name.removesuffix(".png"): name for name in PLOTS})
     _write_json(out / HISTORY_FILE, [r.to_dict() for r in history])
     _write_json(out / SUMMARY_FILE, summary)
@@ -354,7 +390,7 @@ def write_report(report_dir: str | os.PathLike[str], history: Sequence[Record | 
 
 
 def _caption(extra: Mapping[str, Any]) -> str:
-    """e.g. `digits, 10 clients, dirichlet alpha=0.3, fedavg`, from whichever of those keys `extra` has."""
+    """e.g. `digits, 10 clients, dirichlet alpha=0.3, fedavg, int8 updates`, from whichever keys `extra` has."""
     parts = [str(extra["task"])] if extra.get("task") else []
     if extra.get("clients"):
         parts.append(f"{extra['clients']} clients")
@@ -365,4 +401,6 @@ def _caption(extra: Mapping[str, Any]) -> str:
         parts.append(part)
     if extra.get("strategy"):
         parts.append(str(extra["strategy"]))
+    if extra.get("codec"):
+        parts.append(f"{extra['codec']} updates")
     return ", ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator.config import DEFAULT_ENCODING
 from fedlite.aggregator.record import RoundRecord
 from fedlite.dashboard.embed import start_for_demo
 from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, follow_history, write_shard
@@ -43,7 +45,7 @@ class DemoPlan:
     dp: bool = False  # DP-FedAvg: the aggregator's [privacy] section
     noise_multiplier: float = 1.0
     clip_norm: float = 0.3
-    codec: str = "int8"  # the update encoding of the training plan ([training] encoding)
+    codec: str = DEFAULT_ENCODING  # the update encoding of the training plan ([training] encoding)
 
 
 def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
@@ -161,6 +163,7 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     last = next((r for r in reversed(history) if r.complete), None)
     summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
         "task": task.name, "plan": asdict(plan), "codec": plan.codec, "duration_seconds": round(seconds, 1),
+        "clients": plan.clients, "partition": plan.partition, "alpha": plan.alpha, "params": _params(models),
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
         "epsilon": last.epsilon if last else None, "delta": last.delta if last else None,
@@ -175,3 +178,11 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     say(f"int8 inference model: {summary['int8_model']}")
     say(f"report: {run_dir / 'report'} (summary.json and plots)")
     return summary
+
+
+def _params(models: Path) -> int | None:
+    """The model's parameter count, from the round-0 export's manifest."""
+    try:
+        return int(json.loads((models / "round-00000" / "manifest.json").read_text())["num_params"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
