@@ -12,7 +12,7 @@ import pytest
 
 from fedlite.aggregator.model_cli import add_arguments, run
 from fedlite.aggregator.registry import Registry, RegistryError
-from fedlite.aggregator.rollout import judge
+from fedlite.aggregator.canary import judge
 
 
 def _export(models: Path, number: int, blob: bytes, accuracy: float | None = 0.5, metrics: bool = True) -> Path:

@@ -20,23 +20,19 @@ retained int8 model frames it names (``fl/<federation>/model/<sha256>``).
 from __future__ import annotations
 
 import logging
-import math
 import queue
-import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from fedlite.aggregator.canary import judge, model_frame, pick_canaries
 from fedlite.aggregator.config import RolloutSection
 from fedlite.aggregator.fleet import Fleet
 from fedlite.aggregator.registry import Registry, RegistryError, find_version
 from fedlite.fsutil import StorageError
 from fedlite.protocol import topics
-from fedlite.protocol.codec import Header, encode_model
-from fedlite.protocol.manifest import INFER_INT8_FILE, MANIFEST_NAME
 from fedlite.protocol.messages import CanaryTarget, DeployInstruction, DeployTarget, DeviceReport, to_json
 
 log = logging.getLogger("fedlite.aggregator.rollout")
@@ -256,39 +252,7 @@ class RolloutManager:
                       if view.status.state in ("online", "training") and self.fleet.fresh(view, now))
 
     def _pick_canaries(self, online: list[str], version: int) -> list[str]:
-        count = min(len(online), max(self.config.min_canaries, math.ceil(self.config.canary_fraction * len(online))))
-        return sorted(random.Random(version).sample(online, count))
-
-
-def judge(reports: dict[str, dict[str, Any]], margin: float) -> tuple[bool, str]:
-    """Promote (True) or roll back, and why: mean candidate vs mean current accuracy over the canaries."""
-    if not reports:
-        return False, "no canary reported"
-    paired = [r for r in reports.values() if r.get("accuracy_current") is not None]
-    if not paired:
-        mean = sum(r["accuracy_candidate"] for r in reports.values()) / len(reports)
-        return True, f"candidate accuracy {mean:.3f} on {len(reports)} canaries with no model to compare against"
-    candidate = sum(r["accuracy_candidate"] for r in paired) / len(paired)
-    current = sum(r["accuracy_current"] for r in paired) / len(paired)
-    ok = candidate >= current - margin
-    relation = "within" if ok else "below"
-    return ok, (f"candidate accuracy {candidate:.3f} vs current {current:.3f} on {len(paired)} canaries: "
-                f"{relation} the margin of {margin:g}")
-
-
-def model_frame(federation: str, entry: dict[str, Any]) -> bytes:
-    """A version's int8 inference model as a `model` frame (blob + manifest), checked against its sha256."""
-    import hashlib
-    import json
-
-    folder = Path(entry["path"])
-    blob = (folder / INFER_INT8_FILE).read_bytes()
-    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise RegistryError(f"{folder / INFER_INT8_FILE} no longer matches version {entry['version']}'s sha256")
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    header = Header(kind="model", federation=federation, round=entry["version"], model_hash=manifest["model_hash"],
-                    extra={"manifest": manifest, "version": entry["version"], "sha256": entry["sha256"]})
-    return encode_model(blob, header)
+        return pick_canaries(online, version, self.config.canary_fraction, self.config.min_canaries)
 
 
 def _fmt(value: Any) -> str:
