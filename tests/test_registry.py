@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from fedlite.aggregator.canary import judge
 from fedlite.aggregator.model_cli import add_arguments, run
 from fedlite.aggregator.registry import Registry, RegistryError
-from fedlite.aggregator.canary import judge
 
 
 def _export(models: Path, number: int, blob: bytes, accuracy: float | None = 0.5, metrics: bool = True) -> Path:

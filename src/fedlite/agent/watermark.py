@@ -58,8 +58,14 @@ def advance(mark: Watermark, a: RoundAnnouncement) -> Watermark:
 
 def superseded(mark: Watermark, a: RoundAnnouncement) -> bool:
     """True once the device has followed a later attempt (another run, a later round, a retry) than `a`'s, or
-    the close of `a`'s own session: training for `a` is pointless."""
-    if mark.run != a.run or (mark.epoch, mark.round) > (a.epoch, a.round):
+    the close of `a`'s own session: training for `a` is pointless. In asynchronous rounds (the plan's
+    `max_staleness` > 0) later versions do not end it while `a` is at most that many behind, in the same process
+    start of the aggregator, and the run is not done."""
+    if mark.run != a.run:
+        return True
+    if a.plan.max_staleness > 0:
+        return mark.state == "done" or mark.epoch != a.epoch or mark.round - a.round > a.plan.max_staleness
+    if (mark.epoch, mark.round) > (a.epoch, a.round):
         return True
     return mark.session != a.session or mark.state != "open"
 

@@ -28,7 +28,8 @@ class Announcer:
     identity: Callable[[], RunIdentity | None]
     _opened: RoundAnnouncement | None = None  # the current attempt's open announcement
 
-    def open(self, attempt: RoundAttempt, weights: RoundWeights) -> None:
+    def open(self, attempt: RoundAttempt, weights: RoundWeights, plan: TrainingPlan | None = None) -> None:
+        """Announce the attempt's session and selection (`plan`: this attempt's, instead of the run's)."""
         if attempt.selection is None:
             raise ValueError(f"round {attempt.number} has no selection to announce")
         self._opened = RoundAnnouncement(
@@ -36,7 +37,7 @@ class Announcer:
             model_topic=topics.model_topic(self.federation, self.model_hash),
             weights_topic=weights.topic, weights_digest=weights.digest, delta_base=weights.delta_base,
             selection=attempt.selection,
-            deadline=attempt.deadline, plan=self.plan, session=attempt.session, issued_at=time.time(),
+            deadline=attempt.deadline, plan=plan or self.plan, session=attempt.session, issued_at=time.time(),
             **self._run_fields(),
         )
         self._publish(self._opened)

@@ -49,6 +49,12 @@ class ModelSection:
                 "downlink_delta = \"none\" to send lossy full weights")
 
 
+def _orchestrator_configs() -> dict[str, type]:
+    from fedlite.aggregator import orchestrators
+
+    return orchestrators.config_types()
+
+
 @dataclass
 class RoundsSection:
     total: Annotated[int, Range(ge=1)] = 10
@@ -63,7 +69,14 @@ class RoundsSection:
     max_attempts: Annotated[int, Range(ge=1)] = 3
     status_ttl_seconds: Annotated[float, Range(gt=0)] = 90.0  # a device silent for longer is not selected
     seed: Annotated[int, SEED] = 0
-    mode: str = "sync"  # a registered round orchestrator: sync | ...
+    mode: str = "sync"  # a registered round orchestrator: sync | fedbuff | ...
+    # [rounds.<mode>]: each orchestrator's own settings (e.g. [rounds.fedbuff] buffer_size); after loading, every
+    # registered orchestrator that has settings has its table
+    orchestrators: Annotated[dict[str, Any], Tables(_orchestrator_configs, what="rounds mode")] = field(
+        default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.orchestrators = {name: kind() for name, kind in _orchestrator_configs().items()} | self.orchestrators
 
     def validate(self) -> None:
         from fedlite.aggregator import orchestrators
@@ -229,6 +242,12 @@ class AggregatorConfig:
                 "privacy.enabled needs server.aggregation = \"mean\" (DP-FedAvg noises a clipped sum)")
         require(not p.enabled or p.fleet_size == 0 or p.fleet_size >= self.rounds.clients_per_round,
                 "privacy.fleet_size must be 0 or >= rounds.clients_per_round")
+        if self.rounds.mode == "fedbuff":  # a version's updates come from different versions, scaled by staleness
+            require(self.server.aggregation == "mean", "rounds.mode = \"fedbuff\" needs server.aggregation = "
+                    "\"mean\" (trimmed mean and median rank one round's cohort; a buffer of stale, rescaled updates "
+                    "is not one)")
+            require(not p.enabled, "rounds.mode = \"fedbuff\" cannot be combined with privacy.enabled yet (the "
+                    "accountant assumes each round samples its devices at random; asynchronous slots do not)")
 
 
 def load_config(path: str | Path) -> AggregatorConfig:

@@ -43,6 +43,7 @@ class RoundRecord:
     duration_seconds: float = 0.0
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     update_norms: dict[str, float] = field(default_factory=dict)
+    staleness: dict[str, int] = field(default_factory=dict)  # asynchronous rounds: versions behind, per update
     reason: str = ""  # why a failed attempt was not committed
     accuracy: float | None = None
     loss: float | None = None

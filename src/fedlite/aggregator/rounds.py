@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +87,12 @@ class RoundAttempt:
     norm_flagged: list[str] = field(default_factory=list)
     refused_after_hold: list[str] = field(default_factory=list)  # held, then refused once the bound was known
     selection: Selection | None = None  # what the announcement carries (the rule that yields `selected`)
+    # asynchronous rounds: an update trained on a version tau behind is scaled by staleness(tau) before it is folded
+    staleness: Callable[[int], float] | None = None
+    staleness_of: dict[str, int] = field(default_factory=dict)
+    close_when_answered: bool = True  # False: only K updates or the deadline close it (more devices may be granted)
+    # asynchronous rounds: updates that arrive once K are in, or after the close, wait here for the next version
+    carry_over: deque[tuple[bytes, str]] | None = None
     _folding: int = 0  # admitted updates being folded outside the lock
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -99,9 +107,13 @@ class RoundAttempt:
         """The adaptive clip bound in force (None: none, or still warming up)."""
         return self._norms.bound
 
-    def offer(self, payload: bytes, topic_client: str) -> ValidUpdate:
-        """Validate and fold in one update; raises Rejected (already counted) if it is refused."""
+    def offer(self, payload: bytes, topic_client: str) -> ValidUpdate | None:
+        """Validate and fold in one update; raises Rejected (already counted) if it is refused. None: carried over
+        to the next version (asynchronous rounds, the buffer is full or closed)."""
         with self._lock:
+            if self.carry_over is not None and (self.closed or len(self.accepted) >= self.clients_per_round):
+                self.carry_over.append((payload, topic_client))
+                return None
             self.bytes_up += len(payload)
             self._refuse_early(topic_client)
         try:
@@ -111,6 +123,10 @@ class RoundAttempt:
                 self.rejected[exc.reason] += 1
             raise
         with self._lock:
+            if self.carry_over is not None and (self.closed or len(self.accepted) >= self.clients_per_round):
+                self.carry_over.append((payload, topic_client))  # the buffer filled while this one was checked
+                self.bytes_up -= len(payload)  # counted by the version that takes it
+                return None
             self._refuse_early(topic_client)  # another worker may have admitted this client meanwhile
             if self._norms.refuses(update.norm):
                 self.rejected["norm_outlier"] += 1
@@ -172,6 +188,7 @@ class RoundAttempt:
             self.examples_capped += 1
         self.clipped += int(update.clipped or clip_to is not None)
         self.example_counts[update.client_id] = weight
+        self.staleness_of[update.client_id] = self.number - update.round
         self._folding += 1
         return _Fold(update, weight, clip_to)
 
@@ -193,11 +210,19 @@ class RoundAttempt:
         delta = fold.update.values
         if fold.clip_to is not None:
             delta = delta.scaled(fold.clip_to / delta.norm())
+        if self.staleness is not None:
+            delta = delta.scaled(self.staleness(self.number - fold.update.round))
         self._partials.add(delta, fold.weight)
         if self.sketcher is not None:
             sketch = self.sketcher.sketch(delta)
             with self._lock:
                 self.sketches[fold.update.client_id] = sketch
+
+    def grant(self, devices: frozenset[str]) -> None:
+        """Asynchronous rounds: more devices may send updates to this attempt (new slots)."""
+        with self._changed:
+            self.selected = self.selected | devices
+            self.context = dataclasses.replace(self.context, selected=self.selected)
 
     def report(self, report: DeviceReport) -> bool:
         """Record a decline or abort from a selected device; False if the report does not belong here."""
@@ -217,7 +242,7 @@ class RoundAttempt:
         answered = accepted + len(set(self.declined) | set(self.aborted))
         if accepted >= self.clients_per_round:
             return "complete"
-        if answered >= len(self.selected) or now >= self.deadline:
+        if (self.close_when_answered and answered >= len(self.selected)) or now >= self.deadline:
             return "complete" if accepted >= self.quorum else "abandoned"
         return None
 
@@ -274,5 +299,6 @@ class RoundAttempt:
             examples=int(sum(self.example_counts.values())), bytes_up=self.bytes_up,
             bytes_down=self.bytes_down, downloads=self.downloads, started_at=self.started_at,
             duration_seconds=now - self.started_at, client_metrics=self.client_metrics, update_norms=self.norms,
+            staleness=dict(self.staleness_of) if self.staleness is not None else {},
         )
 

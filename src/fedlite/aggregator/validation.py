@@ -51,6 +51,7 @@ class RoundContext:
     max_abs_value: float = 1e3  # any dequantized delta entry beyond this is a giant-scale update
     run: str = ""  # the aggregator run; an update naming another run is refused ("" : not checked)
     encoding: str = "int8"  # the round plan's update encoding; an update in another is refused
+    max_staleness: int = 0  # an update may answer a version this many before `round` (asynchronous rounds)
 
     def __post_init__(self) -> None:
         if self.norm_policy not in NORM_POLICIES:
@@ -71,6 +72,7 @@ class ValidUpdate:
     clipped: bool
     bytes: int
     bytes_down: int | None = None  # what the device says it received for the round (None: it did not say)
+    round: int = 0  # the version it was trained from (the open round, or an earlier one in asynchronous rounds)
 
     @property
     def delta(self) -> dict[str, np.ndarray]:
@@ -103,8 +105,9 @@ def check_header(header: Header, topic_client_id: str, ctx: RoundContext) -> Non
         raise Rejected("federation", f"update for federation {header.federation!r}, this is {ctx.federation!r}")
     if ctx.run and header.run != ctx.run:
         raise Rejected("run", f"update for run {header.run[:16]!r}, this run is {ctx.run[:16]!r}")
-    if header.round < ctx.round:
-        raise Rejected("stale", f"update for round {header.round}, the open round is {ctx.round}")
+    if header.round < ctx.round - ctx.max_staleness:
+        raise Rejected("stale", f"update for round {header.round}, the open round is {ctx.round}"
+                       + (f" (at most {ctx.max_staleness} behind)" if ctx.max_staleness else ""))
     if header.round > ctx.round:
         raise Rejected("future", f"update for round {header.round}, the open round is {ctx.round}")
     if header.client_id != topic_client_id:
@@ -151,7 +154,8 @@ def check_update(payload: bytes, topic_client_id: str, ctx: RoundContext, limits
     received = header.extra.get("bytes_down")
     if received is not None and not (type(received) is int and 0 <= received <= MAX_BYTES_DOWN):
         raise Rejected("header", f"extra.bytes_down must be an integer in [0, {MAX_BYTES_DOWN}]")
-    return ValidUpdate(topic_client_id, delta, header.num_examples, metrics, norm, clipped, size, received)
+    return ValidUpdate(topic_client_id, delta, header.num_examples, metrics, norm, clipped, size, received,
+                       header.round)
 
 
 MAX_BYTES_DOWN = 1 << 40  # a device's downlink bytes for one round beyond this are not a measurement

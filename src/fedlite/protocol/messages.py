@@ -37,6 +37,10 @@ class TrainingPlan:
     stochastic_rounding: bool = False
     max_examples: int = 0
     encoding: str = "int8"  # the update codec (fedlite.protocol.codecs); absent: int8, as before codecs had names
+    # 0: synchronous (an update answers the open round). > 0: asynchronous (FedBuff): a device keeps training on the
+    # version it fetched while later ones are announced, and its update counts while it is at most this many
+    # versions behind
+    max_staleness: int = 0
 
 
 # What the round topic says (`RoundAnnouncement.state`) and why an attempt closed (`RoundAnnouncement.reason`).

@@ -21,16 +21,25 @@ class Orchestrator(Protocol):
 
 
 _ORCHESTRATORS: dict[str, Callable[[Any], Orchestrator]] = {}
+_CONFIGS: dict[str, type] = {}
 
 
-def register(name: str, make: Callable[[Any], Orchestrator]) -> None:
+def register(name: str, make: Callable[[Any], Orchestrator], config: type | None = None) -> None:
+    """Register `make(host)` as ``[rounds] mode = name``; `config`: its ``[rounds.<name>]`` table's dataclass."""
     if not name or name in _ORCHESTRATORS:
         raise ValueError(f"orchestrator name {name!r} is empty or already registered")
     _ORCHESTRATORS[name] = make
+    if config is not None:
+        _CONFIGS[name] = config
 
 
 def names() -> list[str]:
     return sorted(_ORCHESTRATORS)
+
+
+def config_types() -> dict[str, type]:
+    """The ``[rounds.<name>]`` tables: each orchestrator's config dataclass, for those that have one."""
+    return dict(sorted(_CONFIGS.items()))
 
 
 def make(name: str, host: Any) -> Orchestrator:
