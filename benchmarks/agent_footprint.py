@@ -137,7 +137,8 @@ def fedlite_agent(model_dir: Path, epochs: int, run_dir: Path) -> dict[str, Any]
     weights = unflatten(np.random.default_rng(0).normal(0, 0.1, num_params(manifest)).astype(np.float32), manifest)
     with LocalFederation(run_dir, FED, [DEVICE]) as fed:
         fed.start_broker()
-        data = write_shard(run_dir / "shard.npz", *shard())
+        x, y = shard()
+        data = write_shard(run_dir / "shard.npz", x.reshape(-1, *manifest["input"]["shape"]), y)  # the model's shape
         config = fed.agent_config(DEVICE, data, agent={"status_interval_seconds": 0.5, "max_epochs": 1000})
         coordinator = Coordinator(fed.broker.host, fed.broker.port, fed.passwords["aggregator"], manifest,
                                   (model_dir / "train.tflite").read_bytes(), getattr(fed, "sign", None))
