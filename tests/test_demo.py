@@ -59,7 +59,7 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
     # the simulated fleet did what it claims: gates declined, one device vanished mid-round and came back
     assert sum(r["declined"] for r in history) >= 1
     assert "lost power in round" in result.stdout and "is back online" in result.stdout
-    for name in ("accuracy_loss.png", "bytes.png", "participation.png", "bytes_accuracy.png"):
+    for name in ("accuracy_loss.png", "bytes.png", "participation.png", "bytes_accuracy.png", "accuracy_time.png"):
         png = (run_dir / "report" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (run_dir / "aggregator" / "models" / "round-00040" / "infer_int8.tflite").stat().st_size > 0
@@ -78,6 +78,21 @@ def test_demo_with_a_ternary_codec_sends_a_fraction_of_int8s_bytes(tmp_path):
     # int8 codes alone are 1 byte per parameter; ternary codes are 2 bits (plus the frame and its scales)
     assert 0 < summary["bytes_up_per_update"] < 0.5 * params, (summary["bytes_up_per_update"], params)
     assert "ternary-ef" in result.stdout
+
+
+def test_demo_in_fedbuff_mode_with_a_straggler_makes_versions_of_buffered_updates(tmp_path):
+    run_dir = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir), "--rounds", "6",
+                             "--clients", "4", "--mode", "fedbuff", "--stragglers", "1", "--batch-seconds", "0.02"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    records = json.loads((run_dir / "aggregator" / "history.json").read_text())
+    history = [r for r in records if r["status"] == "complete"]
+    assert summary["mode"] == "fedbuff" and summary["stragglers"] == 1 and summary["rounds"] == len(history) == 6
+    assert all(1 <= r["accepted"] <= 2 for r in history)  # a version is half the 3 devices of a round
+    assert history[-1]["accuracy"] > history[0]["accuracy"]
+    assert (run_dir / "report" / "accuracy_time.png").stat().st_size > 1000
 
 
 def test_demo_refuses_an_unknown_codec_in_one_line(tmp_path):

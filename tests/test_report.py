@@ -29,7 +29,7 @@ def _history() -> list[dict]:
             "rejected": {"norm": 1} if rnd == 5 else {}, "bytes_up": 7_000 * rnd + 123, "bytes_down": 250_000 + rnd,
             "downloads": 7 if complete else 1,
             "accuracy": 0.5 + 0.1 * rnd if complete else None, "loss": 1.5 - 0.2 * rnd if complete else None,
-            "duration_seconds": 1.5 + rnd,
+            "duration_seconds": 1.5 + rnd, "started_at": 1000.0 + 10 * rnd, "completed_at": 1008.0 + 10 * rnd,
         })
     return rows
 

@@ -300,10 +300,14 @@ class Agent:
         trainer.set_weights(global_flat)
         before = trainer.evaluate(data.x_holdout, data.y_holdout) if len(data.x_holdout) else None
         closed: list[str] = []
+        last = [time.monotonic()]
 
-        def should_continue() -> bool:
+        def should_continue() -> bool:  # between batches
             self.notifier.ping()
-            failures = failed_gates(self.state.read(), self.config.gates)
+            reading = self.state.read()
+            simulate_hardware(reading, time.monotonic() - last[0])
+            last[0] = time.monotonic()
+            failures = failed_gates(reading, self.config.gates)
             if failures:
                 closed.append(describe(failures))
             elif self.stop_event.is_set():
@@ -382,6 +386,13 @@ class Agent:
         except PayloadTooLarge as exc:
             log.error("status not sent: %s", exc)
         self.notifier.status(f"{state}; " + ("eligible" if not failures else describe(failures)))
+
+
+def simulate_hardware(reading: Any, took: float) -> None:
+    """A simulated device's speed (its state's `batch_seconds` and `slowdown`): wait out the rest of the batch."""
+    target = max(took, reading.batch_seconds) * max(1.0, reading.slowdown)
+    if target > took:
+        time.sleep(min(10.0, target - took))
 
 
 def data_mismatch(data: LocalData, manifest: dict[str, Any]) -> str | None:

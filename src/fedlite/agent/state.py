@@ -25,6 +25,10 @@ class DeviceState:
     temperature_c: float | None = None  # hottest sensor; None where the device has none
     available_memory_mb: float = 1e9
     online: bool = True  # False: the device drops off the network (simulation of a vanishing device)
+    # simulated hardware (0 and 1 on real devices): each training batch takes at least `batch_seconds`, times
+    # `slowdown` (a straggler)
+    batch_seconds: float = 0.0
+    slowdown: float = 1.0
 
 
 class StateProvider(Protocol):

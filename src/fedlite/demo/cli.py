@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--codec", default=DEFAULT_ENCODING,
                         help=f"update encoding, one of {', '.join(UPLINK)} (default {DEFAULT_ENCODING})")
+    parser.add_argument("--mode", default="sync", choices=["sync", "fedbuff"],
+                        help="synchronous rounds, or FedBuff (asynchronous; --rounds counts versions)")
+    parser.add_argument("--stragglers", type=int, default=0, help="steady devices that train 5 x slower")
+    parser.add_argument("--batch-seconds", type=float, default=0.0,
+                        help="simulated device speed: each training batch takes at least this long")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
 
 
@@ -41,13 +46,20 @@ def run(args: argparse.Namespace) -> int:
     if args.codec not in UPLINK:
         print(f"fedlite demo: unknown codec {args.codec!r}; choose from {', '.join(UPLINK)}")
         return 2
+    if args.dp and args.mode == "fedbuff":
+        print("fedlite demo: --dp cannot be combined with --mode fedbuff yet")
+        return 2
+    if not 0 <= args.stragglers <= args.clients or not 0 <= args.batch_seconds <= 10:
+        print(f"fedlite demo: need 0 <= --stragglers <= --clients ({args.clients}) and 0 <= --batch-seconds <= 10")
+        return 2
     if args.noise_multiplier <= 0 or args.clip_norm <= 0:
         print("fedlite demo: need --noise-multiplier > 0 and --clip-norm > 0")
         return 2
     run_dir = (args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     plan = DemoPlan(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                     alpha=args.alpha, local_epochs=args.local_epochs, seed=args.seed, dp=args.dp,
-                    noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, codec=args.codec)
+                    noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, codec=args.codec,
+                    mode=args.mode, stragglers=args.stragglers, batch_seconds=args.batch_seconds)
     try:
         run_demo(plan, run_dir)
     except KeyboardInterrupt:

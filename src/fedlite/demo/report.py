@@ -15,7 +15,7 @@ Record = RoundRecord
 
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
-PLOTS = ("accuracy_loss.png", "bytes.png", "participation.png", "bytes_accuracy.png")
+PLOTS = ("accuracy_loss.png", "bytes.png", "participation.png", "bytes_accuracy.png", "accuracy_time.png")
 COUNTS = ("selected", "accepted", "declined", "aborted", "timed_out")
 COLORS = {"selected": "#444444", "accepted": "#2b8a3e", "declined": "#e8590c", "aborted": "#c92a2a",
           "timed_out": "#868e96", "rejected": "#862e9c", "up": "#1c7ed6", "down": "#f59f00",
@@ -287,6 +287,26 @@ def plot_bytes_accuracy(path: Path, history: Sequence[Record], params: int | Non
     fig.savefig(path)
 
 
+def plot_accuracy_time(path: Path, history: Sequence[Record], title: str = "") -> None:
+    """Global test accuracy against the wall time since the first round began (sync and FedBuff runs compare)."""
+    fig, axes = _figure(9, 4.2)
+    ax = axes[0][0]
+    start = min((r.started_at for r in history if r.started_at), default=0.0)
+    points = [(r.completed_at - start, a) for r in history
+              if r.complete and r.completed_at and (a := _num(r.accuracy)) is not None]
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", ms=3, lw=2, color=COLORS["accuracy"], label=f"final {ys[-1]:.3f} at {xs[-1]:.0f} s")
+        ax.legend(loc="lower right", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no completed round", transform=ax.transAxes, ha="center", va="center", color="#868e96")
+    ax.set_xlim(left=0)
+    ax.set_xlabel("wall time since the first round began (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "Accuracy over time")
+    fig.savefig(path)
+
+
 def plot_participation(path: Path, history: Sequence[Record], title: str = "") -> None:
     """Top: selected / accepted / declined / aborted / timed out per round. Bottom: declines by gate, rejections."""
     import numpy as np
@@ -383,6 +403,7 @@ def write_report(report_dir: str | os.PathLike[str], history: Sequence[Record | 
         params = (extra or {}).get("params")
         plot_bytes_accuracy(out / PLOTS[3], history, int(params) if params else None,
                             "Accuracy per byte" + (f" - {caption}" if caption else ""))
+        plot_accuracy_time(out / PLOTS[4], history, "Accuracy over time" + (f" - {caption}" if caption else ""))
         summary["files"].update({name.removesuffix(".png"): name for name in PLOTS})
     _write_json(out / HISTORY_FILE, [r.to_dict() for r in history])
     _write_json(out / SUMMARY_FILE, summary)
@@ -403,4 +424,6 @@ def _caption(extra: Mapping[str, Any]) -> str:
         parts.append(str(extra["strategy"]))
     if extra.get("codec"):
         parts.append(f"{extra['codec']} updates")
+    if extra.get("mode") and extra["mode"] != "sync":
+        parts.append(str(extra["mode"]))
     return ", ".join(parts)

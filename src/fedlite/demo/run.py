@@ -46,6 +46,9 @@ class DemoPlan:
     noise_multiplier: float = 1.0
     clip_norm: float = 0.3
     codec: str = DEFAULT_ENCODING  # the update encoding of the training plan ([training] encoding)
+    mode: str = "sync"  # [rounds] mode: sync | fedbuff (then `rounds` counts versions)
+    stragglers: int = 0  # steady devices that train 5 x slower
+    batch_seconds: float = 0.0  # simulated hardware: each training batch takes at least this long
 
 
 def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
@@ -60,8 +63,8 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
         fed.start_broker()
         say(f"broker: Mosquitto on 127.0.0.1:{fed.broker.port} (aggregator) and TLS :{fed.broker.tls_port} "
             f"(devices), per-device credentials and ACLs in {fed.broker.paths.root}")
-        roles = assign_roles(devices)
-        scenario = Scenario(fed, roles).start()
+        roles = assign_roles(devices, plan.stragglers)
+        scenario = Scenario(fed, roles, {"batch_seconds": plan.batch_seconds} if plan.batch_seconds else {}).start()
         for device in devices:
             _start_agent(fed, device, shards[device])
         aggregator = fed.start("aggregator", "aggregator", _aggregator_config(fed, task, plan, run_dir))
@@ -105,7 +108,10 @@ def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir
                "options": task.options, "seed": plan.seed, "export_every": plan.export_every},
         rounds={"total": plan.rounds, "clients_per_round": per_round, "over_selection": plan.over_selection,
                 "quorum": max(1, per_round // 2), "deadline_seconds": plan.deadline_seconds,
-                "wait_for_devices_seconds": 10.0, "status_ttl_seconds": 5.0, "seed": plan.seed},
+                "wait_for_devices_seconds": 10.0, "status_ttl_seconds": 5.0, "seed": plan.seed, "mode": plan.mode,
+                # FedBuff: half a round's updates per version, a round's devices training at once
+                "fedbuff": {"buffer_size": max(1, per_round // 2), "max_concurrency": per_round,
+                            "max_staleness": 4}},
         training={"epochs": plan.local_epochs, "batch_size": task.batch_size, "learning_rate": task.lr,
                   "encoding": plan.codec},
         evaluation={"test_data": str(run_dir / "data" / "test.npz")},
@@ -164,6 +170,7 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
         "task": task.name, "plan": asdict(plan), "codec": plan.codec, "duration_seconds": round(seconds, 1),
         "clients": plan.clients, "partition": plan.partition, "alpha": plan.alpha, "params": _params(models),
+        "mode": plan.mode, "stragglers": plan.stragglers,
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
         "epsilon": last.epsilon if last else None, "delta": last.delta if last else None,

@@ -1,4 +1,4 @@
-"""Simulated device life for the demo: busy users, unplugged chargers, metered links, a device that vanishes."""
+"""Simulated device life for the demo: busy users, unplugged chargers, metered links, stragglers, a vanishing device."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from fedlite.demo.cluster import LocalFederation
 from fedlite.protocol.selection import Selection, is_selected
 
+SLOWDOWN = 5.0  # a straggler trains this many times slower than the others
+
 
 @dataclass(frozen=True)
 class DeviceRole:
     """How one simulated device behaves over time (period in seconds; phase shifts devices apart)."""
 
-    kind: str  # steady | busy | battery | metered | vanishing
+    kind: str  # steady | busy | battery | metered | vanishing | slow
     period: float = 6.0
     phase: float = 0.0
 
@@ -28,24 +30,31 @@ class DeviceRole:
             return {"plugged_in": False, "battery_percent": 64.0}
         if self.kind == "metered" and on:
             return {"interfaces_up": ["lo", "wwan0"]}
+        if self.kind == "slow":
+            return {"slowdown": SLOWDOWN}
         return {}
 
 
-def assign_roles(devices: list[str]) -> dict[str, DeviceRole]:
-    """Most devices steady; two busy, one on battery at times, one on a metered link, one that vanishes."""
+def assign_roles(devices: list[str], stragglers: int = 0) -> dict[str, DeviceRole]:
+    """Most devices steady; two busy, one on battery at times, one on a metered link, one that vanishes; and
+    `stragglers` of the steady ones `SLOWDOWN` times slower."""
     kinds = ["busy", "battery", "busy", "metered", "vanishing"]
     roles = {device: DeviceRole("steady") for device in devices}
     for i, (device, kind) in enumerate(zip(devices[1::2], kinds, strict=False)):
         roles[device] = DeviceRole(kind, period=5.0 + i, phase=1.3 * i)
+    steady = [d for d in devices if roles[d].kind == "steady"]
+    for device in steady[:stragglers]:
+        roles[device] = DeviceRole("slow")
     return roles
 
 
 class Scenario:
     """Rewrites the simulated state files twice a second; the agents read them through their real gates."""
 
-    def __init__(self, fed: LocalFederation, roles: dict[str, DeviceRole]) -> None:
+    def __init__(self, fed: LocalFederation, roles: dict[str, DeviceRole], base: dict | None = None) -> None:
         self.fed = fed
         self.roles = roles
+        self.base = base or {}  # every device's state besides its role's (e.g. its simulated batch time)
         self.started = time.time()
         self._stop = threading.Event()
         self._last: dict[str, dict] = {}
@@ -67,7 +76,7 @@ class Scenario:
     def _apply(self) -> None:
         elapsed = time.time() - self.started
         for device, role in self.roles.items():
-            state = role.state(elapsed)
+            state = self.base | role.state(elapsed)
             if state != self._last.get(device):
                 self.fed.set_device_state(device, **state)
                 self._last[device] = state
