@@ -136,3 +136,16 @@ def test_a_fedbuff_run_makes_versions_of_buffered_updates_with_bounded_concurren
         assert accuracy[-1] > accuracy[0] + 0.1, accuracy
         training = [int(m) for m in re.findall(r"\((\d+) training\)", aggregator.log.read_text())]
         assert training and max(training) <= 3  # never more devices training than slots
+
+
+def test_a_decline_for_an_earlier_session_of_the_version_still_answers_it() -> None:
+    from fedlite.protocol.messages import DeviceReport
+
+    attempt = RoundAttempt(number=3, session="s2", selected=frozenset({"a", "b"}), deadline=time.time() + 60,
+                           clients_per_round=2, quorum=1, context=_context(3, 4), limits=Limits(),
+                           aggregator=make_aggregator("mean", SPECS), sessions={"s1", "s2"}, close_when_answered=False)
+    assert attempt.announced("s1") and attempt.announced("s2") and not attempt.announced("s0")
+    assert attempt.report(DeviceReport("a", 3, "declined", reason="idle: busy", session="s1"))
+    assert attempt.report(DeviceReport("b", 3, "aborted", reason="charged: on battery", session="s2"))
+    assert attempt.declined == {"a": "idle: busy"} and list(attempt.aborted) == ["b"]
+    assert attempt.wait(0.05) is None  # everyone answered, but only K updates or the deadline close it

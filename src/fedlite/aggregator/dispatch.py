@@ -93,7 +93,7 @@ class Dispatcher:
         if report.run != self.run():
             self.refuse("report", "run", f"{report.kind} report from {report.client_id} for run "
                         f"{report.run[:16]!r}", report.round)
-        elif attempt is None or attempt.closed or report.session != attempt.session:
+        elif attempt is None or attempt.closed or not attempt.announced(report.session):
             reason = "future" if attempt is not None and report.round > attempt.number else "late"
             self.refuse("report", reason, f"{report.kind} report from {report.client_id} for round {report.round} "
                         f"session {report.session[:16]!r}, which is not open", report.round)

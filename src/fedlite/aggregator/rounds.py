@@ -90,6 +90,7 @@ class RoundAttempt:
     # asynchronous rounds: an update trained on a version tau behind is scaled by staleness(tau) before it is folded
     staleness: Callable[[int], float] | None = None
     staleness_of: dict[str, int] = field(default_factory=dict)
+    sessions: set[str] = field(default_factory=set)  # every session announced for it (asynchronous rounds: several)
     close_when_answered: bool = True  # False: only K updates or the deadline close it (more devices may be granted)
     # asynchronous rounds: updates that arrive once K are in, or after the close, wait here for the next version
     carry_over: deque[tuple[bytes, str]] | None = None
@@ -223,6 +224,10 @@ class RoundAttempt:
         with self._changed:
             self.selected = self.selected | devices
             self.context = dataclasses.replace(self.context, selected=self.selected)
+
+    def announced(self, session: str) -> bool:
+        """Whether a report naming `session` answers this attempt."""
+        return session == self.session or session in self.sessions
 
     def report(self, report: DeviceReport) -> bool:
         """Record a decline or abort from a selected device; False if the report does not belong here."""

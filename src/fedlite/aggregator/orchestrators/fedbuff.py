@@ -131,6 +131,7 @@ class FedBuffRounds(SyncRounds):
         self.slots |= {c: lapse for c in picked}
         attempt.grant(frozenset(picked))
         attempt.session, attempt.selection = uuid.uuid4().hex[:12], rule
+        attempt.sessions.add(attempt.session)  # a device's decline or abort of any of them ends its slot
         attempt.deadline = max(attempt.deadline, lapse)
         self.host.announcer.open(attempt, sent, self.plan)
         self.host.log.info("version %d: %d devices start training (%d training)", attempt.number, len(picked),
