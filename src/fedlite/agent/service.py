@@ -35,6 +35,7 @@ from fedlite.protocol.transport import BrokerSettings, Link, PayloadTooLarge, Pu
 from fedlite.sdnotify import Notifier
 
 log = logging.getLogger("fedlite.agent")
+GATE_CHECK_SECONDS = 0.1  # while training, the gates and the round are checked this often (and before the first batch)
 
 
 class RoundAbandoned(Exception):
@@ -300,14 +301,18 @@ class Agent:
         trainer.set_weights(global_flat)
         before = trainer.evaluate(data.x_holdout, data.y_holdout) if len(data.x_holdout) else None
         closed: list[str] = []
-        last = [time.monotonic()]
+        last, reading, checked = [time.monotonic()], [self.state.read()], [0.0]
 
-        def should_continue() -> bool:  # between batches
-            self.notifier.ping()
-            reading = self.state.read()
-            simulate_hardware(reading, time.monotonic() - last[0])
+        def should_continue() -> bool:  # between batches; the gates are read at most every GATE_CHECK_SECONDS
+            now = time.monotonic()
+            simulate_hardware(reading[0], now - last[0])
             last[0] = time.monotonic()
-            failures = failed_gates(reading, self.config.gates)
+            if last[0] - checked[0] < GATE_CHECK_SECONDS:
+                return True
+            checked[0] = last[0]
+            self.notifier.ping()
+            reading[0] = self.state.read()
+            failures = failed_gates(reading[0], self.config.gates)
             if failures:
                 closed.append(describe(failures))
             elif self.stop_event.is_set():
