@@ -21,7 +21,7 @@ from helpers_models import digits_split
 
 from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, Process, write_shard
 from fedlite.protocol import topics
-from fedlite.protocol.codec import decode
+from fedlite.protocol.codec import read_header
 from fedlite.protocol.messages import DeviceStatus, to_json
 from fedlite.protocol.selection import is_selected
 from fedlite.protocol.signing import MAGIC as SIGNED
@@ -229,7 +229,7 @@ def update_round(m: Seen) -> int | None:
     if m.kind != "updates":
         return None
     try:
-        return decode(m.payload).header.round
+        return read_header(m.payload).round
     except ValueError:
         return None
 

@@ -29,7 +29,7 @@ from federation_helpers import (
 
 from fedlite.aggregator.checkpoint import ARRAYS_FILE, checkpoint_name
 from fedlite.demo.cluster import LocalFederation, wait_for
-from fedlite.protocol import PROTOCOL_VERSION, topics
+from fedlite.protocol import PROTOCOL_VERSION, codecs, topics
 from fedlite.protocol.codec import FLAG_ZSTD, MAGIC
 from fedlite.protocol.messages import DeviceStatus, to_json
 from fedlite.protocol.selection import is_selected
@@ -69,7 +69,7 @@ def test_ten_decompression_bombs_cost_the_aggregator_nothing_and_the_round_compl
         evil = open_client(b.tls_host, b.tls_port, "evil", fed.passwords["evil"], client_id="evil", ca_file=b.ca_file)
         evil.publish(topics.status_topic(FED, "evil"),
                      to_json(DeviceStatus(client_id="evil", state="online", eligible=True, num_examples=100,
-                                          updated_at=time.time())), retain=True)
+                                          updated_at=time.time(), encodings=list(codecs.UPLINK))), retain=True)
         tap = Tap(fed)
         aggregator = fed.start("aggregator", "aggregator", config)
         announced = tap.wait(announcement(1), 120, "round 1", fed.processes.values()).json()

@@ -22,7 +22,7 @@ from fedlite.aggregator.rounds import RoundAttempt
 from fedlite.aggregator.strategies import make_aggregator
 from fedlite.aggregator.validation import Rejected, RoundContext
 from fedlite.demo.cluster import LocalFederation
-from fedlite.protocol import topics
+from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import Header, Limits, encode_update
 from fedlite.protocol.layout import flatten, unflatten, weight_specs
 from fedlite.protocol.messages import DeviceStatus, to_json
@@ -173,7 +173,7 @@ def test_one_attacking_device_cannot_destroy_a_real_run(tmp_path, model):
         def advertise() -> None:  # claims 10^6 examples, and stays fresh so it is selected every round
             evil.publish(topics.status_topic(FED, "evil"), to_json(DeviceStatus(
                 client_id="evil", state="online", eligible=True, num_examples=ATTACK_EXAMPLES,
-                updated_at=time.time())), retain=True)
+                updated_at=time.time(), encodings=list(codecs.UPLINK))), retain=True)
 
         advertise()
         tap = Tap(fed)
@@ -197,7 +197,8 @@ def test_one_attacking_device_cannot_destroy_a_real_run(tmp_path, model):
                         header = Header(kind="update", federation=FED, round=a["round"], client_id="evil",
                                         model_hash=a["model_hash"], num_examples=ATTACK_EXAMPLES, run=a["run"])
                         evil.publish(topics.update_topic(FED, "evil"),
-                                     encode_update(attack_delta(manifest, a["round"]), header))
+                                     encode_update(attack_delta(manifest, a["round"]), header,
+                                                   encoding=a["plan"]["encoding"]))
                 time.sleep(0.05)
 
         tap.wait(announcement(1), 120, "round 1", fed.processes.values())

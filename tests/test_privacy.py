@@ -16,7 +16,17 @@ from federation_helpers import FED, Seen, Tap, announcement, initial_model, star
 
 from fedlite.demo.cluster import LocalFederation
 from fedlite.protocol import topics
-from fedlite.protocol.codec import FLAG_ZSTD, MAGIC, CodecError, decode, encode_weights
+from fedlite.protocol.codec import (
+    COMPACT_DICTIONARY,
+    FLAG_COMPACT,
+    FLAG_ZSTD,
+    MAGIC,
+    CodecError,
+    decode,
+    encode_weights,
+    read_header,
+)
+from fedlite.protocol.layout import weight_specs
 from fedlite.protocol.messages import DeviceStatus, to_json
 
 pytestmark = pytest.mark.slow
@@ -50,7 +60,7 @@ def capture(tmp_path_factory: pytest.TempPathFactory, model: Path) -> tuple[list
 # --- what is searched, and for what -------------------------------------------------------------------
 
 
-def readable_forms(message: Seen) -> Iterator[bytes]:
+def readable_forms(message: Seen, shapes: list[tuple[str, tuple[int, ...]]] | None = None) -> Iterator[bytes]:
     """The payload as relayed, without its signature envelope, its zstd body decompressed, its decoded tensors."""
     yield message.raw
     yield message.payload
@@ -60,9 +70,12 @@ def readable_forms(message: Seen) -> Iterator[bytes]:
     if payload[4] & FLAG_ZSTD:
         import zstandard
 
-        yield zstandard.ZstdDecompressor().decompressobj().decompress(payload[5:])
+        dictionary = zstandard.ZstdCompressionDict(COMPACT_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        compact = payload[4] & FLAG_COMPACT  # a compact body is compressed with the protocol's dictionary
+        decompressor = zstandard.ZstdDecompressor(dict_data=dictionary) if compact else zstandard.ZstdDecompressor()
+        yield decompressor.decompressobj().decompress(payload[5:])
     try:
-        decoded = decode(payload, allow_nonfinite=True)
+        decoded = decode(payload, allow_nonfinite=True, shapes=shapes)
     except CodecError:
         return
     yield json.dumps(decoded.header.__dict__).encode()
@@ -73,7 +86,19 @@ def readable_forms(message: Seen) -> Iterator[bytes]:
 
 
 def haystack(messages: Iterable[Seen]) -> bytes:
-    return SEPARATOR.join(form for message in messages for form in readable_forms(message))
+    """Every readable form of every message; updates and deltas decode against the model frame's layout (int4,
+    ternary and compact frames carry no shapes of their own)."""
+    messages = list(messages)
+    shapes = next((weight_specs(decode(m.payload).header.extra["manifest"]) for m in messages
+                   if m.kind == "model" and m.payload and "manifest" in _header_extra(m.payload)), None)
+    return SEPARATOR.join(form for message in messages for form in readable_forms(message, shapes))
+
+
+def _header_extra(payload: bytes) -> dict:
+    try:
+        return read_header(payload).extra
+    except CodecError:
+        return {}
 
 
 def renderings(row: np.ndarray) -> dict[str, bytes]:

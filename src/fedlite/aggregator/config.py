@@ -218,6 +218,7 @@ TRAINING_RANGES = FieldRanges(
     learning_rate=Range(gt=0),
     proximal_mu=Range(ge=0),
     max_examples=Range(ge=1, special=0, means="all local examples"),
+    max_staleness=Range(ge=0),
 )
 
 

@@ -311,6 +311,18 @@ def decode(payload: bytes, *, limits: Limits = Limits(), allow_nonfinite: bool =
     return Message(header, tensors)
 
 
+def read_header(payload: bytes, *, limits: Limits = Limits()) -> Header:
+    """A frame's checked header alone, its tensors left undecoded (for tools that route or count frames)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise CodecError("type", f"payload must be bytes, not {type(payload).__name__}")
+    flags, body = _unframe(bytes(payload), limits)
+    if flags & FLAG_COMPACT:
+        text, _ = _read_compact_header(body, limits)
+    else:
+        text = _read_safetensors_header(body, limits)[0]["fedlite"]
+    return _parse_header(text)
+
+
 def _unframe(payload: bytes, limits: Limits) -> tuple[int, bytes]:
     if len(payload) < 5:
         raise CodecError("truncated", f"frame of {len(payload)} B is shorter than its 5 B prefix")
