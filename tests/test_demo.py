@@ -82,16 +82,17 @@ def test_demo_with_a_ternary_codec_sends_a_fraction_of_int8s_bytes(tmp_path):
 
 def test_demo_in_fedbuff_mode_with_a_straggler_makes_versions_of_buffered_updates(tmp_path):
     run_dir = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir), "--rounds", "6",
-                             "--clients", "4", "--mode", "fedbuff", "--stragglers", "1", "--batch-seconds", "0.02"],
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir), "--rounds", "8",
+                             "--clients", "6", "--mode", "fedbuff", "--stragglers", "1", "--batch-seconds", "0.02"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
     records = json.loads((run_dir / "aggregator" / "history.json").read_text())
     history = [r for r in records if r["status"] == "complete"]
-    assert summary["mode"] == "fedbuff" and summary["stragglers"] == 1 and summary["rounds"] == len(history) == 6
-    assert all(1 <= r["accepted"] <= 2 for r in history)  # a version is half the 3 devices of a round
-    assert history[-1]["accuracy"] > history[0]["accuracy"]
+    assert summary["mode"] == "fedbuff" and summary["stragglers"] == 1 and summary["rounds"] == len(history) == 8
+    assert all(1 <= r["accepted"] <= 2 for r in history)  # a version is half the 4 devices of a round
+    accuracy = [r["accuracy"] for r in history]
+    assert np.mean(accuracy[-3:]) > accuracy[0] + 0.05, accuracy  # versions of 2 non-IID updates swing: a mean
     assert (run_dir / "report" / "accuracy_time.png").stat().st_size > 1000
 
 

@@ -34,7 +34,7 @@ class ModelSection:
     seed: Annotated[int, SEED] = 0
     downlink_dtype: str = "float32"  # the full weights' encoding: float32 | float16 | int8 (codecs.DOWNLINK)
     # the step between consecutive rounds' weights, for devices that hold the previous ones: an update codec, or none
-    downlink_delta: str = "ternary-ef"  # by the codec study (benchmarks/codec_study.py, README)
+    downlink_delta: str = "int4"  # by the codec study and the demo's accuracy guarantee (README, Codecs)
     # re-export TFLite models every N completed rounds
     export_every: Annotated[int, Range(ge=1, special=0, means="only at the end")] = 1
 
