@@ -20,7 +20,7 @@ from broker_fixtures import Session, open_client
 from helpers_models import digits_split
 
 from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, Process, write_shard
-from fedlite.protocol import topics
+from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import read_header
 from fedlite.protocol.messages import DeviceStatus, to_json
 from fedlite.protocol.selection import is_selected
@@ -67,7 +67,7 @@ def start_federation(fed: LocalFederation, data: Path, agents: list[str], model:
                      **aggregator_tables: dict[str, Any]) -> Path:
     """Broker, agents (started), the pre-exported model in the aggregator's state dir; the aggregator config."""
     fed.start_broker()
-    shards = write_shards(data, agents)
+    shards = write_shards(data, agents) if agents else {}  # none: the caller wrote them and starts its agents
     for agent in agents:
         tables = {"agent": {"status_interval_seconds": 0.5}} | (agent_tables or {}).get(agent, {})
         fed.start(agent, "agent", fed.agent_config(agent, shards[agent], **tables))
@@ -93,7 +93,8 @@ def ghost(fed: LocalFederation, name: str) -> Session:
     b = fed.broker
     client = open_client(b.tls_host, b.tls_port, name, fed.passwords[name], client_id=f"{name}-ghost",
                          ca_file=b.ca_file)
-    status = DeviceStatus(client_id=name, state="online", eligible=True, updated_at=time.time())
+    status = DeviceStatus(client_id=name, state="online", eligible=True, updated_at=time.time(),
+                          encodings=list(codecs.UPLINK))
     client.publish(topics.status_topic(fed.federation, name), to_json(status), retain=True)
     return client
 

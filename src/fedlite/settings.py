@@ -117,15 +117,19 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
-def load_toml(cls: type[T], path: str | Path) -> T:
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables; ConfigError naming the file if it is missing or not TOML."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return from_dict(cls, raw, str(path))
+
+
+def load_toml(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, read_toml(path), str(path))
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:

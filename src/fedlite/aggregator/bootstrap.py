@@ -82,10 +82,14 @@ def load_test_set(path: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def broker_settings(config: AggregatorConfig) -> BrokerSettings:
+    """The aggregator's connection; with several aggregators its session ends with the connection, so that the
+    broker never deals updates to a member that is gone (a shared subscription counts offline sessions in)."""
     b = config.broker
+    expiry = {"session_expiry": 0} if config.cluster.member else {}
     return BrokerSettings(host=b.host, port=b.port, username=b.username, password=b.resolve_password(),
-                          tls=b.tls, ca_file=b.ca_file or None)
+                          tls=b.tls, ca_file=b.ca_file or None, **expiry)
 
 
 def client_id(config: AggregatorConfig) -> str:
-    return f"fedlite-aggregator-{config.federation.name}"
+    member = config.cluster.member
+    return f"fedlite-aggregator-{config.federation.name}" + (f"-{member}" if member else "")

@@ -18,6 +18,8 @@ STORAGE_FAILURE = 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="aggregator TOML file")
+    parser.add_argument("--member", default="", metavar="NAME",
+                        help="this aggregator's name among several on one federation (sets [cluster] member)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--reset", action="store_true",
                         help="start the federation over: move the state directory's checkpoints, history, exported "
@@ -25,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedlite.aggregator.cluster.run import ClusterProcess
     from fedlite.aggregator.config import load_config
     from fedlite.aggregator.service import Aggregator, RunFailed
     from fedlite.fsutil import StorageError
@@ -35,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     log = logging.getLogger("fedlite.aggregator")
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, args.member)
         if args.reset:
             _reset(config.federation.state_dir, log)
-        aggregator = Aggregator(config)
+        aggregator = ClusterProcess(config) if config.cluster.member else Aggregator(config)
     except StorageError as exc:
         _storage_failure(log, exc)
         return STORAGE_FAILURE

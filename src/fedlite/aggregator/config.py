@@ -12,7 +12,18 @@ from fedlite.aggregator.strategies import registry
 from fedlite.protocol import codecs
 from fedlite.protocol.messages import TrainingPlan
 from fedlite.protocol.topics import check_id
-from fedlite.settings import PORT, SEED, FieldRanges, Range, Tables, load_toml, read_secret, require
+from fedlite.settings import (
+    PORT,
+    SEED,
+    FieldRanges,
+    Range,
+    Tables,
+    from_dict,
+    load_toml,
+    read_secret,
+    read_toml,
+    require,
+)
 
 
 @dataclass
@@ -198,6 +209,21 @@ class RolloutSection:
     serve_after_rounds: bool = False  # keep running after the last round, serving rollouts until stopped
 
 
+@dataclass
+class ClusterSection:
+    """Several aggregators on one federation (see `fedlite.aggregator.cluster`): each runs with its own `member`
+    name, the same file otherwise, and one state_dir on storage they share."""
+
+    member: str = ""  # this aggregator's name among the federation's ("": it is the only one)
+    partial_timeout_seconds: Annotated[float, Range(gt=0)] = 10.0  # the coordinator's wait for partial sums
+    claim_timeout_seconds: Annotated[float, Range(gt=0)] = 5.0  # a member's wait for a grant
+    lease_poll_seconds: Annotated[float, Range(gt=0)] = 1.0  # how often a member tries to take over coordination
+
+    def validate(self) -> None:
+        if self.member:
+            check_id(self.member, "cluster member")
+
+
 DEFAULT_ENCODING = "int4"  # by the codec study (benchmarks/codec_study.py, README)
 
 
@@ -236,8 +262,10 @@ class AggregatorConfig:
     kpis: KpiSettings = field(default_factory=KpiSettings)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     def validate(self) -> None:
+        self._validate_cluster()
         p = self.privacy
         require(not p.enabled or self.server.aggregation == "mean",
                 "privacy.enabled needs server.aggregation = \"mean\" (DP-FedAvg noises a clipped sum)")
@@ -251,5 +279,21 @@ class AggregatorConfig:
                     "accountant assumes each round samples its devices at random; asynchronous slots do not)")
 
 
-def load_config(path: str | Path) -> AggregatorConfig:
-    return load_toml(AggregatorConfig, path)
+    def _validate_cluster(self) -> None:
+        if not self.cluster.member:
+            return
+        need = "cluster.member (several aggregators) needs"
+        require(bool(self.broker.share_group), f"{need} broker.share_group (the shared subscription they split)")
+        require(bool(self.signing.key_file), f"{need} signing.key_file (aggregators sign what they tell each other)")
+        require(self.rounds.mode == "sync", f"{need} rounds.mode = \"sync\" (fedbuff runs on one aggregator)")
+        require(self.server.aggregation == "mean", f"{need} server.aggregation = \"mean\" (a partial sum merges "
+                "exactly; trimmed mean and median rank every update in one place)")
+
+
+def load_config(path: str | Path, member: str = "") -> AggregatorConfig:
+    """The configuration in `path`; `member` sets [cluster] member (several aggregators sharing one file)."""
+    if not member:
+        return load_toml(AggregatorConfig, path)
+    raw = read_toml(path)
+    raw.setdefault("cluster", {})["member"] = member
+    return from_dict(AggregatorConfig, raw, str(path))

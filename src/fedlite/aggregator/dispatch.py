@@ -31,10 +31,15 @@ class Dispatcher:
         self.federation, self.fleet, self.metrics, self.ledger = federation, fleet, metrics, ledger
         self.retained, self.rollout, self.current, self.run = retained, rollout, current, run
         self.inbox = Inbox(self._handle_item, self._refuse_busy, workers=workers)
+        self.cluster: Any = None  # cluster.coordinator.ClusterCoordinator when several aggregators share the work
 
     # --- the network thread: classify and enqueue only ------------------------------------------
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        if self.cluster is not None and (cluster := topics.parse_cluster(topic)) is not None:
+            if cluster[0] == self.federation:
+                self.cluster.on_message(topic, cluster[1], cluster[2], payload)
+            return
         parsed = topics.parse(topic)
         if parsed is None or parsed[0] != self.federation:
             return
@@ -54,6 +59,8 @@ class Dispatcher:
     def _handle_item(self, item: Item) -> None:
         if item.kind == "update":
             self._on_update(item.client, item.payload)
+        elif item.kind == "partial":
+            self.cluster.on_partial(item.client, item.payload)
         else:
             self._on_json("report", item.client, item.payload, DeviceReport, self._on_report)
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 log = logging.getLogger("fedlite.aggregator")
 
 # Message kinds a refusal is filed under (the topic a message came on, or what it claimed to be).
-KINDS = ("update", "status", "report")
+KINDS = ("update", "status", "report", "cluster")
 # Reasons that are normal in a healthy run (over-selection makes late updates routine): logged at INFO.
 ROUTINE = frozenset({"late"})
 

@@ -38,6 +38,11 @@ class PartialSums:
     def add(self, delta: Arrays, weight: float) -> None:
         self._mine().add(delta, weight)
 
+    def absorb(self, partial: Aggregator) -> None:
+        """A partial filled elsewhere (another aggregator's), merged with the others at `result`."""
+        with self._lock:
+            self._partials.append(partial)
+
     @property
     def count(self) -> int:
         with self._lock:
@@ -49,11 +54,15 @@ class PartialSums:
         with self._lock:
             return len(self._partials)
 
-    def result(self) -> Arrays:
+    def merged(self) -> Aggregator:
+        """`base` with every other partial absorbed (one partial again, not reduced)."""
         with self._lock:
             partials, self._partials = self._partials, []
         for partial in partials:
             if partial is not self.base:
                 self.base.absorb(partial)
         self._local = threading.local()
-        return self.base.result()
+        return self.base
+
+    def result(self) -> Arrays:
+        return self.merged().result()

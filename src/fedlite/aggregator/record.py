@@ -44,6 +44,10 @@ class RoundRecord:
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     update_norms: dict[str, float] = field(default_factory=dict)
     staleness: dict[str, int] = field(default_factory=dict)  # asynchronous rounds: versions behind, per update
+    # several aggregators: updates merged from each one's partial sum (the coordinator's own under its name), and
+    # updates a member had claimed whose partial sum never arrived (not counted, not in the aggregate)
+    aggregators: dict[str, int] = field(default_factory=dict)
+    lost: int = 0
     reason: str = ""  # why a failed attempt was not committed
     accuracy: float | None = None
     loss: float | None = None

@@ -33,6 +33,24 @@ class RoundOutcome:
     cosines: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RemotePartial:
+    """A cluster member's partial sum for one attempt (an `Aggregator` of the round's rule) and its bookkeeping."""
+
+    aggregator: Any
+    clients: list[str]
+    example_counts: dict[str, float] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    sketches: dict[str, np.ndarray] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    downloads: int = 0
+    clipped: int = 0
+    examples_capped: int = 0
+
+
 @dataclass(frozen=True)
 class _Fold:
     """An admitted update ready to fold: its capped weight and the adaptive bound it is clipped to (None: none)."""
@@ -94,6 +112,12 @@ class RoundAttempt:
     close_when_answered: bool = True  # False: only K updates or the deadline close it (more devices may be granted)
     # asynchronous rounds: updates that arrive once K are in, or after the close, wait here for the next version
     carry_over: deque[tuple[bytes, str]] | None = None
+    # several aggregators (`cluster`): a member asks the coordinator before it admits an update (first claim wins
+    # across the members); the coordinator books the updates its members hold in `remote` (client -> member)
+    claim: Callable[[str], bool] | None = None
+    remote: dict[str, str] = field(default_factory=dict)
+    members: dict[str, int] = field(default_factory=dict)  # updates merged from each member's partial sum
+    lost: int = 0  # claimed by a member whose partial sum never arrived
     _folding: int = 0  # admitted updates being folded outside the lock
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -119,6 +143,9 @@ class RoundAttempt:
             self._refuse_early(topic_client)
         try:
             update = check_update(payload, topic_client, self.context, self.limits)
+            if self.claim is not None and not self.claim(topic_client):
+                raise Rejected("duplicate", f"another aggregator holds {topic_client}'s update for round "
+                               f"{self.number}")
         except Rejected as exc:
             with self._lock:
                 self.rejected[exc.reason] += 1
@@ -225,6 +252,57 @@ class RoundAttempt:
             self.selected = self.selected | devices
             self.context = dataclasses.replace(self.context, selected=self.selected)
 
+    def accept_remote(self, client: str, member: str) -> bool:
+        """Several aggregators: book `member`'s claim on `client`'s update, unless it is closed, not selected or
+        already held (here or by another member)."""
+        with self._changed:
+            if self.closed or client not in self.selected or client in self.accepted:
+                return False
+            self.accepted.add(client)
+            self.remote[client] = member
+            self._changed.notify_all()
+            return True
+
+    def seal(self) -> None:
+        """Admit nothing more (several aggregators: before the members are asked for their partial sums)."""
+        with self._lock:
+            self.closed = True
+
+    def absorb_remote(self, member: str, partial: RemotePartial) -> list[str]:
+        """Fold a member's partial sum and its bookkeeping in; the clients it holds that were not booked to it
+        are returned (the partial is refused whole then: a sum cannot be split)."""
+        with self._changed:
+            unbooked = [c for c in partial.clients if self.remote.get(c) != member]
+            if unbooked:
+                return unbooked
+            for client in partial.clients:
+                self.remote.pop(client)
+            self._partials.absorb(partial.aggregator)
+            self.example_counts.update(partial.example_counts)
+            self.norms.update(partial.norms)
+            self.client_metrics.update(partial.client_metrics)
+            self.sketches.update(partial.sketches)
+            self.rejected.update(partial.rejected)
+            self.bytes_up += partial.bytes_up
+            self.bytes_down += partial.bytes_down
+            self.downloads += partial.downloads
+            self.clipped += partial.clipped
+            self.examples_capped += partial.examples_capped
+            self.members[member] = len(partial.clients)
+            return []
+
+    def drop_unmerged(self) -> dict[str, list[str]]:
+        """Claims whose partial sum never arrived (its member died, or was refused): no longer accepted. Returns
+        them by member."""
+        with self._changed:
+            lost: dict[str, list[str]] = {}
+            for client, member in self.remote.items():
+                self.accepted.discard(client)
+                lost.setdefault(member, []).append(client)
+            self.lost += len(self.remote)
+            self.remote.clear()
+            return lost
+
     def announced(self, session: str) -> bool:
         """Whether a report naming `session` answers this attempt."""
         return session == self.session or session in self.sessions
@@ -287,6 +365,23 @@ class RoundAttempt:
             cosines = cosine_to_aggregate(self.sketches, self.example_counts)
         return RoundOutcome(complete, aggregate, record, cosines)
 
+    def partial(self) -> RemotePartial:
+        """Several aggregators, on a member: close and hand over what it holds, unreduced (its partial sum)."""
+        with self._lock:
+            self.closed = True
+            ready = self._judge(self._norms.release())
+        self._fold_all(ready)
+        with self._changed:
+            self._changed.wait_for(lambda: self._folding == 0)
+            folded = set(self.example_counts)  # admitted and folded (held-then-refused ones are not)
+            return RemotePartial(
+                aggregator=self._partials.merged(), clients=sorted(folded), example_counts=dict(self.example_counts),
+                norms={c: self.norms[c] for c in folded if c in self.norms},
+                client_metrics={c: self.client_metrics[c] for c in folded if c in self.client_metrics},
+                sketches=dict(self.sketches), rejected=dict(self.rejected), bytes_up=self.bytes_up,
+                bytes_down=self.bytes_down, downloads=self.downloads, clipped=self.clipped,
+                examples_capped=self.examples_capped)
+
     def _record(self, complete: bool, now: float) -> RoundRecord:
         early = len(self.accepted) >= self.clients_per_round or now < self.deadline
         silent = [c for c in self.selected if c not in self.accepted and c not in self.declined
@@ -305,5 +400,6 @@ class RoundAttempt:
             bytes_down=self.bytes_down, downloads=self.downloads, started_at=self.started_at,
             duration_seconds=now - self.started_at, client_metrics=self.client_metrics, update_norms=self.norms,
             staleness=dict(self.staleness_of) if self.staleness is not None else {},
+            aggregators=dict(self.members), lost=self.lost,
         )
 

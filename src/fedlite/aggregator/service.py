@@ -21,6 +21,7 @@ from fedlite.aggregator.bootstrap import (
     resume,
 )
 from fedlite.aggregator.checkpoint import check_writable
+from fedlite.aggregator.cluster.coordinator import ClusterCoordinator
 from fedlite.aggregator.commit import CommitRefused, Committer, write_history
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.dispatch import Dispatcher
@@ -88,6 +89,8 @@ class Aggregator:
         self.link = Link(broker_settings(config), client_id(config), self.dispatch.on_message,
                          on_connect=self.retained.reconnected)
         self.retained.attach(self.link)
+        self.cluster = ClusterCoordinator(self, signer) if config.cluster.member and signer else None
+        self.dispatch.cluster = self.cluster
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -173,7 +176,10 @@ class Aggregator:
         self.inbox.start()
         self.link.subscribe(topics.all_statuses(self.federation))
         self.link.subscribe(topics.all_updates(self.federation, share))
-        self.link.subscribe(topics.all_reports(self.federation, share))
+        # with several aggregators the coordinator alone reads the reports: its closing rule counts them
+        self.link.subscribe(topics.all_reports(self.federation, None if self.cluster else share))
+        for topic in self.cluster.subscriptions() if self.cluster else []:
+            self.link.subscribe(topic)
         self.link.connect()
         if self.config.metrics.prometheus_port:
             self.metrics.serve(self.config.metrics.prometheus_port, self.config.metrics.prometheus_host)

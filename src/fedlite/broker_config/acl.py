@@ -46,15 +46,15 @@ def device_rules(federation: str, client_id: str) -> list[str]:
 
 
 def aggregator_rules(federation: str) -> list[str]:
-    """ACL lines for an aggregator: write (and read back) its own topics, read every device's topics."""
+    """ACL lines for an aggregator: write (and read back) its own topics and the aggregators' cluster topics, read
+    every device's topics."""
     device_topics = [
         topics.all_updates(federation),
         topics.all_statuses(federation),
         topics.all_reports(federation),
     ]
-    return [f"topic readwrite {t}" for t in aggregator_owned(federation)] + [
-        f"topic read {t}" for t in device_topics
-    ]
+    owned = [*aggregator_owned(federation), topics.cluster_subtree(federation)]
+    return [f"topic readwrite {t}" for t in owned] + [f"topic read {t}" for t in device_topics]
 
 
 def load_principals(paths: BrokerPaths) -> dict[str, dict[str, list[str]]]:

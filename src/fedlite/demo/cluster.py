@@ -165,6 +165,20 @@ class LocalFederation:
             name, [sys.executable, "-m", "fedlite.cli", role, "--config", str(config), "--log-level", log_level]
         )
 
+    def start_aggregators(self, config: Path, count: int, log_level: str = "INFO") -> list[Process]:
+        """`count` aggregators on one federation (`aggregator-<i>`, [cluster] member a<i>): a1 first, which takes
+        the coordinator lease; the others then join as members. The config must name a broker share_group."""
+        lock = self.run_dir / "aggregator" / "coordinator.lock"
+        started = []
+        for i in range(1, count + 1):
+            started.append(self.start_command(f"aggregator-{i}", [
+                sys.executable, "-m", "fedlite.cli", "aggregator", "--config", str(config), "--member", f"a{i}",
+                "--log-level", log_level]))
+            if i == 1:
+                wait_for(lambda: lock.is_file() and lock.read_text().startswith("a1 "), 60,
+                         "the first aggregator to take the coordinator lease", started)
+        return started
+
     def start_command(self, name: str, command: list[str]) -> Process:
         """Run `command` as a child process (its own session) logging to run_dir/logs/<name>.log."""
         log = self.run_dir / "logs" / f"{name}.log"

@@ -61,6 +61,10 @@ class Signer:
     def sign(self, topic: str, payload: bytes) -> bytes:
         return MAGIC + self.key_id + self._key.sign(_signed_bytes(topic, payload)) + payload
 
+    def verifier(self) -> Verifier:
+        """A verifier trusting this key alone (aggregators of one federation checking each other)."""
+        return Verifier([self._key.public_key()])
+
 
 class Verifier:
     """The public keys a device trusts."""

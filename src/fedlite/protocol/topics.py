@@ -72,6 +72,28 @@ def all_reports(federation: str, share_group: str | None = None) -> str:
     return f"$share/{share_group}/{topic}" if share_group else topic
 
 
+def cluster_topic(federation: str, kind: str, member: str = "") -> str:
+    """Aggregators' own topics (several aggregators on one federation): `kind` is one of CLUSTER_KINDS; a
+    member's claims, grants and partial sums end in its name, the coordinator's brief in nothing."""
+    return f"{ROOT}/{federation}/cluster/{kind}" + (f"/{member}" if member else "")
+
+
+CLUSTER_KINDS = ("brief", "claim", "grant", "partial")
+
+
+def cluster_subtree(federation: str) -> str:
+    """Every aggregator-to-aggregator topic of a federation (ACL'd to aggregators alone)."""
+    return f"{ROOT}/{federation}/cluster/#"
+
+
+def parse_cluster(topic: str) -> tuple[str, str, str] | None:
+    """(federation, kind, member or "") of a cluster topic; None if it is not one."""
+    parts = topic.split("/")
+    if len(parts) not in (4, 5) or parts[0] != ROOT or parts[2] != "cluster" or parts[3] not in CLUSTER_KINDS:
+        return None
+    return parts[1], parts[3], parts[4] if len(parts) == 5 else ""
+
+
 # The kinds of topic only the aggregator writes, all retained (the third part of their names).
 AGGREGATOR_KINDS = ("round", "model", "weights", "delta", "deploy")
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedlite.aggregator.attempt_setup import round_context, round_reducer
 from fedlite.aggregator.influence import reference_norms, weight_cap
 from fedlite.aggregator.orchestrators.registry import Weights, register
 from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome
 from fedlite.aggregator.select import select
-from fedlite.aggregator.strategies import dp, make_aggregator
 from fedlite.aggregator.validation import RoundContext
 from fedlite.protocol.selection import Selection
 
@@ -63,6 +63,8 @@ class SyncRounds:
         )
         sent = host.downlink.publish(number, weights)
         host.current = attempt
+        if host.cluster is not None:
+            host.cluster.open(attempt)
         host.announcer.open(attempt, sent)
         host.log.info("round %d: selected %d devices, deadline in %.0f s", number, len(selected),
                       cfg.rounds.deadline_seconds)
@@ -71,6 +73,8 @@ class SyncRounds:
                 host.announcer.closed(attempt.close(abandon=True).record)  # stopping: nobody collects it
                 return None
             host.housekeeping(number, "open")
+        if host.cluster is not None:
+            host.cluster.gather(attempt)
         outcome = attempt.close()
         host.announcer.closed(outcome.record)
         for client in attempt.refused_after_hold:  # refused once the warm-up fixed the norm bound
@@ -90,24 +94,10 @@ class SyncRounds:
         return bounds
 
     def _reducer(self, number: int) -> Any:
-        """The round's reducer, a registered one (DP-FedAvg wraps the mean); the attempt folds it per worker."""
-        cfg, specs, p = self.config, self.host.specs, self.config.privacy
-        if p.enabled:  # equal weights, clipped to S, noise on the sum, fixed denominator K
-            params = dp.DpParams(p.clip_norm, p.noise_multiplier, float(cfg.rounds.clients_per_round))
-            return dp.wrap(make_aggregator("mean", specs, sum_dtype="float64"), params, dp.noise_rng(p.seed, number))
-        return make_aggregator(cfg.server.aggregation, specs, config=cfg.server.strategies[cfg.server.aggregation])
+        return round_reducer(self.config, self.host.specs, number)
 
     def _context(self, number: int, selected: frozenset[str]) -> RoundContext:
-        host, s = self.host, self.config.server
-        bound, policy = s.max_update_norm, s.norm_policy
-        if self.config.privacy.enabled:  # every update clipped to S on admission
-            bound, policy = self.config.privacy.clip_norm, "clip"
-        return RoundContext(
-            federation=host.federation, round=number, model_hash=host.model_hash, manifest=host.manifest,
-            selected=frozenset(selected), max_examples=s.max_examples,
-            max_update_norm=bound, norm_policy=policy, max_abs_value=s.max_abs_value, run=host.run_id(),
-            encoding=self.config.training.encoding,
-        )
+        return round_context(self.config, self.host.manifest, number, selected, self.host.run_id())
 
 
 register("sync", SyncRounds)

@@ -1,0 +1,134 @@
+"""The coordinating aggregator's side of a cluster: briefs its members, grants claims, merges their partial sums."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant
+from fedlite.aggregator.cluster.partials import from_frame
+from fedlite.aggregator.inbox import Item
+from fedlite.aggregator.rounds import RemotePartial, RoundAttempt
+from fedlite.protocol import topics
+from fedlite.protocol.errors import ProtocolError
+from fedlite.protocol.messages import from_json, to_json
+from fedlite.protocol.signing import Signer
+
+if TYPE_CHECKING:
+    from fedlite.aggregator.service import Aggregator
+
+log = logging.getLogger("fedlite.aggregator")
+
+
+class ClusterCoordinator:
+    """Runs inside the coordinating `Aggregator` (the lease holder) when `[cluster] member` is set."""
+
+    def __init__(self, host: Aggregator, signer: Signer) -> None:
+        self.host = host
+        self.member = host.config.cluster.member
+        self.federation = host.federation
+        self.signer, self.verifier = signer, signer.verifier()
+        self._partials: dict[str, RemotePartial] = {}  # the open attempt's, by member
+        self._session = ""
+        self._arrived = threading.Condition()
+
+    def subscriptions(self) -> list[str]:
+        return [topics.cluster_topic(self.federation, "claim", "+"),
+                topics.cluster_topic(self.federation, "partial", "+")]
+
+    # --- the network thread -----------------------------------------------------------------------
+
+    def on_message(self, topic: str, kind: str, member: str, payload: bytes) -> None:
+        """A claim is answered here (small); a partial sum goes through the inbox (decoding it is model-sized)."""
+        if kind == "claim":
+            self._on_claim(topic, member, payload)
+        elif kind == "partial":
+            self.host.inbox.put(Item("partial", member, payload))
+
+    def _verified(self, topic: str, payload: bytes) -> bytes | None:
+        try:
+            return self.verifier.verify(topic, payload)
+        except ProtocolError as exc:
+            self.host.refuse("cluster", exc.reason, str(exc))
+            return None
+
+    def _on_claim(self, topic: str, member: str, payload: bytes) -> None:
+        body = self._verified(topic, payload)
+        if body is None:
+            return
+        try:
+            claim = from_json(Claim, body)
+        except ProtocolError as exc:
+            self.host.refuse("cluster", exc.reason, f"claim from {member}: {exc}")
+            return
+        attempt = self.host.current
+        granted = (attempt is not None and claim.member == member and claim.session == attempt.session
+                   and attempt.accept_remote(claim.client, member))
+        grant = Grant(round=claim.round, session=claim.session, client=claim.client, granted=granted)
+        self._publish(topics.cluster_topic(self.federation, "grant", member), to_json(grant))
+
+    # --- the inbox's workers ----------------------------------------------------------------------
+
+    def on_partial(self, member: str, payload: bytes) -> None:
+        topic = topics.cluster_topic(self.federation, "partial", member)
+        body = self._verified(topic, payload)
+        attempt = self.host.current
+        if body is None or attempt is None:
+            return
+        try:
+            header, partial = from_frame(body, attempt.aggregator)
+        except ProtocolError as exc:
+            self.host.refuse("cluster", exc.reason, f"partial sum from {member}: {exc}")
+            return
+        with self._arrived:
+            if header.member != member or header.session != self._session:
+                self.host.refuse("cluster", "late", f"partial sum from {member} for session {header.session[:16]!r}")
+                return
+            self._partials[member] = partial
+            self._arrived.notify_all()
+
+    # --- the round, from the orchestrator ---------------------------------------------------------
+
+    def open(self, attempt: RoundAttempt) -> None:
+        """Brief the members on a new attempt (retained: a member that starts later reads it)."""
+        with self._arrived:
+            self._session, self._partials = attempt.session, {}
+        self._brief(attempt, "open")
+
+    def gather(self, attempt: RoundAttempt) -> None:
+        """Seal the attempt, ask every member for its partial sum and merge those that arrive in time; claims of
+        members that do not answer are dropped (their updates are not counted)."""
+        attempt.seal()
+        holders = set(attempt.remote.values())
+        own = len(attempt.accepted) - len(attempt.remote)
+        self._brief(attempt, "closed")
+        until = time.time() + self.host.config.cluster.partial_timeout_seconds
+        with self._arrived:
+            self._arrived.wait_for(lambda: holders <= set(self._partials) or time.time() >= until,
+                                   max(0.0, until - time.time()))
+            arrived, self._partials = self._partials, {}
+        for member, partial in sorted(arrived.items()):
+            unbooked = attempt.absorb_remote(member, partial)
+            if unbooked:
+                self.host.refuse("cluster", "unbooked", f"partial sum from {member} holds updates it did not claim "
+                                 f"({', '.join(unbooked[:5])}); refused whole", attempt.number)
+        for member, clients in attempt.drop_unmerged().items():
+            log.warning("round %d: no partial sum from aggregator %s in time: its %d updates are not counted",
+                        attempt.number, member, len(clients))
+        attempt.members[self.member] = own
+
+    def _brief(self, attempt: RoundAttempt, state: str) -> None:
+        brief = ClusterBrief(
+            federation=self.federation, coordinator=self.member, run=self.host.run_id(),
+            model_hash=self.host.model_hash, round=attempt.number, session=attempt.session, state=state,
+            selected=sorted(attempt.selected), deadline=attempt.deadline,
+            max_weight=None if math.isinf(attempt.max_weight) else attempt.max_weight,
+            norm_reference=attempt.norm_reference, issued_at=time.time(),
+        )
+        self._publish(topics.cluster_topic(self.federation, "brief"), to_json(brief), retain=True)
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.host.link.publish_nowait(topic, self.signer.sign(topic, payload), retain=retain)

@@ -1,0 +1,207 @@
+"""A cluster member that does not coordinate: checks and folds its share of the updates, hands its sum over.
+
+It follows the coordinator's signed brief (`messages.ClusterBrief`): for each open attempt it opens an attempt of
+its own with the same context, claims every update before admitting it, and when the brief says ``closed``
+publishes its partial sum. The manifest comes from the retained (signed) model topic, like a device's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fedlite.aggregator.attempt_setup import round_context, round_reducer
+from fedlite.aggregator.bootstrap import broker_settings, client_id
+from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant
+from fedlite.aggregator.cluster.partials import to_frame
+from fedlite.aggregator.config import AggregatorConfig
+from fedlite.aggregator.inbox import Inbox, Item
+from fedlite.aggregator.kpis import Sketcher
+from fedlite.aggregator.ledger import Ledger
+from fedlite.aggregator.metrics import Metrics
+from fedlite.aggregator.rounds import RoundAttempt
+from fedlite.aggregator.validation import Rejected
+from fedlite.protocol import topics
+from fedlite.protocol.codec import Limits, read_header, update_limits
+from fedlite.protocol.errors import ProtocolError
+from fedlite.protocol.layout import num_params, weight_specs
+from fedlite.protocol.messages import from_json, to_json
+from fedlite.protocol.signing import Signer
+from fedlite.protocol.transport import Link
+
+log = logging.getLogger("fedlite.aggregator")
+
+MODEL_HEADER_LIMITS = Limits(max_payload_bytes=1 << 31)  # the retained model frame: only its header is read
+
+
+class ClusterMember:
+    """One member's share of the work, until `stop` (it takes over coordination elsewhere: `cluster.run`)."""
+
+    def __init__(self, config: AggregatorConfig, signer: Signer, workers: int = 2) -> None:
+        self.config, self.signer, self.verifier = config, signer, signer.verifier()
+        self.federation, self.member = config.federation.name, config.cluster.member
+        self.metrics = Metrics(self.federation)
+        self.ledger = Ledger(self.metrics)
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.current: RoundAttempt | None = None
+        self._brief: ClusterBrief | None = None
+        self._grants: dict[tuple[str, str], tuple[threading.Event, list[bool]]] = {}
+        self._lock = threading.Lock()
+        self.inbox = Inbox(self._handle, self._busy, workers=workers)
+        self.link = Link(broker_settings(config), client_id(config), self._on_message)
+
+    def start(self) -> None:
+        fed, share = self.federation, self.config.broker.share_group
+        self.inbox.start()
+        self.link.subscribe(f"{topics.ROOT}/{fed}/model/+")
+        self.link.subscribe(topics.cluster_topic(fed, "brief"))
+        self.link.subscribe(topics.cluster_topic(fed, "grant", self.member))
+        self.link.subscribe(topics.all_updates(fed, share))
+        self.link.connect()
+        log.info("aggregator %s: a member of federation %s (share group %s), coordinated elsewhere", self.member,
+                 fed, share)
+
+    def stop(self) -> None:
+        self.link.close()
+        self.inbox.stop()
+
+    # --- the network thread -----------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        cluster = topics.parse_cluster(topic)
+        if cluster is not None:
+            body = self._verified(topic, payload)
+            if body is None:
+                return
+            if cluster[1] == "brief":
+                self.inbox.put(Item("brief", "", body))  # opening an attempt, or closing one, is not for here
+            elif cluster[1] == "grant":
+                self._on_grant(body)
+            return
+        parsed = topics.parse(topic)
+        if parsed is None or parsed[0] != self.federation:
+            return
+        if parsed[1] == "updates":
+            self.metrics.update_received(len(payload))
+            self.inbox.put(Item("update", parsed[2], payload))
+        elif parsed[1] == "model" and payload:
+            self._on_model(topic, payload)
+
+    def _verified(self, topic: str, payload: bytes) -> bytes | None:
+        try:
+            return self.verifier.verify(topic, payload)
+        except ProtocolError as exc:
+            self.ledger.refuse("cluster", exc.reason, None, str(exc))
+            return None
+
+    def _on_model(self, topic: str, payload: bytes) -> None:
+        body = self._verified(topic, payload)
+        if body is None:
+            return
+        try:
+            header = read_header(body, limits=MODEL_HEADER_LIMITS)
+        except ProtocolError as exc:
+            self.ledger.refuse("cluster", exc.reason, None, f"model on {topic}: {exc}")
+            return
+        manifest = header.extra.get("manifest")
+        if isinstance(manifest, dict) and manifest.get("model_hash") == header.model_hash:
+            self.manifests[header.model_hash] = manifest
+
+    def _on_grant(self, body: bytes) -> None:
+        try:
+            grant = from_json(Grant, body)
+        except ProtocolError as exc:
+            self.ledger.refuse("cluster", exc.reason, None, f"grant: {exc}")
+            return
+        with self._lock:
+            waiting = self._grants.pop((grant.session, grant.client), None)
+        if waiting is not None:
+            waiting[1].append(grant.granted)
+            waiting[0].set()
+
+    # --- the inbox's workers ----------------------------------------------------------------------
+
+    def _busy(self, item: Item) -> None:
+        self.ledger.refuse(item.kind, "busy", None, f"{item.kind} from {item.client}: the inbox is full")
+
+    def _handle(self, item: Item) -> None:
+        if item.kind == "brief":
+            self._on_brief(item.payload)
+            return
+        attempt = self.current
+        if attempt is None:
+            self.ledger.refuse("update", "late", None, f"update from {item.client} before any round")
+            return
+        try:
+            attempt.offer(item.payload, item.client)
+        except Rejected as exc:
+            self.ledger.refuse("update", exc.reason, attempt.number, f"update from {item.client}: {exc}")
+
+    def _on_brief(self, body: bytes) -> None:
+        try:
+            brief = from_json(ClusterBrief, body)
+        except ProtocolError as exc:
+            self.ledger.refuse("cluster", exc.reason, None, f"brief: {exc}")
+            return
+        if brief.federation != self.federation:
+            return
+        current = self.current
+        if brief.state == "open" and (current is None or current.session != brief.session):
+            self._open(brief)
+        elif brief.state == "closed" and current is not None and current.session == brief.session:
+            self._hand_over(current)
+
+    def _open(self, brief: ClusterBrief) -> None:
+        manifest = self.manifests.get(brief.model_hash)
+        if manifest is None:
+            log.warning("round %d: no model %s seen yet; this aggregator sits the attempt out", brief.round,
+                        brief.model_hash[:12])
+            return
+        specs = weight_specs(manifest)
+        selected = frozenset(brief.selected)
+        base = Limits(max_payload_bytes=self.config.server.max_update_bytes)
+        limits = update_limits([tuple(s) for _, s in specs], base, self.config.training.encoding)
+        bounds: dict[str, Any] = {}
+        if brief.max_weight is not None:
+            bounds["max_weight"] = brief.max_weight
+        s = self.config.server
+        if brief.norm_reference is not None:
+            bounds |= {"norm_reference": brief.norm_reference, "norm_multiple": s.norm_multiple,
+                       "refuse_multiple": s.norm_refuse_multiple, "warmup": s.norm_warmup}
+        self.current = RoundAttempt(
+            number=brief.round, session=brief.session, selected=selected, deadline=brief.deadline,
+            clients_per_round=len(selected), quorum=0,
+            context=round_context(self.config, manifest, brief.round, selected, brief.run), limits=limits,
+            aggregator=round_reducer(self.config, specs, brief.round), sketcher=Sketcher(num_params(manifest)),
+            claim=self._claimer(brief), **bounds,
+        )
+        log.info("round %d: checking this aggregator's share of the updates (session %s)", brief.round,
+                 brief.session)
+
+    def _claimer(self, brief: ClusterBrief) -> Callable[[str], bool]:
+        topic = topics.cluster_topic(self.federation, "claim", self.member)
+        timeout = self.config.cluster.claim_timeout_seconds
+
+        def claim(client: str) -> bool:
+            waiting: tuple[threading.Event, list[bool]] = (threading.Event(), [])
+            with self._lock:
+                self._grants[(brief.session, client)] = waiting
+            message = Claim(member=self.member, round=brief.round, session=brief.session, client=client)
+            self.link.publish_nowait(topic, self.signer.sign(topic, to_json(message)))
+            if not waiting[0].wait(timeout):
+                with self._lock:
+                    self._grants.pop((brief.session, client), None)
+                raise Rejected("busy", f"no grant from the coordinator within {timeout:g} s")
+            return waiting[1][0]
+
+        return claim
+
+    def _hand_over(self, attempt: RoundAttempt) -> None:
+        partial = attempt.partial()
+        topic = topics.cluster_topic(self.federation, "partial", self.member)
+        frame = to_frame(self.member, attempt.number, attempt.session, partial)
+        self.link.publish(topic, self.signer.sign(topic, frame))
+        log.info("round %d: partial sum of %d updates handed to the coordinator (%d B)", attempt.number,
+                 len(partial.clients), len(frame))

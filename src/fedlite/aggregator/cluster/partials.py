@@ -1,0 +1,65 @@
+"""A member's partial sum on the wire: `rounds.RemotePartial` to and from a `messages.encode_partial` frame."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from fedlite.aggregator.cluster.messages import PartialHeader, decode_partial, encode_partial
+from fedlite.aggregator.rounds import RemotePartial
+from fedlite.aggregator.strategies import fedavg
+from fedlite.protocol.messages import MessageError
+
+_SKETCH = "sketch/"
+
+
+def _running_sum(aggregator: Any) -> fedavg.RunningSum:
+    """The running sum inside a mean (or DP-mean, which wraps one) reducer."""
+    return getattr(aggregator, "inner", aggregator).state
+
+
+def to_frame(member: str, number: int, session: str, partial: RemotePartial) -> bytes:
+    header = PartialHeader(
+        member=member, round=number, session=session, clients=partial.clients,
+        example_counts=partial.example_counts, norms=partial.norms, client_metrics=partial.client_metrics,
+        rejected=partial.rejected, bytes_up=partial.bytes_up, bytes_down=partial.bytes_down,
+        downloads=partial.downloads, clipped=partial.clipped, examples_capped=partial.examples_capped,
+        cpu_seconds=time.process_time(),
+    )
+    arrays = fedavg.to_arrays(_running_sum(partial.aggregator))
+    arrays |= {_SKETCH + client: sketch for client, sketch in partial.sketches.items()}
+    return encode_partial(header, arrays)
+
+
+def from_frame(payload: bytes, base: Any) -> tuple[PartialHeader, RemotePartial]:
+    """Decode a member's frame into a partial of `base`'s rule (a fresh one holding the sent sum); MessageError if
+    it is malformed, of another layout, non-finite, or its counts disagree with its clients."""
+    header, arrays = decode_partial(payload)
+    sums = {k: v for k, v in arrays.items() if not k.startswith(_SKETCH)}
+    for scalar in ("total_weight", "count"):
+        if scalar in sums and sums[scalar].size != 1:
+            raise MessageError("malformed", f"partial sum {scalar} is not one number")
+        if scalar in sums:
+            sums[scalar] = sums[scalar].reshape(())
+    try:
+        state = fedavg.from_arrays(sums)
+    except ValueError as exc:
+        raise MessageError("malformed", str(exc)) from None
+    expected = _running_sum(base).sums
+    if {k: v.shape for k, v in state.sums.items()} != {k: v.shape for k, v in expected.items()}:
+        raise MessageError("shape", "partial sum of another model layout")
+    if not all(np.all(np.isfinite(v)) for v in state.sums.values()) or not np.isfinite(state.total_weight):
+        raise MessageError("nonfinite", "partial sum holds NaN or Inf")
+    if state.count != len(header.clients) or len(set(header.clients)) != len(header.clients):
+        raise MessageError("malformed", f"partial sum of {state.count} updates lists {len(header.clients)} clients")
+    partial = base.fresh()
+    getattr(partial, "inner", partial).state = state
+    sketches = {k.removeprefix(_SKETCH): v for k, v in arrays.items() if k.startswith(_SKETCH)}
+    return header, RemotePartial(
+        aggregator=partial, clients=header.clients, example_counts=header.example_counts, norms=header.norms,
+        client_metrics=header.client_metrics, sketches=sketches, rejected=header.rejected, bytes_up=header.bytes_up,
+        bytes_down=header.bytes_down, downloads=header.downloads, clipped=header.clipped,
+        examples_capped=header.examples_capped,
+    )
