@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def _update(client: str, value: float) -> bytes:
     return encode_update(delta, header, encoding="int8")
 
 
-def _attempt(claim=None) -> RoundAttempt:  # noqa: ANN001
+def _attempt(claim: Callable[[str], str] | None = None) -> RoundAttempt:
     return RoundAttempt(number=1, session="s", selected=CLIENTS, deadline=time.time() + 60, clients_per_round=4,
                         quorum=1, context=RoundContext(federation="f", round=1, model_hash="m", manifest=MANIFEST,
                                                        selected=CLIENTS),
@@ -85,6 +86,28 @@ def test_claims_of_a_member_whose_partial_never_arrives_are_dropped_not_counted(
     outcome = coordinator.close()
     assert outcome.record.accepted == 2 and outcome.record.lost == 1
     np.testing.assert_allclose(outcome.aggregate["b"], 0.1, atol=1e-3)  # c's 0.9 is not in it
+
+
+def test_a_member_hands_over_only_once_the_claims_it_has_out_are_answered_and_admitted() -> None:
+    import threading
+
+    coordinator, answer = _attempt(), threading.Event()
+
+    def slow_claim(client: str) -> str:
+        granted = coordinator.accept_remote(client, "m2")
+        answer.wait(5)  # the grant is on its way while the coordinator asks for the partial sums
+        return granted
+
+    member = _attempt(claim=slow_claim)
+    offering = threading.Thread(target=member.offer, args=(_update("a", 0.1), "a"))
+    offering.start()
+    time.sleep(0.2)
+    coordinator.seal()
+    threading.Timer(0.3, answer.set).start()
+    partial = member.partial(claims_timeout=5)
+    offering.join(5)
+    assert partial.clients == ["a"]
+    assert coordinator.absorb_remote("m2", partial) == [] and coordinator.drop_unmerged() == {}
 
 
 def test_a_partial_sum_holding_an_update_its_member_did_not_claim_is_refused_whole() -> None:
@@ -150,8 +173,6 @@ def _start(fed: LocalFederation, tmp_path: Path, model: Path, *devices: str,
     shards = write_shards(tmp_path / "data", AGENTS)
     config = start_federation(fed, tmp_path / "data", [], model, broker=CLUSTER, **tables)
     started = fed.start_aggregators(config, 3)
-    wait_for(lambda: all("a member of federation" in p.log.read_text() for p in started[1:]), 60,
-             "the members to join", started)
     tap = Tap(fed)
     for device in devices:
         ghost(fed, device)  # selected, never answers: the round stays open until its deadline

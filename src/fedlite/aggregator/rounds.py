@@ -114,11 +114,12 @@ class RoundAttempt:
     carry_over: deque[tuple[bytes, str]] | None = None
     # several aggregators (`cluster`): a member asks the coordinator before it admits an update (first claim wins
     # across the members); the coordinator books the updates its members hold in `remote` (client -> member)
-    claim: Callable[[str], bool] | None = None
+    claim: Callable[[str], str] | None = None  # "" granted, else the reason it is refused
     remote: dict[str, str] = field(default_factory=dict)
     members: dict[str, int] = field(default_factory=dict)  # updates merged from each member's partial sum
     lost: int = 0  # claimed by a member whose partial sum never arrived
     _folding: int = 0  # admitted updates being folded outside the lock
+    _claiming: int = 0  # updates whose claim is out (or granted and not yet admitted)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -141,33 +142,67 @@ class RoundAttempt:
                 return None
             self.bytes_up += len(payload)
             self._refuse_early(topic_client)
+        claimed = False
         try:
             update = check_update(payload, topic_client, self.context, self.limits)
-            if self.claim is not None and not self.claim(topic_client):
-                raise Rejected("duplicate", f"another aggregator holds {topic_client}'s update for round "
-                               f"{self.number}")
+            claimed = self._claim(topic_client)
         except Rejected as exc:
-            with self._lock:
+            with self._changed:
                 self.rejected[exc.reason] += 1
+                self._claiming -= claimed
+                self._changed.notify_all()
             raise
-        with self._lock:
-            if self.carry_over is not None and (self.closed or len(self.accepted) >= self.clients_per_round):
-                self.carry_over.append((payload, topic_client))  # the buffer filled while this one was checked
-                self.bytes_up -= len(payload)  # counted by the version that takes it
-                return None
-            self._refuse_early(topic_client)  # another worker may have admitted this client meanwhile
-            if self._norms.refuses(update.norm):
-                self.rejected["norm_outlier"] += 1
-                self.norm_flagged.append(topic_client)
-                raise Rejected("norm_outlier", f"update norm {update.norm:.4g} is over {self.refuse_multiple:g} x "
-                               f"the median of recent norms ({self._norms.median:.4g})")
-            self.accepted.add(topic_client)
-            if update.bytes_down is not None:
-                self.bytes_down += update.bytes_down
-                self.downloads += 1
-            ready = self._admit(update)
+        with self._changed:
+            try:
+                ready = self._admit_checked(payload, topic_client, update)
+            finally:
+                self._claiming -= claimed
+                self._changed.notify_all()
+        if ready is None:
+            return None
         self._fold_all(ready)
         return update
+
+    def _claim(self, client: str) -> bool:
+        """Several aggregators, on a member: ask the coordinator (Rejected if refused); True once granted (it is
+        then counted in `_claiming` until admitted), False without a coordinator to ask."""
+        if self.claim is None:
+            return False
+        with self._lock:
+            self._claiming += 1
+        try:
+            refused = self.claim(client)
+        except Exception:
+            with self._changed:
+                self._claiming -= 1
+                self._changed.notify_all()
+            raise
+        if refused:
+            with self._changed:
+                self._claiming -= 1
+                self._changed.notify_all()
+            detail = {"duplicate": f"another aggregator holds {client}'s update for round {self.number}",
+                      "late": f"round {self.number} is already closed"}.get(refused, refused)
+            raise Rejected(refused, detail)
+        return True
+
+    def _admit_checked(self, payload: bytes, topic_client: str, update: ValidUpdate) -> list[_Fold] | None:
+        """Admit a checked update (lock held): what is ready to fold, or None if it is carried over."""
+        if self.carry_over is not None and (self.closed or len(self.accepted) >= self.clients_per_round):
+            self.carry_over.append((payload, topic_client))  # the buffer filled while this one was checked
+            self.bytes_up -= len(payload)  # counted by the version that takes it
+            return None
+        self._refuse_early(topic_client)  # another worker may have admitted this client meanwhile
+        if self._norms.refuses(update.norm):
+            self.rejected["norm_outlier"] += 1
+            self.norm_flagged.append(topic_client)
+            raise Rejected("norm_outlier", f"update norm {update.norm:.4g} is over {self.refuse_multiple:g} x "
+                           f"the median of recent norms ({self._norms.median:.4g})")
+        self.accepted.add(topic_client)
+        if update.bytes_down is not None:
+            self.bytes_down += update.bytes_down
+            self.downloads += 1
+        return self._admit(update)
 
     def _refuse_early(self, client: str) -> None:
         """Refusals that need no decoding (lock held): a closed round, an unselected sender, a duplicate."""
@@ -252,16 +287,20 @@ class RoundAttempt:
             self.selected = self.selected | devices
             self.context = dataclasses.replace(self.context, selected=self.selected)
 
-    def accept_remote(self, client: str, member: str) -> bool:
-        """Several aggregators: book `member`'s claim on `client`'s update, unless it is closed, not selected or
-        already held (here or by another member)."""
+    def accept_remote(self, client: str, member: str) -> str:
+        """Several aggregators: book `member`'s claim on `client`'s update: "" if granted, else why not (late: it
+        is closed, not_selected, duplicate: held here or by another member)."""
         with self._changed:
-            if self.closed or client not in self.selected or client in self.accepted:
-                return False
+            if self.closed:
+                return "late"
+            if client not in self.selected:
+                return "not_selected"
+            if client in self.accepted:
+                return "duplicate"
             self.accepted.add(client)
             self.remote[client] = member
             self._changed.notify_all()
-            return True
+            return ""
 
     def seal(self) -> None:
         """Admit nothing more (several aggregators: before the members are asked for their partial sums)."""
@@ -365,9 +404,11 @@ class RoundAttempt:
             cosines = cosine_to_aggregate(self.sketches, self.example_counts)
         return RoundOutcome(complete, aggregate, record, cosines)
 
-    def partial(self) -> RemotePartial:
-        """Several aggregators, on a member: close and hand over what it holds, unreduced (its partial sum)."""
-        with self._lock:
+    def partial(self, claims_timeout: float = 10.0) -> RemotePartial:
+        """Several aggregators, on a member: close, once the claims out are answered and granted ones admitted
+        (at most `claims_timeout` s), and hand over what it holds, unreduced (its partial sum)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._claiming == 0, claims_timeout)
             self.closed = True
             ready = self._judge(self._norms.release())
         self._fold_all(ready)

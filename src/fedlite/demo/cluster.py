@@ -167,7 +167,8 @@ class LocalFederation:
 
     def start_aggregators(self, config: Path, count: int, log_level: str = "INFO") -> list[Process]:
         """`count` aggregators on one federation (`aggregator-<i>`, [cluster] member a<i>): a1 first, which takes
-        the coordinator lease; the others then join as members. The config must name a broker share_group."""
+        the coordinator lease; the others then join as members (returns once they have). The config must name a
+        broker share_group."""
         lock = self.run_dir / "aggregator" / "coordinator.lock"
         started = []
         for i in range(1, count + 1):
@@ -177,7 +178,13 @@ class LocalFederation:
             if i == 1:
                 wait_for(lambda: lock.is_file() and lock.read_text().startswith("a1 "), 60,
                          "the first aggregator to take the coordinator lease", started)
+        wait_for(lambda: all("a member of federation" in p.log.read_text() for p in started[1:]), 60,
+                 "the other aggregators to join as members", started)
         return started
+
+    def cluster_tables(self, count: int) -> dict[str, dict[str, Any]]:
+        """The aggregator config tables for `count` aggregators sharing the work (nothing for one)."""
+        return {"broker": {"share_group": "aggregators"}} if count > 1 else {}
 
     def start_command(self, name: str, command: list[str]) -> Process:
         """Run `command` as a child process (its own session) logging to run_dir/logs/<name>.log."""

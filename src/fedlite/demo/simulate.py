@@ -33,6 +33,7 @@ class SimulationPlan:
     examples_per_client: int = 32
     status_interval_seconds: float = 30.0  # the agent's default
     task: str = "digits"
+    aggregators: int = 1  # > 1: that many aggregator processes share the work (`aggregator.cluster`)
 
 
 def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -> dict[str, Any]:
@@ -47,18 +48,26 @@ def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -
         progress(f"broker up with {plan.clients} enrolled devices ({time.time() - started:.1f} s)")
         data = run_dir / "data.npz"
         np.savez(data, x=task.x_train, y=task.y_train)
-        aggregator = fed.start("aggregator", "aggregator", fed.aggregator_config(
+        config = fed.aggregator_config(
             model={"arch": task.arch, "input_shape": list(task.input_shape), "classes": task.classes,
                    "options": task.options, "export_every": 0},
             rounds={"total": plan.rounds, "clients_per_round": per_round, "over_selection": 0.0,
                     "quorum": max(1, int(per_round * 0.9)), "deadline_seconds": plan.deadline_seconds,
                     "wait_for_devices_seconds": 120.0, "status_ttl_seconds": 10 * plan.status_interval_seconds},
             training={"epochs": 1, "batch_size": 16, "learning_rate": task.lr},
-        ))
+            **fed.cluster_tables(plan.aggregators),
+        )
+        if plan.aggregators > 1:
+            aggregators = {f"a{i + 1}": p for i, p in enumerate(fed.start_aggregators(config, plan.aggregators))}
+            progress(f"{plan.aggregators} aggregators: a1 coordinates, the others are members")
+        else:
+            aggregators = {"a1": fed.start("aggregator", "aggregator", config)}
+        aggregator = aggregators["a1"]
         _start_workers(fed, plan, devices, data)
         progress(f"{plan.processes} processes of virtual devices started; waiting for {plan.rounds} rounds")
-        meter = CpuMeter({"aggregator": [aggregator.popen.pid], "broker": [fed.broker.pid or 0],
-                          "fleet": [p.popen.pid for n, p in fed.processes.items() if n.startswith("worker-")]})
+        meter = CpuMeter({"aggregator": [p.popen.pid for p in aggregators.values()], "broker": [fed.broker.pid or 0],
+                          "fleet": [p.popen.pid for n, p in fed.processes.items() if n.startswith("worker-")]}
+                         | {f"aggregator {name}": [p.popen.pid] for name, p in aggregators.items()})
         cpu: list[dict[str, float]] = []
 
         def show(record: RoundRecord) -> None:
@@ -127,5 +136,21 @@ def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord],
         "updates_per_second": accepted / sum(seconds) if seconds else None,
         "bytes_up_per_round": [r.bytes_up for r in complete],
         "accuracy": complete[-1].accuracy if complete else None,
-        "cpu_seconds_per_round": {name: [c[name] for c in cycles] for name in (cycles[0] if cycles else {})},
+        "cpu_seconds_per_round": {name: [c[name] for c in cycles] for name in (cycles[0] if cycles else {})
+                                  if not name.startswith("aggregator ")},
+        "aggregators": _per_aggregator(plan, complete, cycles),
     }
+
+
+def _per_aggregator(plan: SimulationPlan, complete: list[RoundRecord],
+                    cycles: list[dict[str, float]]) -> dict[str, dict[str, float | int | None]]:
+    """Updates each aggregator merged (its own partial sum) and the CPU seconds it spent, over complete rounds."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for i in range(1, plan.aggregators + 1):
+        name = f"a{i}"
+        updates = sum(r.aggregators.get(name, 0) for r in complete) if plan.aggregators > 1 else \
+            sum(r.accepted for r in complete)
+        cpu = round(sum(c.get(f"aggregator {name}", 0.0) for c in cycles), 3)
+        out[name] = {"updates": updates, "cpu_seconds": cpu,
+                     "cpu_ms_per_update": round(1000 * cpu / updates, 3) if updates else None}
+    return out

@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=4, help="processes the virtual devices share")
     parser.add_argument("--clients-per-round", type=int, default=0, help="K (default: every client)")
     parser.add_argument("--deadline", type=float, default=300.0, help="round deadline in seconds")
+    parser.add_argument("--aggregators", type=int, default=1,
+                        help="aggregator processes sharing the work on one federation (default 1)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/simulate-<time>")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
 
@@ -22,12 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedlite.demo.simulate import SimulationPlan, run_simulation
 
-    if args.clients < 1 or args.processes < 1 or args.rounds < 1:
-        print("fedlite simulate: --clients, --processes and --rounds must be >= 1")
+    if args.clients < 1 or args.processes < 1 or args.rounds < 1 or not 1 <= args.aggregators <= 16:
+        print("fedlite simulate: --clients, --processes and --rounds must be >= 1, --aggregators 1 to 16")
         return 2
     run_dir = args.run_dir or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     plan = SimulationPlan(clients=args.clients, rounds=args.rounds, processes=min(args.processes, args.clients),
-                          clients_per_round=args.clients_per_round, deadline_seconds=args.deadline)
+                          clients_per_round=args.clients_per_round, deadline_seconds=args.deadline,
+                          aggregators=args.aggregators)
     result = run_simulation(plan, run_dir.resolve())
     print(f"{result['clients']} clients, {result['clients_per_round']} per round: median round "
           f"{result['median_round_seconds']} s, {result['updates_per_second']:.0f} updates/s "
@@ -36,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
                       result["cpu_seconds_per_round"].items() if values)
     if split:
         print(f"median CPU seconds per round: {split}")
+    if args.aggregators > 1:
+        print("per aggregator: " + ", ".join(f"{name} {a['updates']} updates, {a['cpu_seconds']:.2f} CPU s"
+                                             for name, a in result["aggregators"].items()))
     if args.json:
         print(json.dumps(result))
     return 0

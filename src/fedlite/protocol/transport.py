@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -53,6 +55,12 @@ class BrokerSettings:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def _no_delay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    """Small packets (PUBACKs, claims) leave at once instead of waiting on Nagle's algorithm."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Link:
     """One MQTT v5 connection with a persistent session, resubscribed after every reconnect."""
 
@@ -99,6 +107,7 @@ class Link:
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
         client.on_connect = self._handle_connect
+        client.on_socket_open = _no_delay
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish

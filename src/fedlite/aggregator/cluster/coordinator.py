@@ -65,9 +65,14 @@ class ClusterCoordinator:
             self.host.refuse("cluster", exc.reason, f"claim from {member}: {exc}")
             return
         attempt = self.host.current
-        granted = (attempt is not None and claim.member == member and claim.session == attempt.session
-                   and attempt.accept_remote(claim.client, member))
-        grant = Grant(round=claim.round, session=claim.session, client=claim.client, granted=granted)
+        if claim.member != member:
+            reason = "sender"
+        elif attempt is None or claim.session != attempt.session:
+            reason = "late"
+        else:
+            reason = attempt.accept_remote(claim.client, member)
+        grant = Grant(round=claim.round, session=claim.session, client=claim.client, granted=not reason,
+                      reason=reason)
         self._publish(topics.cluster_topic(self.federation, "grant", member), to_json(grant))
 
     # --- the inbox's workers ----------------------------------------------------------------------
@@ -116,8 +121,9 @@ class ClusterCoordinator:
                 self.host.refuse("cluster", "unbooked", f"partial sum from {member} holds updates it did not claim "
                                  f"({', '.join(unbooked[:5])}); refused whole", attempt.number)
         for member, clients in attempt.drop_unmerged().items():
-            log.warning("round %d: no partial sum from aggregator %s in time: its %d updates are not counted",
-                        attempt.number, member, len(clients))
+            why = "its partial sum lacks" if member in arrived else "no partial sum from it in time for"
+            log.warning("round %d: aggregator %s: %s %d updates it claimed: they are not counted", attempt.number,
+                        member, why, len(clients))
         attempt.members[self.member] = own
 
     def _brief(self, attempt: RoundAttempt, state: str) -> None:

@@ -47,7 +47,7 @@ class ClusterMember:
         self.manifests: dict[str, dict[str, Any]] = {}
         self.current: RoundAttempt | None = None
         self._brief: ClusterBrief | None = None
-        self._grants: dict[tuple[str, str], tuple[threading.Event, list[bool]]] = {}
+        self._grants: dict[tuple[str, str], tuple[threading.Event, list[Grant]]] = {}
         self._lock = threading.Lock()
         self.inbox = Inbox(self._handle, self._busy, workers=workers)
         self.link = Link(broker_settings(config), client_id(config), self._on_message)
@@ -118,7 +118,7 @@ class ClusterMember:
         with self._lock:
             waiting = self._grants.pop((grant.session, grant.client), None)
         if waiting is not None:
-            waiting[1].append(grant.granted)
+            waiting[1].append(grant)
             waiting[0].set()
 
     # --- the inbox's workers ----------------------------------------------------------------------
@@ -180,12 +180,12 @@ class ClusterMember:
         log.info("round %d: checking this aggregator's share of the updates (session %s)", brief.round,
                  brief.session)
 
-    def _claimer(self, brief: ClusterBrief) -> Callable[[str], bool]:
+    def _claimer(self, brief: ClusterBrief) -> Callable[[str], str]:
         topic = topics.cluster_topic(self.federation, "claim", self.member)
         timeout = self.config.cluster.claim_timeout_seconds
 
-        def claim(client: str) -> bool:
-            waiting: tuple[threading.Event, list[bool]] = (threading.Event(), [])
+        def claim(client: str) -> str:
+            waiting: tuple[threading.Event, list[Grant]] = (threading.Event(), [])
             with self._lock:
                 self._grants[(brief.session, client)] = waiting
             message = Claim(member=self.member, round=brief.round, session=brief.session, client=client)
@@ -194,12 +194,13 @@ class ClusterMember:
                 with self._lock:
                     self._grants.pop((brief.session, client), None)
                 raise Rejected("busy", f"no grant from the coordinator within {timeout:g} s")
-            return waiting[1][0]
+            grant = waiting[1][0]
+            return "" if grant.granted else grant.reason or "duplicate"
 
         return claim
 
     def _hand_over(self, attempt: RoundAttempt) -> None:
-        partial = attempt.partial()
+        partial = attempt.partial(self.config.cluster.claim_timeout_seconds)
         topic = topics.cluster_topic(self.federation, "partial", self.member)
         frame = to_frame(self.member, attempt.number, attempt.session, partial)
         self.link.publish(topic, self.signer.sign(topic, frame))

@@ -56,12 +56,14 @@ class Claim:
 
 @dataclass
 class Grant:
-    """The coordinator's answer to a claim: `granted` if no one holds that client's update yet."""
+    """The coordinator's answer to a claim: `granted` if no one holds that client's update yet, else `reason`
+    (late: the attempt is closed or not the open one, not_selected, duplicate: held by another aggregator)."""
 
     round: int
     session: str
     client: str
     granted: bool
+    reason: str = ""
     type: str = "cluster_grant"
     protocol: int = PROTOCOL_VERSION
 
