@@ -139,6 +139,12 @@ def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord],
         "cpu_seconds_per_round": {name: [c[name] for c in cycles] for name in (cycles[0] if cycles else {})
                                   if not name.startswith("aggregator ")},
         "aggregators": _per_aggregator(plan, complete, cycles),
+        "cpu_seconds_per_round_by_aggregator": {name.removeprefix("aggregator "): [c[name] for c in cycles]
+                                                for name in (cycles[0] if cycles else {})
+                                                if name.startswith("aggregator ")},
+        "updates_per_round_by_aggregator": {f"a{i}": [r.aggregators.get(f"a{i}", r.accepted if plan.aggregators == 1
+                                                                          else 0) for r in complete]
+                                            for i in range(1, plan.aggregators + 1)},
     }
 
 
