@@ -251,3 +251,30 @@ def test_a_killed_member_loses_only_its_own_updates_and_a_killed_coordinator_is_
         assert [r["round"] for r in done] == [1, 2]
         assert done[0]["session"] == first["session"]  # the round completed before the failover is kept
 
+
+
+def test_claims_asked_while_a_batch_is_out_go_out_together_in_the_next_one() -> None:
+    import threading
+
+    from fedlite.aggregator.cluster.claims import ClaimBatcher
+
+    sent: list[tuple[int, list[str]]] = []
+    batcher = ClaimBatcher(lambda batch, clients: sent.append((batch, clients)), timeout=5)
+    answers: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda c=c: answers.__setitem__(c, batcher.ask(c))) for c in "abcd"]
+    threads[0].start()
+    time.sleep(0.1)  # a's batch is out
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.1)
+    assert sent == [(1, ["a"])]
+    batcher.answer(1, {})
+    time.sleep(0.1)
+    assert sent[1][0] == 2 and sorted(sent[1][1]) == ["b", "c", "d"]  # one message for the three
+    batcher.answer(2, {"c": "duplicate"})
+    for thread in threads:
+        thread.join(5)
+    assert answers == {"a": "", "b": "", "c": "duplicate", "d": ""}
+    batcher.answer(2, {"b": "late"})  # a repeated answer changes nothing
+    with pytest.raises(TimeoutError):
+        ClaimBatcher(lambda batch, clients: None, timeout=0.2).ask("e")

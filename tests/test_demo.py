@@ -66,10 +66,11 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
     assert not _children_named(str(run_dir)), "processes of the demo are still running"
 
 
-def test_demo_with_a_ternary_codec_sends_a_fraction_of_int8s_bytes(tmp_path):
+def test_demo_with_a_ternary_codec_on_two_aggregators_sends_a_fraction_of_int8s_bytes(tmp_path):
     run_dir = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir), "--rounds", "3",
-                             "--clients", "4", "--codec", "ternary-ef"], capture_output=True, text=True, timeout=600)
+                             "--clients", "4", "--codec", "ternary-ef", "--aggregators", "2"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
     manifest = json.loads((run_dir / "aggregator" / "models" / "round-00000" / "manifest.json").read_text())
@@ -78,6 +79,10 @@ def test_demo_with_a_ternary_codec_sends_a_fraction_of_int8s_bytes(tmp_path):
     # int8 codes alone are 1 byte per parameter; ternary codes are 2 bits (plus the frame and its scales)
     assert 0 < summary["bytes_up_per_update"] < 0.5 * params, (summary["bytes_up_per_update"], params)
     assert "ternary-ef" in result.stdout
+    history = json.loads((run_dir / "aggregator" / "history.json").read_text())
+    assert summary["aggregators"] == 2 and set(summary["updates_by_aggregator"]) <= {"a1", "a2"}
+    assert sum(summary["updates_by_aggregator"].values()) == sum(r["accepted"] for r in history
+                                                                 if r["status"] == "complete")
 
 
 def test_demo_in_fedbuff_mode_with_a_straggler_makes_versions_of_buffered_updates(tmp_path):
@@ -123,13 +128,18 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path):
     assert not _children_named(str(run_dir))
 
 
-def test_simulate_runs_rounds_with_many_virtual_agents(tmp_path):
+def test_simulate_runs_rounds_with_many_virtual_agents_on_two_aggregators(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fedlite.cli", "simulate", "--clients", "200", "--rounds", "2",
-                             "--run-dir", str(tmp_path / "sim"), "--json"], capture_output=True, text=True,
-                            timeout=600)
+                             "--aggregators", "2", "--run-dir", str(tmp_path / "sim"), "--json"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["rounds"] == 2 and summary["clients_per_round"] == 200
     assert all(s > 0 for s in summary["round_seconds"]) and summary["updates_per_second"] > 0
     history = json.loads((tmp_path / "sim" / "aggregator" / "history.json").read_text())
     assert all(r["accepted"] >= 180 for r in history if r["status"] == "complete")
+    shares = summary["aggregators"]  # the broker deals the shared updates to both, each merged exactly once
+    assert shares["a1"]["updates"] > 0 and shares["a2"]["updates"] > 0
+    assert shares["a1"]["updates"] + shares["a2"]["updates"] == sum(r["accepted"] for r in history
+                                                                    if r["status"] == "complete")
+    assert all(a["cpu_seconds"] > 0 for a in shares.values())

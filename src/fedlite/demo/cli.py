@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stragglers", type=int, default=0, help="steady devices that train 5 x slower")
     parser.add_argument("--batch-seconds", type=float, default=0.0,
                         help="simulated device speed: each training batch takes at least this long")
+    parser.add_argument("--aggregators", type=int, default=1,
+                        help="aggregator processes sharing the work on one federation (default 1)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
 
 
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dp and args.mode == "fedbuff":
         print("fedlite demo: --dp cannot be combined with --mode fedbuff yet")
         return 2
+    if not 1 <= args.aggregators <= 16 or (args.aggregators > 1 and args.mode == "fedbuff"):
+        print("fedlite demo: --aggregators must be 1 to 16, and 1 with --mode fedbuff")
+        return 2
     if not 0 <= args.stragglers <= args.clients or not 0 <= args.batch_seconds <= 10:
         print(f"fedlite demo: need 0 <= --stragglers <= --clients ({args.clients}) and 0 <= --batch-seconds <= 10")
         return 2
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     plan = DemoPlan(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                     alpha=args.alpha, local_epochs=args.local_epochs, seed=args.seed, dp=args.dp,
                     noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, codec=args.codec,
-                    mode=args.mode, stragglers=args.stragglers, batch_seconds=args.batch_seconds)
+                    mode=args.mode, stragglers=args.stragglers, batch_seconds=args.batch_seconds,
+                    aggregators=args.aggregators)
     try:
         run_demo(plan, run_dir)
     except KeyboardInterrupt:

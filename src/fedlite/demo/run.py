@@ -49,6 +49,7 @@ class DemoPlan:
     mode: str = "sync"  # [rounds] mode: sync | fedbuff (then `rounds` counts versions)
     stragglers: int = 0  # steady devices that train 5 x slower
     batch_seconds: float = 0.0  # simulated hardware: each training batch takes at least this long
+    aggregators: int = 1  # > 1: that many aggregator processes share the work (`aggregator.cluster`)
 
 
 def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
@@ -65,9 +66,15 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
             f"(devices), per-device credentials and ACLs in {fed.broker.paths.root}")
         roles = assign_roles(devices, plan.stragglers)
         scenario = Scenario(fed, roles, {"batch_seconds": plan.batch_seconds} if plan.batch_seconds else {}).start()
+        config = _aggregator_config(fed, task, plan, run_dir)
+        if plan.aggregators > 1:  # before the agents: every member follows the first round
+            aggregator = fed.start_aggregators(config, plan.aggregators)[0]
+            say(f"aggregators: {plan.aggregators} processes on one federation, a1 coordinates, a2..a"
+                f"{plan.aggregators} share the updates ($share group)")
         for device in devices:
             _start_agent(fed, device, shards[device])
-        aggregator = fed.start("aggregator", "aggregator", _aggregator_config(fed, task, plan, run_dir))
+        if plan.aggregators == 1:
+            aggregator = fed.start("aggregator", "aggregator", config)
         vanishing = [d for d, r in roles.items() if r.kind == "vanishing"]
         vanisher = (Vanisher(fed, vanishing[0], lambda: _start_agent(fed, vanishing[0], shards[vanishing[0]]),
                              at_round=max(2, plan.rounds // 3), say=say) if vanishing else None)
@@ -115,7 +122,7 @@ def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir
         training={"epochs": plan.local_epochs, "batch_size": task.batch_size, "learning_rate": task.lr,
                   "encoding": plan.codec},
         evaluation={"test_data": str(run_dir / "data" / "test.npz")},
-        **_privacy_table(plan),
+        **_privacy_table(plan), **fed.cluster_tables(plan.aggregators),
     )
 
 
@@ -170,7 +177,8 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
         "task": task.name, "plan": asdict(plan), "codec": plan.codec, "duration_seconds": round(seconds, 1),
         "clients": plan.clients, "partition": plan.partition, "alpha": plan.alpha, "params": _params(models),
-        "mode": plan.mode, "stragglers": plan.stragglers,
+        "mode": plan.mode, "stragglers": plan.stragglers, "aggregators": plan.aggregators,
+        "updates_by_aggregator": _updates_by_aggregator(history),
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
         "epsilon": last.epsilon if last else None, "delta": last.delta if last else None,
@@ -185,6 +193,16 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     say(f"int8 inference model: {summary['int8_model']}")
     say(f"report: {run_dir / 'report'} (summary.json and plots)")
     return summary
+
+
+def _updates_by_aggregator(history: list[RoundRecord]) -> dict[str, int]:
+    """Updates each aggregator merged over the complete rounds (empty with one aggregator)."""
+    totals: dict[str, int] = {}
+    for record in history:
+        if record.complete:
+            for name, count in record.aggregators.items():
+                totals[name] = totals.get(name, 0) + count
+    return dict(sorted(totals.items()))
 
 
 def _params(models: Path) -> int | None:

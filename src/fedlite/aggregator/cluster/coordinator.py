@@ -65,14 +65,15 @@ class ClusterCoordinator:
             self.host.refuse("cluster", exc.reason, f"claim from {member}: {exc}")
             return
         attempt = self.host.current
-        if claim.member != member:
-            reason = "sender"
-        elif attempt is None or claim.session != attempt.session:
-            reason = "late"
-        else:
-            reason = attempt.accept_remote(claim.client, member)
-        grant = Grant(round=claim.round, session=claim.session, client=claim.client, granted=not reason,
-                      reason=reason)
+        refused: dict[str, str] = {}
+        for client in claim.clients:
+            if claim.member != member:
+                refused[client] = "sender"
+            elif attempt is None or claim.session != attempt.session:
+                refused[client] = "late"
+            elif reason := attempt.accept_remote(client, member):
+                refused[client] = reason
+        grant = Grant(round=claim.round, session=claim.session, batch=claim.batch, refused=refused)
         self._publish(topics.cluster_topic(self.federation, "grant", member), to_json(grant))
 
     # --- the inbox's workers ----------------------------------------------------------------------

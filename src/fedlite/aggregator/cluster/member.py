@@ -8,12 +8,12 @@ publishes its partial sum. The manifest comes from the retained (signed) model t
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from fedlite.aggregator.attempt_setup import round_context, round_reducer
 from fedlite.aggregator.bootstrap import broker_settings, client_id
+from fedlite.aggregator.cluster.claims import ClaimBatcher
 from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant
 from fedlite.aggregator.cluster.partials import to_frame
 from fedlite.aggregator.config import AggregatorConfig
@@ -47,8 +47,7 @@ class ClusterMember:
         self.manifests: dict[str, dict[str, Any]] = {}
         self.current: RoundAttempt | None = None
         self._brief: ClusterBrief | None = None
-        self._grants: dict[tuple[str, str], tuple[threading.Event, list[Grant]]] = {}
-        self._lock = threading.Lock()
+        self._claims: tuple[str, ClaimBatcher] | None = None  # the open attempt's session and its claims
         self.inbox = Inbox(self._handle, self._busy, workers=workers)
         self.link = Link(broker_settings(config), client_id(config), self._on_message)
 
@@ -115,11 +114,9 @@ class ClusterMember:
         except ProtocolError as exc:
             self.ledger.refuse("cluster", exc.reason, None, f"grant: {exc}")
             return
-        with self._lock:
-            waiting = self._grants.pop((grant.session, grant.client), None)
-        if waiting is not None:
-            waiting[1].append(grant)
-            waiting[0].set()
+        claims = self._claims
+        if claims is not None and claims[0] == grant.session:
+            claims[1].answer(grant.batch, grant.refused)
 
     # --- the inbox's workers ----------------------------------------------------------------------
 
@@ -182,20 +179,20 @@ class ClusterMember:
 
     def _claimer(self, brief: ClusterBrief) -> Callable[[str], str]:
         topic = topics.cluster_topic(self.federation, "claim", self.member)
-        timeout = self.config.cluster.claim_timeout_seconds
+
+        def send(batch: int, clients: list[str]) -> None:
+            message = Claim(member=self.member, round=brief.round, session=brief.session, batch=batch,
+                            clients=clients)
+            self.link.publish_nowait(topic, self.signer.sign(topic, to_json(message)))
+
+        claims = ClaimBatcher(send, self.config.cluster.claim_timeout_seconds)
+        self._claims = (brief.session, claims)
 
         def claim(client: str) -> str:
-            waiting: tuple[threading.Event, list[Grant]] = (threading.Event(), [])
-            with self._lock:
-                self._grants[(brief.session, client)] = waiting
-            message = Claim(member=self.member, round=brief.round, session=brief.session, client=client)
-            self.link.publish_nowait(topic, self.signer.sign(topic, to_json(message)))
-            if not waiting[0].wait(timeout):
-                with self._lock:
-                    self._grants.pop((brief.session, client), None)
-                raise Rejected("busy", f"no grant from the coordinator within {timeout:g} s")
-            grant = waiting[1][0]
-            return "" if grant.granted else grant.reason or "duplicate"
+            try:
+                return claims.ask(client)
+            except TimeoutError as exc:
+                raise Rejected("busy", f"the coordinator did not answer: {exc}") from None
 
         return claim
 

@@ -2,8 +2,8 @@
 
 - ``brief`` (coordinator, retained): the open attempt, with what a member needs to check its updates; ``closed``
   asks every member for its partial sum.
-- ``claim/<member>`` → ``grant/<member>``: a member asks before it admits a device's update (first claim wins,
-  so no update is counted twice); the grant answers it.
+- ``claim/<member>`` → ``grant/<member>``: a member asks before it admits devices' updates (first claim wins,
+  so no update is counted twice), in batches (`claims.ClaimBatcher`); the grant answers a batch.
 - ``partial/<member>``: a member's partial sum for a closed attempt: a JSON header (`PartialHeader`) and the
   running sum as safetensors.
 """
@@ -44,26 +44,27 @@ class ClusterBrief:
 
 @dataclass
 class Claim:
-    """A member asks to admit `client`'s update to the attempt `session`."""
+    """A member asks to admit the updates of `clients` (checked, each of them) to the attempt `session`."""
 
     member: str
     round: int
     session: str
-    client: str
+    batch: int  # the member's number for this batch of claims, repeated by the grant
+    clients: list[str]
     type: str = "cluster_claim"
     protocol: int = PROTOCOL_VERSION
 
 
 @dataclass
 class Grant:
-    """The coordinator's answer to a claim: `granted` if no one holds that client's update yet, else `reason`
-    (late: the attempt is closed or not the open one, not_selected, duplicate: held by another aggregator)."""
+    """The coordinator's answer to a batch of claims: each client is granted (no one holds its update yet) unless
+    `refused` says why not (late: the attempt is closed or not the open one, not_selected, duplicate: held by
+    another aggregator)."""
 
     round: int
     session: str
-    client: str
-    granted: bool
-    reason: str = ""
+    batch: int
+    refused: dict[str, str]
     type: str = "cluster_grant"
     protocol: int = PROTOCOL_VERSION
 
