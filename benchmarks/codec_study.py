@@ -48,22 +48,6 @@ VARIANTS: tuple[tuple[str, str], ...] = (
 )
 
 
-class BrokerMemory:
-    """What a broker retains per topic: the link `RetainedTopics` publishes through, read by the devices."""
-
-    def __init__(self) -> None:
-        self.held: dict[str, bytes] = {}
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False, timeout: float = 0) -> None:
-        if payload:
-            self.held[topic] = payload
-        else:
-            self.held.pop(topic, None)
-
-    def receive(self, names: list[str], wait: float) -> list[bytes | None]:
-        return [self.held.get(name) for name in names]
-
-
 def available(seed: int, number: int, rounds: int) -> list[int]:
     """The devices that can take part in round `number` (the demo's unavailability)."""
     rng = np.random.default_rng((seed, number, 7))
@@ -130,6 +114,7 @@ def run_variant(task: Any, model_dir: Path, uplink: str, downlink: str, rounds: 
     from fedlite.aggregator.downlink import Downlink
     from fedlite.aggregator.retained import RetainedTopics
     from fedlite.demo.partition import dirichlet
+    from fedlite.demo.retained_store import RetainedStore
     from fedlite.protocol.layout import num_params, unflatten
     from fedlite.protocol.messages import RoundAnnouncement
     from fedlite.protocol.selection import nobody
@@ -138,7 +123,7 @@ def run_variant(task: Any, model_dir: Path, uplink: str, downlink: str, rounds: 
     trainer = Trainer.from_dir(model_dir)
     manifest = trainer.manifest
     weights = trainer.get_weights()
-    broker, retained = BrokerMemory(), RetainedTopics(None, None)
+    broker, retained = RetainedStore(), RetainedTopics(None, None)
     retained.attach(broker)
     server = Downlink(FED, HASH, manifest, retained, lambda: RUN,
                       delta_encoding="none" if downlink == "full" else downlink)

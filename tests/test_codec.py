@@ -465,3 +465,22 @@ def test_a_compact_frame_is_much_smaller_than_safetensors_for_a_small_model():
     compact = len(encode_update(delta, header, encoding="ternary-ef"))
     table = len(encode_update(delta, header, encoding="ternary-ef", compact=False))
     assert compact < 0.7 * table, (compact, table)
+
+
+def test_read_header_reads_a_compact_frames_header_without_the_model_layout_and_refuses_what_is_not_a_frame():
+    from fedlite.protocol.codec import CodecError, Header, decode, encode_update, read_header
+
+    delta = {"w": np.full((8, 4), 0.1, np.float32), "b": np.full(4, -0.2, np.float32)}
+    header = Header(kind="update", federation="f", round=7, model_hash="m", client_id="pi-1", num_examples=12,
+                    run="r1")
+    frame = encode_update(delta, header, encoding="int4")
+    with pytest.raises(CodecError) as info:
+        decode(frame)  # a compact body's tensors decode only against the layout
+    assert info.value.reason == "layout"
+    read = read_header(frame)
+    assert (read.kind, read.round, read.client_id, read.num_examples, read.encoding, read.run) == (
+        "update", 7, "pi-1", 12, "int4", "r1")
+    for bad, reason in [(frame[:3], "truncated"), (b"XYZ" + frame[3:], "bad_magic")]:
+        with pytest.raises(CodecError) as info:
+            read_header(bad)
+        assert info.value.reason == reason

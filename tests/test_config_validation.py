@@ -255,3 +255,15 @@ def test_agent_whose_data_is_missing_exits_with_a_code_systemd_retries(tmp_path:
     result = run_fedlite("agent", "--config", str(write(tmp_path, "agent", {})))
     assert result.stderr.splitlines() == [f"fedlite agent: data file {tmp_path / 'data'} does not exist"]
     assert result.returncode != 0 and result.returncode not in restart_prevented("fedlite-agent.service")
+
+
+def test_training_learning_rate_decay_sets_each_rounds_plan_and_is_bounded(tmp_path: Path) -> None:
+    from fedlite.protocol.messages import TrainingPlan, to_json
+
+    config = loads(tmp_path, "aggregator", {"training.learning_rate": 0.1, "training.learning_rate_decay": 0.5})
+    plans = [config.training.plan(number) for number in (1, 2, 4)]
+    assert [p.learning_rate for p in plans] == pytest.approx([0.1, 0.05, 0.0125])
+    assert type(plans[0]) is TrainingPlan  # what is broadcast: the plan's fields, nothing server-side
+    assert "learning_rate_decay" not in to_json(plans[0]).decode()
+    message = refusal(tmp_path, "aggregator", {"training.learning_rate_decay": 1.5})
+    assert message.startswith("training.learning_rate_decay must be") and message.endswith("not 1.5"), message

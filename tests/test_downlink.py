@@ -11,6 +11,7 @@ from fedlite.agent.downlink import Held, HeldWeights, fetch
 from fedlite.aggregator.config import ModelSection
 from fedlite.aggregator.downlink import Downlink
 from fedlite.aggregator.retained import RetainedTopics
+from fedlite.demo.retained_store import RetainedStore
 from fedlite.protocol import topics
 from fedlite.protocol.codec import Header, encode_delta
 from fedlite.protocol.downlink import apply_delta, digest
@@ -24,24 +25,8 @@ MANIFEST = {"weights": [{"name": "dense/kernel", "shape": [64, 32]}, {"name": "d
                         {"name": "out/kernel", "shape": [32, 10]}, {"name": "out/bias", "shape": [10]}]}
 
 
-class BrokerMemory:
-    """What a broker retains, per topic (the link `RetainedTopics` publishes through)."""
-
-    def __init__(self) -> None:
-        self.held: dict[str, bytes] = {}
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False, timeout: float = 0) -> None:
-        if payload:
-            self.held[topic] = payload
-        else:
-            self.held.pop(topic, None)
-
-    def receive(self, names: list[str], wait: float) -> list[bytes | None]:
-        return [self.held.get(name) for name in names]
-
-
-def _server(encoding: str = "int8") -> tuple[Downlink, BrokerMemory]:
-    broker = BrokerMemory()
+def _server(encoding: str = "int8") -> tuple[Downlink, RetainedStore]:
+    broker = RetainedStore()
     retained = RetainedTopics(None, None)
     retained.attach(broker)
     return Downlink(FED, HASH, MANIFEST, retained, lambda: RUN, delta_encoding=encoding), broker

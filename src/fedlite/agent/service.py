@@ -372,12 +372,13 @@ class Agent:
     # --- status and progress -----------------------------------------------------------------
 
     def _status(self, state: str, failures: dict[str, str]) -> DeviceStatus:
+        weights_run, weights_round = self.held.status()
         return DeviceStatus(
             client_id=self.client_id, state=state, eligible=state != "offline" and not failures,
             failed_gates=failures, num_examples=int(len(self.data.x_train)), runtime=self.models.runtime,
             agent_version=__version__, cached_models=self.models.hashes(), updated_at=time.time(),
             deployed_model=self.deployer.deployed_model, encodings=list(codecs.UPLINK),
-            weights_run=self.held.status()[0], weights_round=self.held.status()[1],
+            weights_run=weights_run, weights_round=weights_round,
         )
 
     def _publish_status(self, state: str = "online") -> None:

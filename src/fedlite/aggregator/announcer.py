@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fedlite.aggregator.config import TrainingSection
 from fedlite.aggregator.downlink import RoundWeights
 from fedlite.aggregator.record import RoundRecord
 from fedlite.aggregator.retained import RetainedTopics
@@ -23,13 +24,14 @@ class Announcer:
 
     federation: str
     model_hash: str
-    plan: TrainingPlan
+    training: TrainingSection  # the run's plan ([training]), broadcast per round by `TrainingSection.plan`
     retained: RetainedTopics
     identity: Callable[[], RunIdentity | None]
     _opened: RoundAnnouncement | None = None  # the current attempt's open announcement
 
     def open(self, attempt: RoundAttempt, weights: RoundWeights, plan: TrainingPlan | None = None) -> None:
-        """Announce the attempt's session and selection (`plan`: this attempt's, instead of the run's)."""
+        """Announce the attempt's session and selection (`plan`: this attempt's, instead of the run's for its
+        round)."""
         if attempt.selection is None:
             raise ValueError(f"round {attempt.number} has no selection to announce")
         self._opened = RoundAnnouncement(
@@ -37,7 +39,8 @@ class Announcer:
             model_topic=topics.model_topic(self.federation, self.model_hash),
             weights_topic=weights.topic, weights_digest=weights.digest, delta_base=weights.delta_base,
             selection=attempt.selection,
-            deadline=attempt.deadline, plan=plan or self.plan, session=attempt.session, issued_at=time.time(),
+            deadline=attempt.deadline, plan=plan or self.training.plan(attempt.number), session=attempt.session,
+            issued_at=time.time(),
             **self._run_fields(),
         )
         self._publish(self._opened)
@@ -55,7 +58,8 @@ class Announcer:
         self._publish(RoundAnnouncement(
             federation=self.federation, round=total, model_hash=self.model_hash,
             model_topic=topics.model_topic(self.federation, self.model_hash), weights_topic="", selection=nobody(),
-            deadline=0.0, plan=self.plan, session=last.session if last else "", state="done", issued_at=time.time(),
+            deadline=0.0, plan=self.training.plan(total), session=last.session if last else "", state="done",
+            issued_at=time.time(),
             accepted=last.accepted if last else 0, reason=last.close_reason if last else "", **self._run_fields(),
         ))
 

@@ -232,9 +232,17 @@ class TrainingSection(TrainingPlan):
     """[training]: the plan broadcast to the devices (a protocol message), with the configuration's default codec."""
 
     encoding: str = DEFAULT_ENCODING  # int8 | int8-tensor | int4 | ternary-ef (fedlite.protocol.codecs)
+    # the devices' learning rate is multiplied by this each round: round r trains at learning_rate * decay^(r - 1)
+    learning_rate_decay: Annotated[float, Range(gt=0, le=1)] = 1.0
 
     def validate(self) -> None:
         codecs.check_encoding(self.encoding, "update")
+
+    def plan(self, number: int) -> TrainingPlan:
+        """The plan broadcast for round (or version) `number`: the plan's fields alone, its learning rate decayed."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingPlan)}
+        fields["learning_rate"] = self.learning_rate * self.learning_rate_decay ** max(0, number - 1)
+        return TrainingPlan(**fields)
 
 
 # [training] is the plan broadcast to the devices (a protocol message); its bounds as configuration:

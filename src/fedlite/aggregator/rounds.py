@@ -358,10 +358,16 @@ class RoundAttempt:
             self._changed.notify_all()
         return True
 
+    def answered(self) -> set[str]:
+        """The devices that answered: an admitted update, a decline or an abort."""
+        return self.accepted | set(self.declined) | set(self.aborted)
+
     def _decide(self, now: float) -> str | None:
-        """None while open; "complete" or "abandoned" once the closing rule says so (lock held)."""
+        """None while open; "complete" or "abandoned" once the closing rule says so (lock held; called at every
+        admission, so it counts instead of building `answered`: a device with an admitted update cannot also
+        decline or abort, see `report`)."""
         accepted = len(self.accepted)
-        answered = accepted + len(set(self.declined) | set(self.aborted))
+        answered = accepted + len(self.declined.keys() | self.aborted.keys())
         if accepted >= self.clients_per_round:
             return "complete"
         if (self.close_when_answered and answered >= len(self.selected)) or now >= self.deadline:

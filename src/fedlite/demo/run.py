@@ -49,6 +49,8 @@ class DemoPlan:
     mode: str = "sync"  # [rounds] mode: sync | fedbuff (then `rounds` counts versions)
     stragglers: int = 0  # steady devices that train 5 x slower
     batch_seconds: float = 0.0  # simulated hardware: each training batch takes at least this long
+    # the devices' learning rate decays this much per round (a round's cohort pulls the model less late in the run)
+    learning_rate_decay: float = 0.99
     aggregators: int = 1  # > 1: that many aggregator processes share the work (`aggregator.cluster`)
 
 
@@ -120,7 +122,7 @@ def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir
                 "fedbuff": {"buffer_size": max(1, per_round // 2), "max_concurrency": per_round,
                             "max_staleness": 4}},
         training={"epochs": plan.local_epochs, "batch_size": task.batch_size, "learning_rate": task.lr,
-                  "encoding": plan.codec},
+                  "encoding": plan.codec, "learning_rate_decay": plan.learning_rate_decay},
         evaluation={"test_data": str(run_dir / "data" / "test.npz")},
         **_privacy_table(plan), **fed.cluster_tables(plan.aggregators),
     )

@@ -78,7 +78,7 @@ def cluster_topic(federation: str, kind: str, member: str = "") -> str:
     return f"{ROOT}/{federation}/cluster/{kind}" + (f"/{member}" if member else "")
 
 
-CLUSTER_KINDS = ("brief", "claim", "grant", "partial")
+CLUSTER_KINDS = ("brief", "claim", "grant", "partial", "member")
 
 
 def cluster_subtree(federation: str) -> str:

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant
+from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant, MemberPresence
 from fedlite.aggregator.cluster.partials import from_frame
 from fedlite.aggregator.inbox import Item
 from fedlite.aggregator.rounds import RemotePartial, RoundAttempt
@@ -34,10 +34,10 @@ class ClusterCoordinator:
         self._partials: dict[str, RemotePartial] = {}  # the open attempt's, by member
         self._session = ""
         self._arrived = threading.Condition()
+        self.members: set[str] = set()  # members whose presence is retained (their last will clears it)
 
     def subscriptions(self) -> list[str]:
-        return [topics.cluster_topic(self.federation, "claim", "+"),
-                topics.cluster_topic(self.federation, "partial", "+")]
+        return [topics.cluster_topic(self.federation, kind, "+") for kind in ("claim", "partial", "member")]
 
     # --- the network thread -----------------------------------------------------------------------
 
@@ -47,6 +47,30 @@ class ClusterCoordinator:
             self._on_claim(topic, member, payload)
         elif kind == "partial":
             self.host.inbox.put(Item("partial", member, payload))
+        elif kind == "member":
+            self._on_presence(topic, member, payload)
+
+    def _on_presence(self, topic: str, member: str, payload: bytes) -> None:
+        if not payload:  # its last will, or a clean stop
+            with self._arrived:
+                gone = member in self.members
+                self.members.discard(member)
+                self._arrived.notify_all()
+            if gone:
+                log.warning("aggregator %s left the federation's cluster", member)
+            return
+        body = self._verified(topic, payload)
+        if body is None:
+            return
+        try:
+            presence = from_json(MemberPresence, body)
+        except ProtocolError as exc:
+            self.host.refuse("cluster", exc.reason, f"presence of {member}: {exc}")
+            return
+        if presence.member == member and member not in self.members:
+            with self._arrived:
+                self.members.add(member)
+            log.info("aggregator %s joined as a member (%d members)", member, len(self.members))
 
     def _verified(self, topic: str, payload: bytes) -> bytes | None:
         try:
@@ -113,7 +137,8 @@ class ClusterCoordinator:
         self._brief(attempt, "closed")
         until = time.time() + self.host.config.cluster.partial_timeout_seconds
         with self._arrived:
-            self._arrived.wait_for(lambda: holders <= set(self._partials) or time.time() >= until,
+            # a member that is gone (its last will) is not waited for: what it claimed is lost with it
+            self._arrived.wait_for(lambda: holders & self.members <= set(self._partials) or time.time() >= until,
                                    max(0.0, until - time.time()))
             arrived, self._partials = self._partials, {}
         for member, partial in sorted(arrived.items()):

@@ -7,14 +7,16 @@ publishes its partial sum. The manifest comes from the retained (signed) model t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fedlite.aggregator.attempt_setup import round_context, round_reducer
 from fedlite.aggregator.bootstrap import broker_settings, client_id
 from fedlite.aggregator.cluster.claims import ClaimBatcher
-from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant
+from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant, MemberPresence
 from fedlite.aggregator.cluster.partials import to_frame
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.inbox import Inbox, Item
@@ -49,7 +51,11 @@ class ClusterMember:
         self._brief: ClusterBrief | None = None
         self._claims: tuple[str, ClaimBatcher] | None = None  # the open attempt's session and its claims
         self.inbox = Inbox(self._handle, self._busy, workers=workers)
-        self.link = Link(broker_settings(config), client_id(config), self._on_message)
+        presence = topics.cluster_topic(self.federation, "member", self.member)
+        self._presence = presence, self.signer.sign(presence, to_json(MemberPresence(
+            federation=self.federation, member=self.member, started_at=time.time())))
+        self.link = Link(broker_settings(config), client_id(config), self._on_message, will=(presence, b""),
+                         on_connect=self._announce)
 
     def start(self) -> None:
         fed, share = self.federation, self.config.broker.share_group
@@ -62,7 +68,13 @@ class ClusterMember:
         log.info("aggregator %s: a member of federation %s (share group %s), coordinated elsewhere", self.member,
                  fed, share)
 
+    def _announce(self) -> None:
+        """After every (re)connect: say this member is up (its last will says when it is gone)."""
+        self.link.publish_nowait(*self._presence, retain=True)
+
     def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.link.publish(self._presence[0], b"", retain=True, timeout=2)
         self.link.close()
         self.inbox.stop()
 

@@ -4,6 +4,7 @@
   asks every member for its partial sum.
 - ``claim/<member>`` → ``grant/<member>``: a member asks before it admits devices' updates (first claim wins,
   so no update is counted twice), in batches (`claims.ClaimBatcher`); the grant answers a batch.
+- ``member/<member>`` (retained; the member's last will clears it): a member is up (`MemberPresence`).
 - ``partial/<member>``: a member's partial sum for a closed attempt: a JSON header (`PartialHeader`) and the
   running sum as safetensors.
 """
@@ -39,6 +40,17 @@ class ClusterBrief:
     norm_reference: list[float] | None = None  # None: no adaptive norm bound
     issued_at: float = 0.0
     type: str = "cluster_brief"
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass
+class MemberPresence:
+    """A member is connected and follows the briefs (retained; cleared by its last will when it goes)."""
+
+    federation: str
+    member: str
+    started_at: float
+    type: str = "cluster_member"
     protocol: int = PROTOCOL_VERSION
 
 

@@ -65,7 +65,6 @@ class FedBuffRounds(SyncRounds):
     def __init__(self, host: Aggregator) -> None:
         super().__init__(host)
         self.settings: FedBuffConfig = self.config.rounds.orchestrators["fedbuff"]
-        self.plan = dataclasses.replace(self.config.training, max_staleness=self.settings.max_staleness)
         self.slots: dict[str, float] = {}  # device -> when its slot lapses
         self.carried: deque[tuple[bytes, str]] = deque()  # updates that arrived for a full or closed version
 
@@ -115,13 +114,13 @@ class FedBuffRounds(SyncRounds):
     def _release(self, attempt: RoundAttempt) -> None:
         """Slots end with the device's update, decline or abort, or when they lapse."""
         now = time.time()
-        answered = attempt.accepted | set(attempt.declined) | set(attempt.aborted)
+        answered = attempt.answered()
         self.slots = {c: lapse for c, lapse in self.slots.items() if c not in answered and lapse > now}
 
     def _grant(self, attempt: RoundAttempt, sent: Any) -> bool:
         """Hand the free slots to eligible devices that hold none, announced as a new session of this version."""
         free = self.settings.max_concurrency - len(self.slots)
-        answered = attempt.accepted | set(attempt.declined) | set(attempt.aborted)
+        answered = attempt.answered()
         idle = [c for c in self.host.selectable() if c not in self.slots and c not in answered]
         if free <= 0 or not idle:
             return False
@@ -133,7 +132,8 @@ class FedBuffRounds(SyncRounds):
         attempt.session, attempt.selection = uuid.uuid4().hex[:12], rule
         attempt.sessions.add(attempt.session)  # a device's decline or abort of any of them ends its slot
         attempt.deadline = max(attempt.deadline, lapse)
-        self.host.announcer.open(attempt, sent, self.plan)
+        plan = dataclasses.replace(self.config.training.plan(attempt.number), max_staleness=self.settings.max_staleness)
+        self.host.announcer.open(attempt, sent, plan)
         self.host.log.info("version %d: %d devices start training (%d training)", attempt.number, len(picked),
                            len(self.slots))
         return True
