@@ -140,6 +140,23 @@ def test_a_malformed_partial_sum_is_refused_with_its_reason(arrays: dict, reason
         from_frame(frame[:3], make_aggregator("mean", SPECS))
 
 
+def test_a_partial_sum_travels_in_float32_no_bigger_than_the_models_weights_frame_needs() -> None:
+    specs = [("w", (256, 256)), ("b", (256,))]
+    member = RoundAttempt(number=1, session="s", selected=frozenset({"a"}), deadline=time.time() + 60,
+                          clients_per_round=1, quorum=1, limits=Limits(), aggregator=make_aggregator("mean", specs),
+                          context=RoundContext(federation="f", round=1, model_hash="m", selected=frozenset({"a"}),
+                                               manifest={"weights": [{"name": "w", "shape": [256, 256]},
+                                                                     {"name": "b", "shape": [256]}]}))
+    delta = {"w": np.full((256, 256), 0.01, np.float32), "b": np.full(256, 0.01, np.float32)}
+    header = Header(kind="update", federation="f", round=1, model_hash="m", client_id="a", num_examples=10)
+    member.offer(encode_update(delta, header, encoding="int8"), "a")
+    frame = to_frame("m2", 1, "s", member.partial())
+    params = 256 * 256 + 256
+    assert 4 * params < len(frame) < 4 * params + 4096  # 4 B per parameter and a small header
+    _, partial = from_frame(frame, make_aggregator("mean", specs))
+    np.testing.assert_allclose(partial.aggregator.result()["w"], 0.01, rtol=1e-2)
+
+
 @pytest.mark.parametrize("tables, message", [
     ("[cluster]\nmember = \"a1\"\n", "cluster.member (several aggregators) needs broker.share_group"),
     ("[cluster]\nmember = \"a1\"\n[broker]\nshare_group = \"g\"\n[server]\naggregation = \"median\"\n",

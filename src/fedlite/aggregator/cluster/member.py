@@ -31,7 +31,7 @@ from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import num_params, weight_specs
 from fedlite.protocol.messages import from_json, to_json
 from fedlite.protocol.signing import Signer
-from fedlite.protocol.transport import Link
+from fedlite.protocol.transport import Link, PayloadTooLarge
 
 log = logging.getLogger("fedlite.aggregator")
 
@@ -211,7 +211,14 @@ class ClusterMember:
     def _hand_over(self, attempt: RoundAttempt) -> None:
         partial = attempt.partial(self.config.cluster.claim_timeout_seconds)
         topic = topics.cluster_topic(self.federation, "partial", self.member)
-        frame = to_frame(self.member, attempt.number, attempt.session, partial)
-        self.link.publish(topic, self.signer.sign(topic, frame))
+        signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial))
+        try:
+            self.link.check_size(topic, signed)
+        except PayloadTooLarge:  # many updates' sketches beyond the broker's packet limit: the sum alone fits
+            log.warning("round %d: the %d updates' KPI sketches do not fit one packet; sending the sum without "
+                        "them (their cosine KPIs are missing)", attempt.number, len(partial.clients))
+            signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial,
+                                                      sketches=False))
+        self.link.publish(topic, signed)
         log.info("round %d: partial sum of %d updates handed to the coordinator (%d B)", attempt.number,
-                 len(partial.clients), len(frame))
+                 len(partial.clients), len(signed))

@@ -12,7 +12,7 @@ from fedlite.aggregator.rounds import RemotePartial
 from fedlite.aggregator.strategies import fedavg
 from fedlite.protocol.messages import MessageError
 
-_SKETCH = "sketch/"
+_SKETCH, _SUM = "sketch/", "sum/"
 
 
 def _running_sum(aggregator: Any) -> fedavg.RunningSum:
@@ -20,7 +20,10 @@ def _running_sum(aggregator: Any) -> fedavg.RunningSum:
     return getattr(aggregator, "inner", aggregator).state
 
 
-def to_frame(member: str, number: int, session: str, partial: RemotePartial) -> bytes:
+def to_frame(member: str, number: int, session: str, partial: RemotePartial, sketches: bool = True) -> bytes:
+    """The frame of a member's partial sum: its sums in float32 (4 B per parameter, so it fits wherever the
+    model's float32 weights frame does; the merged mean is exact to float32 resolution), counts exact; with
+    `sketches` each update's KPI sketch too."""
     header = PartialHeader(
         member=member, round=number, session=session, clients=partial.clients,
         example_counts=partial.example_counts, norms=partial.norms, client_metrics=partial.client_metrics,
@@ -28,8 +31,10 @@ def to_frame(member: str, number: int, session: str, partial: RemotePartial) -> 
         downloads=partial.downloads, clipped=partial.clipped, examples_capped=partial.examples_capped,
         cpu_seconds=time.process_time(),
     )
-    arrays = fedavg.to_arrays(_running_sum(partial.aggregator))
-    arrays |= {_SKETCH + client: sketch for client, sketch in partial.sketches.items()}
+    arrays = {k: v.astype(np.float32) if k.startswith(_SUM) else v  # float32 on the wire: a model frame's size
+              for k, v in fedavg.to_arrays(_running_sum(partial.aggregator)).items()}
+    if sketches:
+        arrays |= {_SKETCH + client: sketch for client, sketch in partial.sketches.items()}
     return encode_partial(header, arrays)
 
 
