@@ -149,3 +149,14 @@ def test_a_decline_for_an_earlier_session_of_the_version_still_answers_it() -> N
     assert attempt.report(DeviceReport("b", 3, "aborted", reason="charged: on battery", session="s2"))
     assert attempt.declined == {"a": "idle: busy"} and list(attempt.aborted) == ["b"]
     assert attempt.wait(0.05) is None  # everyone answered, but only K updates or the deadline close it
+
+
+def test_an_abort_for_the_session_an_earlier_version_granted_ends_the_slot_in_the_open_version() -> None:
+    from fedlite.protocol.messages import DeviceReport
+
+    attempt = RoundAttempt(number=5, session="s5", selected=frozenset({"a", "b"}), deadline=time.time() + 60,
+                           clients_per_round=2, quorum=1, context=_context(5, 4), limits=Limits(),
+                           aggregator=make_aggregator("mean", SPECS), sessions={"s3", "s5"}, close_when_answered=False)
+    assert attempt.report(DeviceReport("a", 3, "aborted", reason="idle: busy", session="s3"))  # granted in v3
+    assert not attempt.report(DeviceReport("b", 2, "aborted", reason="idle: busy", session="s2"))  # not held
+    assert attempt.aborted == {"a": "idle: busy"} and attempt.answered() == {"a"}

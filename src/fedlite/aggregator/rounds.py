@@ -108,7 +108,8 @@ class RoundAttempt:
     # asynchronous rounds: an update trained on a version tau behind is scaled by staleness(tau) before it is folded
     staleness: Callable[[int], float] | None = None
     staleness_of: dict[str, int] = field(default_factory=dict)
-    sessions: set[str] = field(default_factory=set)  # every session announced for it (asynchronous rounds: several)
+    # asynchronous rounds: every session announced for it, and those of earlier versions whose slots are still held
+    sessions: set[str] = field(default_factory=set)
     close_when_answered: bool = True  # False: only K updates or the deadline close it (more devices may be granted)
     # asynchronous rounds: updates that arrive once K are in, or after the close, wait here for the next version
     carry_over: deque[tuple[bytes, str]] | None = None
@@ -347,8 +348,12 @@ class RoundAttempt:
         return session == self.session or session in self.sessions
 
     def report(self, report: DeviceReport) -> bool:
-        """Record a decline or abort from a selected device; False if the report does not belong here."""
-        if report.round != self.number or report.client_id not in self.selected:
+        """Record a decline or abort from a selected device; False if the report does not belong here. A report
+        for another round counts when it names one of `sessions` (asynchronous rounds: a device still holding
+        the slot an earlier version granted it)."""
+        if report.client_id not in self.selected:
+            return False
+        if report.round != self.number and report.session not in self.sessions:
             return False
         with self._changed:
             if report.client_id in self.accepted:

@@ -66,6 +66,7 @@ class FedBuffRounds(SyncRounds):
         super().__init__(host)
         self.settings: FedBuffConfig = self.config.rounds.orchestrators["fedbuff"]
         self.slots: dict[str, float] = {}  # device -> when its slot lapses
+        self.granted_in: dict[str, str] = {}  # device -> the session its slot was granted in
         self.carried: deque[tuple[bytes, str]] = deque()  # updates that arrived for a full or closed version
 
     def attempt(self, number: int, attempt: int, weights: Weights) -> RoundOutcome | None:
@@ -78,6 +79,7 @@ class FedBuffRounds(SyncRounds):
             clients_per_round=self.settings.buffer_size, quorum=1, context=self._async_context(number, held),
             limits=host.limits, aggregator=self._reducer(number), sketcher=host.sketcher,
             staleness=STALENESS[self.settings.staleness], close_when_answered=False, carry_over=self.carried,
+            sessions={self.granted_in[c] for c in held if c in self.granted_in},  # their declines and aborts count
             **self._influence(held),
         )
         host.current = round_attempt
@@ -116,6 +118,7 @@ class FedBuffRounds(SyncRounds):
         now = time.time()
         answered = attempt.answered()
         self.slots = {c: lapse for c, lapse in self.slots.items() if c not in answered and lapse > now}
+        self.granted_in = {c: session for c, session in self.granted_in.items() if c in self.slots}
 
     def _grant(self, attempt: RoundAttempt, sent: Any) -> bool:
         """Hand the free slots to eligible devices that hold none, announced as a new session of this version."""
@@ -131,6 +134,7 @@ class FedBuffRounds(SyncRounds):
         attempt.grant(frozenset(picked))
         attempt.session, attempt.selection = uuid.uuid4().hex[:12], rule
         attempt.sessions.add(attempt.session)  # a device's decline or abort of any of them ends its slot
+        self.granted_in |= dict.fromkeys(picked, attempt.session)
         attempt.deadline = max(attempt.deadline, lapse)
         plan = dataclasses.replace(self.config.training.plan(attempt.number), max_staleness=self.settings.max_staleness)
         self.host.announcer.open(attempt, sent, plan)
