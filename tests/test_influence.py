@@ -164,7 +164,10 @@ def test_one_attacking_device_cannot_destroy_a_real_run(tmp_path, model):
     with LocalFederation(tmp_path / "run", FED, [*agents, "evil"]) as fed:
         config = start_federation(fed, tmp_path / "data", agents, model,
                                   rounds={"total": 6, "clients_per_round": 4, "over_selection": 0.3,
-                                          "deadline_seconds": 30.0})  # all 5 selected, the 4 honest close it
+                                          "deadline_seconds": 30.0,  # all 5 selected, the 4 honest close it
+                                          "wait_for_devices_seconds": 1.0})  # 6 wanted, 5 there: go with them
+        for agent in agents:  # a round lasts at least 0.7 s of simulated training: the attacker answers each one
+            fed.set_device_state(agent, batch_seconds=0.01)
         from broker_fixtures import open_client
 
         b = fed.broker
