@@ -35,6 +35,7 @@ class ClusterCoordinator:
         self._session = ""
         self._arrived = threading.Condition()
         self.members: set[str] = set()  # members whose presence is retained (their last will clears it)
+        self.gone: set[str] = set()  # members whose presence was cleared: not waited for at close
 
     def subscriptions(self) -> list[str]:
         return [topics.cluster_topic(self.federation, kind, "+") for kind in ("claim", "partial", "member")]
@@ -55,6 +56,7 @@ class ClusterCoordinator:
             with self._arrived:
                 gone = member in self.members
                 self.members.discard(member)
+                self.gone.add(member)
                 self._arrived.notify_all()
             if gone:
                 log.warning("aggregator %s left the federation's cluster", member)
@@ -70,6 +72,7 @@ class ClusterCoordinator:
         if presence.member == member and member not in self.members:
             with self._arrived:
                 self.members.add(member)
+                self.gone.discard(member)
             log.info("aggregator %s joined as a member (%d members)", member, len(self.members))
 
     def _verified(self, topic: str, payload: bytes) -> bytes | None:
@@ -138,7 +141,7 @@ class ClusterCoordinator:
         until = time.time() + self.host.config.cluster.partial_timeout_seconds
         with self._arrived:
             # a member that is gone (its last will) is not waited for: what it claimed is lost with it
-            self._arrived.wait_for(lambda: holders & self.members <= set(self._partials) or time.time() >= until,
+            self._arrived.wait_for(lambda: holders - self.gone <= set(self._partials) or time.time() >= until,
                                    max(0.0, until - time.time()))
             arrived, self._partials = self._partials, {}
         for member, partial in sorted(arrived.items()):
