@@ -17,7 +17,7 @@ from fedlite.aggregator.checkpoint import list_checkpoints, load_checkpoint
 from fedlite.aggregator.cluster.messages import MessageError, PartialHeader, encode_partial
 from fedlite.aggregator.cluster.partials import from_frame, to_frame
 from fedlite.aggregator.config import load_config
-from fedlite.aggregator.rounds import RoundAttempt
+from fedlite.aggregator.rounds import PartialBook, RoundAttempt
 from fedlite.aggregator.strategies import make_aggregator
 from fedlite.aggregator.validation import Rejected, RoundContext
 from fedlite.broker_config.acl import aggregator_rules, device_rules
@@ -106,7 +106,7 @@ def test_a_member_hands_over_only_once_the_claims_it_has_out_are_answered_and_ad
     threading.Timer(0.3, answer.set).start()
     partial = member.partial(claims_timeout=5)
     offering.join(5)
-    assert partial.clients == ["a"]
+    assert partial.book.clients == ["a"]
     assert coordinator.absorb_remote("m2", partial) == [] and coordinator.drop_unmerged() == {}
 
 
@@ -132,7 +132,7 @@ def test_a_partial_sum_holding_an_update_its_member_did_not_claim_is_refused_who
      "malformed"),
 ])
 def test_a_malformed_partial_sum_is_refused_with_its_reason(arrays: dict, reason: str) -> None:
-    frame = encode_partial(PartialHeader(member="m2", round=1, session="s", clients=["a"]), arrays)
+    frame = encode_partial(PartialHeader(member="m2", round=1, session="s", book=PartialBook(clients=["a"])), arrays)
     with pytest.raises(MessageError) as info:
         from_frame(frame, make_aggregator("mean", SPECS))
     assert info.value.reason == reason
@@ -296,3 +296,23 @@ def test_claims_asked_while_a_batch_is_out_go_out_together_in_the_next_one() -> 
     batcher.answer(2, {"b": "late"})  # a repeated answer changes nothing
     with pytest.raises(TimeoutError):
         ClaimBatcher(lambda batch, clients: None, timeout=0.2).ask("e")
+
+
+def test_a_cluster_message_that_is_unsigned_forged_or_malformed_is_refused_with_its_reason(tmp_path: Path) -> None:
+    from fedlite.aggregator.cluster.messages import Claim, read_signed
+    from fedlite.protocol.errors import ProtocolError
+    from fedlite.protocol.messages import to_json
+    from fedlite.protocol.signing import Signer, generate_keypair
+
+    signer = Signer.from_file(generate_keypair(tmp_path / "keys")[0])
+    other = Signer.from_file(generate_keypair(tmp_path / "other")[0])
+    topic = "fl/f/cluster/claim/m2"
+    claim = Claim(member="m2", round=1, session="s", batch=1, clients=["a"])
+    assert read_signed(signer.verifier(), Claim, topic, signer.sign(topic, to_json(claim))) == claim
+    cases = [(to_json(claim), "unsigned"), (other.sign(topic, to_json(claim)), "unknown_key"),
+             (signer.sign("fl/f/cluster/claim/m3", to_json(claim)), "forged"),  # moved to another member's topic
+             (signer.sign(topic, b'{"type":"cluster_claim"'), "malformed")]
+    for payload, reason in cases:
+        with pytest.raises(ProtocolError) as info:
+            read_signed(signer.verifier(), Claim, topic, payload)
+        assert info.value.reason == reason

@@ -34,21 +34,29 @@ class RoundOutcome:
 
 
 @dataclass
-class RemotePartial:
-    """A cluster member's partial sum for one attempt (an `Aggregator` of the round's rule) and its bookkeeping."""
+class PartialBook:
+    """A cluster member's bookkeeping for the updates in its partial sum (travels as JSON, `cluster.messages`)."""
 
-    aggregator: Any
     clients: list[str]
     example_counts: dict[str, float] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    sketches: dict[str, np.ndarray] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
     downloads: int = 0
     clipped: int = 0
     examples_capped: int = 0
+
+
+@dataclass
+class RemotePartial:
+    """A cluster member's partial sum for one attempt (an `Aggregator` of the round's rule), its bookkeeping and its
+    updates' KPI sketches."""
+
+    aggregator: Any
+    book: PartialBook
+    sketches: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,11 +155,9 @@ class RoundAttempt:
         try:
             update = check_update(payload, topic_client, self.context, self.limits)
             claimed = self._claim(topic_client)
-        except Rejected as exc:
-            with self._changed:
+        except Rejected as exc:  # a refused claim is no longer counted in `_claiming` (see `_claim`)
+            with self._lock:
                 self.rejected[exc.reason] += 1
-                self._claiming -= claimed
-                self._changed.notify_all()
             raise
         with self._changed:
             try:
@@ -173,18 +179,15 @@ class RoundAttempt:
             self._claiming += 1
         try:
             refused = self.claim(client)
-        except Exception:
+            if refused:
+                detail = {"duplicate": f"another aggregator holds {client}'s update for round {self.number}",
+                          "late": f"round {self.number} is already closed"}.get(refused, refused)
+                raise Rejected(refused, detail)
+        except BaseException:  # refused, or no answer: nothing of it is out any more
             with self._changed:
                 self._claiming -= 1
                 self._changed.notify_all()
             raise
-        if refused:
-            with self._changed:
-                self._claiming -= 1
-                self._changed.notify_all()
-            detail = {"duplicate": f"another aggregator holds {client}'s update for round {self.number}",
-                      "late": f"round {self.number} is already closed"}.get(refused, refused)
-            raise Rejected(refused, detail)
         return True
 
     def _admit_checked(self, payload: bytes, topic_client: str, update: ValidUpdate) -> list[_Fold] | None:
@@ -311,24 +314,25 @@ class RoundAttempt:
     def absorb_remote(self, member: str, partial: RemotePartial) -> list[str]:
         """Fold a member's partial sum and its bookkeeping in; the clients it holds that were not booked to it
         are returned (the partial is refused whole then: a sum cannot be split)."""
+        book = partial.book
         with self._changed:
-            unbooked = [c for c in partial.clients if self.remote.get(c) != member]
+            unbooked = [c for c in book.clients if self.remote.get(c) != member]
             if unbooked:
                 return unbooked
-            for client in partial.clients:
+            for client in book.clients:
                 self.remote.pop(client)
             self._partials.absorb(partial.aggregator)
-            self.example_counts.update(partial.example_counts)
-            self.norms.update(partial.norms)
-            self.client_metrics.update(partial.client_metrics)
+            self.example_counts.update(book.example_counts)
+            self.norms.update(book.norms)
+            self.client_metrics.update(book.client_metrics)
             self.sketches.update(partial.sketches)
-            self.rejected.update(partial.rejected)
-            self.bytes_up += partial.bytes_up
-            self.bytes_down += partial.bytes_down
-            self.downloads += partial.downloads
-            self.clipped += partial.clipped
-            self.examples_capped += partial.examples_capped
-            self.members[member] = len(partial.clients)
+            self.rejected.update(book.rejected)
+            self.bytes_up += book.bytes_up
+            self.bytes_down += book.bytes_down
+            self.downloads += book.downloads
+            self.clipped += book.clipped
+            self.examples_capped += book.examples_capped
+            self.members[member] = len(book.clients)
             return []
 
     def drop_unmerged(self) -> dict[str, list[str]]:
@@ -426,13 +430,13 @@ class RoundAttempt:
         with self._changed:
             self._changed.wait_for(lambda: self._folding == 0)
             folded = set(self.example_counts)  # admitted and folded (held-then-refused ones are not)
-            return RemotePartial(
-                aggregator=self._partials.merged(), clients=sorted(folded), example_counts=dict(self.example_counts),
+            book = PartialBook(
+                clients=sorted(folded), example_counts=dict(self.example_counts),
                 norms={c: self.norms[c] for c in folded if c in self.norms},
                 client_metrics={c: self.client_metrics[c] for c in folded if c in self.client_metrics},
-                sketches=dict(self.sketches), rejected=dict(self.rejected), bytes_up=self.bytes_up,
-                bytes_down=self.bytes_down, downloads=self.downloads, clipped=self.clipped,
-                examples_capped=self.examples_capped)
+                rejected=dict(self.rejected), bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                downloads=self.downloads, clipped=self.clipped, examples_capped=self.examples_capped)
+            return RemotePartial(self._partials.merged(), book, dict(self.sketches))
 
     def _record(self, complete: bool, now: float) -> RoundRecord:
         early = len(self.accepted) >= self.clients_per_round or now < self.deadline

@@ -127,6 +127,10 @@ def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord],
     cycles = [c for r, c in zip(history, cpu, strict=False) if r.complete]
     seconds = [round(r.duration_seconds, 3) for r in complete]
     accepted = sum(r.accepted for r in complete)
+    names = [f"a{i}" for i in range(1, plan.aggregators + 1)]
+    updates = {name: [r.aggregators.get(name, 0) if plan.aggregators > 1 else r.accepted for r in complete]
+               for name in names}
+    spent = {name: [c.get(f"aggregator {name}", 0.0) for c in cycles] for name in names}
     return {
         "clients": plan.clients,
         "clients_per_round": per_round,
@@ -138,25 +142,13 @@ def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord],
         "accuracy": complete[-1].accuracy if complete else None,
         "cpu_seconds_per_round": {name: [c[name] for c in cycles] for name in (cycles[0] if cycles else {})
                                   if not name.startswith("aggregator ")},
-        "aggregators": _per_aggregator(plan, complete, cycles),
-        "cpu_seconds_per_round_by_aggregator": {name.removeprefix("aggregator "): [c[name] for c in cycles]
-                                                for name in (cycles[0] if cycles else {})
-                                                if name.startswith("aggregator ")},
-        "updates_per_round_by_aggregator": {f"a{i}": [r.aggregators.get(f"a{i}", r.accepted if plan.aggregators == 1
-                                                                          else 0) for r in complete]
-                                            for i in range(1, plan.aggregators + 1)},
+        "aggregators": {name: _totals(updates[name], spent[name]) for name in names},
+        "cpu_seconds_per_round_by_aggregator": spent,
+        "updates_per_round_by_aggregator": updates,
     }
 
 
-def _per_aggregator(plan: SimulationPlan, complete: list[RoundRecord],
-                    cycles: list[dict[str, float]]) -> dict[str, dict[str, float | int | None]]:
-    """Updates each aggregator merged (its own partial sum) and the CPU seconds it spent, over complete rounds."""
-    out: dict[str, dict[str, float | int | None]] = {}
-    for i in range(1, plan.aggregators + 1):
-        name = f"a{i}"
-        updates = sum(r.aggregators.get(name, 0) for r in complete) if plan.aggregators > 1 else \
-            sum(r.accepted for r in complete)
-        cpu = round(sum(c.get(f"aggregator {name}", 0.0) for c in cycles), 3)
-        out[name] = {"updates": updates, "cpu_seconds": cpu,
-                     "cpu_ms_per_update": round(1000 * cpu / updates, 3) if updates else None}
-    return out
+def _totals(updates: list[int], cpu_seconds: list[float]) -> dict[str, float | int | None]:
+    """One aggregator's updates merged (its own partial sum) and CPU seconds, over the complete rounds."""
+    total, cpu = sum(updates), round(sum(cpu_seconds), 3)
+    return {"updates": total, "cpu_seconds": cpu, "cpu_ms_per_update": round(1000 * cpu / total, 3) if total else None}

@@ -8,13 +8,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant, MemberPresence
+from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant, M, MemberPresence, read_signed
 from fedlite.aggregator.cluster.partials import from_frame
 from fedlite.aggregator.inbox import Item
 from fedlite.aggregator.rounds import RemotePartial, RoundAttempt
 from fedlite.protocol import topics
 from fedlite.protocol.errors import ProtocolError
-from fedlite.protocol.messages import from_json, to_json
+from fedlite.protocol.messages import to_json
 from fedlite.protocol.signing import Signer
 
 if TYPE_CHECKING:
@@ -61,35 +61,24 @@ class ClusterCoordinator:
             if gone:
                 log.warning("aggregator %s left the federation's cluster", member)
             return
-        body = self._verified(topic, payload)
-        if body is None:
-            return
-        try:
-            presence = from_json(MemberPresence, body)
-        except ProtocolError as exc:
-            self.host.refuse("cluster", exc.reason, f"presence of {member}: {exc}")
-            return
-        if presence.member == member and member not in self.members:
+        presence = self._read(MemberPresence, topic, payload, f"presence of {member}")
+        if presence is not None and presence.member == member and member not in self.members:
             with self._arrived:
                 self.members.add(member)
                 self.gone.discard(member)
             log.info("aggregator %s joined as a member (%d members)", member, len(self.members))
 
-    def _verified(self, topic: str, payload: bytes) -> bytes | None:
+    def _read(self, cls: type[M], topic: str, payload: bytes, what: str) -> M | None:
+        """A signed control message, or None after refusing it (counted by reason)."""
         try:
-            return self.verifier.verify(topic, payload)
+            return read_signed(self.verifier, cls, topic, payload)
         except ProtocolError as exc:
-            self.host.refuse("cluster", exc.reason, str(exc))
+            self.host.refuse("cluster", exc.reason, f"{what}: {exc}")
             return None
 
     def _on_claim(self, topic: str, member: str, payload: bytes) -> None:
-        body = self._verified(topic, payload)
-        if body is None:
-            return
-        try:
-            claim = from_json(Claim, body)
-        except ProtocolError as exc:
-            self.host.refuse("cluster", exc.reason, f"claim from {member}: {exc}")
+        claim = self._read(Claim, topic, payload, f"claim from {member}")
+        if claim is None:
             return
         attempt = self.host.current
         refused: dict[str, str] = {}
@@ -107,12 +96,11 @@ class ClusterCoordinator:
 
     def on_partial(self, member: str, payload: bytes) -> None:
         topic = topics.cluster_topic(self.federation, "partial", member)
-        body = self._verified(topic, payload)
         attempt = self.host.current
-        if body is None or attempt is None:
+        if attempt is None:
             return
         try:
-            header, partial = from_frame(body, attempt.aggregator)
+            header, partial = from_frame(self.verifier.verify(topic, payload), attempt.aggregator)
         except ProtocolError as exc:
             self.host.refuse("cluster", exc.reason, f"partial sum from {member}: {exc}")
             return

@@ -16,7 +16,7 @@ from typing import Any
 from fedlite.aggregator.attempt_setup import round_context, round_reducer
 from fedlite.aggregator.bootstrap import broker_settings, client_id
 from fedlite.aggregator.cluster.claims import ClaimBatcher
-from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant, MemberPresence
+from fedlite.aggregator.cluster.messages import Claim, ClusterBrief, Grant, M, MemberPresence, read_signed
 from fedlite.aggregator.cluster.partials import to_frame
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.inbox import Inbox, Item
@@ -29,7 +29,7 @@ from fedlite.protocol import topics
 from fedlite.protocol.codec import Limits, read_header, update_limits
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.layout import num_params, weight_specs
-from fedlite.protocol.messages import from_json, to_json
+from fedlite.protocol.messages import to_json
 from fedlite.protocol.signing import Signer
 from fedlite.protocol.transport import Link, PayloadTooLarge
 
@@ -83,13 +83,10 @@ class ClusterMember:
     def _on_message(self, topic: str, payload: bytes) -> None:
         cluster = topics.parse_cluster(topic)
         if cluster is not None:
-            body = self._verified(topic, payload)
-            if body is None:
-                return
             if cluster[1] == "brief":
-                self.inbox.put(Item("brief", "", body))  # opening an attempt, or closing one, is not for here
+                self.inbox.put(Item("brief", "", payload))  # opening an attempt, or closing one, is not for here
             elif cluster[1] == "grant":
-                self._on_grant(body)
+                self._on_grant(topic, payload)
             return
         parsed = topics.parse(topic)
         if parsed is None or parsed[0] != self.federation:
@@ -100,19 +97,17 @@ class ClusterMember:
         elif parsed[1] == "model" and payload:
             self._on_model(topic, payload)
 
-    def _verified(self, topic: str, payload: bytes) -> bytes | None:
+    def _read(self, cls: type[M], topic: str, payload: bytes, what: str) -> M | None:
+        """A signed control message, or None after refusing it (counted by reason)."""
         try:
-            return self.verifier.verify(topic, payload)
+            return read_signed(self.verifier, cls, topic, payload)
         except ProtocolError as exc:
-            self.ledger.refuse("cluster", exc.reason, None, str(exc))
+            self.ledger.refuse("cluster", exc.reason, None, f"{what}: {exc}")
             return None
 
     def _on_model(self, topic: str, payload: bytes) -> None:
-        body = self._verified(topic, payload)
-        if body is None:
-            return
         try:
-            header = read_header(body, limits=MODEL_HEADER_LIMITS)
+            header = read_header(self.verifier.verify(topic, payload), limits=MODEL_HEADER_LIMITS)
         except ProtocolError as exc:
             self.ledger.refuse("cluster", exc.reason, None, f"model on {topic}: {exc}")
             return
@@ -120,14 +115,10 @@ class ClusterMember:
         if isinstance(manifest, dict) and manifest.get("model_hash") == header.model_hash:
             self.manifests[header.model_hash] = manifest
 
-    def _on_grant(self, body: bytes) -> None:
-        try:
-            grant = from_json(Grant, body)
-        except ProtocolError as exc:
-            self.ledger.refuse("cluster", exc.reason, None, f"grant: {exc}")
-            return
+    def _on_grant(self, topic: str, payload: bytes) -> None:
+        grant = self._read(Grant, topic, payload, "grant")
         claims = self._claims
-        if claims is not None and claims[0] == grant.session:
+        if grant is not None and claims is not None and claims[0] == grant.session:
             claims[1].answer(grant.batch, grant.refused)
 
     # --- the inbox's workers ----------------------------------------------------------------------
@@ -148,13 +139,9 @@ class ClusterMember:
         except Rejected as exc:
             self.ledger.refuse("update", exc.reason, attempt.number, f"update from {item.client}: {exc}")
 
-    def _on_brief(self, body: bytes) -> None:
-        try:
-            brief = from_json(ClusterBrief, body)
-        except ProtocolError as exc:
-            self.ledger.refuse("cluster", exc.reason, None, f"brief: {exc}")
-            return
-        if brief.federation != self.federation:
+    def _on_brief(self, payload: bytes) -> None:
+        brief = self._read(ClusterBrief, topics.cluster_topic(self.federation, "brief"), payload, "brief")
+        if brief is None or brief.federation != self.federation:
             return
         current = self.current
         if brief.state == "open" and (current is None or current.session != brief.session):
@@ -216,9 +203,9 @@ class ClusterMember:
             self.link.check_size(topic, signed)
         except PayloadTooLarge:  # many updates' sketches beyond the broker's packet limit: the sum alone fits
             log.warning("round %d: the %d updates' KPI sketches do not fit one packet; sending the sum without "
-                        "them (their cosine KPIs are missing)", attempt.number, len(partial.clients))
+                        "them (their cosine KPIs are missing)", attempt.number, len(partial.book.clients))
             signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial,
                                                       sketches=False))
         self.link.publish(topic, signed)
         log.info("round %d: partial sum of %d updates handed to the coordinator (%d B)", attempt.number,
-                 len(partial.clients), len(signed))
+                 len(partial.book.clients), len(signed))

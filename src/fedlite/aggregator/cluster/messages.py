@@ -12,15 +12,19 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
+from fedlite.aggregator.rounds import PartialBook
 from fedlite.protocol import PROTOCOL_VERSION
 from fedlite.protocol.messages import MessageError, from_json, to_json
+from fedlite.protocol.signing import Verifier
 
 MAX_PARTIAL_HEADER_BYTES = 16 * 1024 * 1024  # a header lists at most every accepted client's numbers
 _LENGTH = struct.Struct(">I")
+M = TypeVar("M")
 
 
 @dataclass
@@ -83,21 +87,12 @@ class Grant:
 
 @dataclass
 class PartialHeader:
-    """A member's bookkeeping for the updates in its partial sum (see `rounds.RemotePartial`)."""
+    """Which member's partial sum for which attempt, with its bookkeeping (`rounds.PartialBook`)."""
 
     member: str
     round: int
     session: str
-    clients: list[str]
-    example_counts: dict[str, float] = field(default_factory=dict)
-    norms: dict[str, float] = field(default_factory=dict)
-    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    rejected: dict[str, int] = field(default_factory=dict)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    downloads: int = 0
-    clipped: int = 0
-    examples_capped: int = 0
+    book: PartialBook
     cpu_seconds: float = 0.0  # the member process's CPU time so far (for load reports)
     type: str = "cluster_partial"
     protocol: int = PROTOCOL_VERSION
@@ -127,3 +122,9 @@ def decode_partial(payload: bytes) -> tuple[PartialHeader, dict[str, np.ndarray]
     except (SafetensorError, ValueError) as exc:
         raise MessageError("malformed", f"partial sum arrays: {exc}") from None
     return header, arrays
+
+
+def read_signed(verifier: Verifier, cls: type[M], topic: str, payload: bytes) -> M:
+    """A signed cluster control message of type `cls`: its signature checked, then its fields; a ProtocolError
+    (`SignatureError` or `MessageError`, whose reason is counted) otherwise."""
+    return from_json(cls, verifier.verify(topic, payload))

@@ -24,13 +24,8 @@ def to_frame(member: str, number: int, session: str, partial: RemotePartial, ske
     """The frame of a member's partial sum: its sums in float32 (4 B per parameter, so it fits wherever the
     model's float32 weights frame does; the merged mean is exact to float32 resolution), counts exact; with
     `sketches` each update's KPI sketch too."""
-    header = PartialHeader(
-        member=member, round=number, session=session, clients=partial.clients,
-        example_counts=partial.example_counts, norms=partial.norms, client_metrics=partial.client_metrics,
-        rejected=partial.rejected, bytes_up=partial.bytes_up, bytes_down=partial.bytes_down,
-        downloads=partial.downloads, clipped=partial.clipped, examples_capped=partial.examples_capped,
-        cpu_seconds=time.process_time(),
-    )
+    header = PartialHeader(member=member, round=number, session=session, book=partial.book,
+                           cpu_seconds=time.process_time())
     arrays = {k: v.astype(np.float32) if k.startswith(_SUM) else v  # float32 on the wire: a model frame's size
               for k, v in fedavg.to_arrays(_running_sum(partial.aggregator)).items()}
     if sketches:
@@ -57,14 +52,10 @@ def from_frame(payload: bytes, base: Any) -> tuple[PartialHeader, RemotePartial]
         raise MessageError("shape", "partial sum of another model layout")
     if not all(np.all(np.isfinite(v)) for v in state.sums.values()) or not np.isfinite(state.total_weight):
         raise MessageError("nonfinite", "partial sum holds NaN or Inf")
-    if state.count != len(header.clients) or len(set(header.clients)) != len(header.clients):
-        raise MessageError("malformed", f"partial sum of {state.count} updates lists {len(header.clients)} clients")
+    clients = header.book.clients
+    if state.count != len(clients) or len(set(clients)) != len(clients):
+        raise MessageError("malformed", f"partial sum of {state.count} updates lists {len(clients)} clients")
     partial = base.fresh()
     getattr(partial, "inner", partial).state = state
     sketches = {k.removeprefix(_SKETCH): v for k, v in arrays.items() if k.startswith(_SKETCH)}
-    return header, RemotePartial(
-        aggregator=partial, clients=header.clients, example_counts=header.example_counts, norms=header.norms,
-        client_metrics=header.client_metrics, sketches=sketches, rejected=header.rejected, bytes_up=header.bytes_up,
-        bytes_down=header.bytes_down, downloads=header.downloads, clipped=header.clipped,
-        examples_capped=header.examples_capped,
-    )
+    return header, RemotePartial(partial, header.book, sketches)
