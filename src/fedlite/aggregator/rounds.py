@@ -163,8 +163,9 @@ class RoundAttempt:
             try:
                 ready = self._admit_checked(payload, topic_client, update)
             finally:
-                self._claiming -= claimed
-                self._changed.notify_all()
+                if claimed:  # admitted or refused, the claim is no longer out (`partial` waits for that)
+                    self._claiming -= 1
+                    self._changed.notify_all()
         if ready is None:
             return None
         self._fold_all(ready)
