@@ -82,10 +82,12 @@ def load_test_set(path: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def broker_settings(config: AggregatorConfig) -> BrokerSettings:
-    """The aggregator's connection; with several aggregators its session ends with the connection, so that the
-    broker never deals updates to a member that is gone (a shared subscription counts offline sessions in)."""
+    """The aggregator's connection; with several aggregators sharing a subscription its session ends with the
+    connection, so that the broker never deals updates to a member that is gone (a shared subscription counts
+    offline sessions in). A site's lone aggregator keeps its session: what its devices send while it reconnects
+    waits for it."""
     b = config.broker
-    expiry = {"session_expiry": 0} if config.cluster.member else {}
+    expiry = {"session_expiry": 0} if config.cluster.member and b.share_group else {}
     return BrokerSettings(host=b.host, port=b.port, username=b.username, password=b.resolve_password(),
                           tls=b.tls, ca_file=b.ca_file or None, **expiry)
 

@@ -218,10 +218,14 @@ class ClusterSection:
     partial_timeout_seconds: Annotated[float, Range(gt=0)] = 10.0  # the coordinator's wait for partial sums
     claim_timeout_seconds: Annotated[float, Range(gt=0)] = 5.0  # a member's wait for a grant
     lease_poll_seconds: Annotated[float, Range(gt=0)] = 1.0  # how often a member tries to take over coordination
+    # an edge site's aggregator: a member on its site's broker (bridged to the central one) that never coordinates
+    site: bool = False
 
     def validate(self) -> None:
         if self.member:
             check_id(self.member, "cluster member")
+        require(not self.site or bool(self.member), "cluster.site needs cluster.member (the site's name, which its "
+                "bridge account on the central broker has)")
 
 
 DEFAULT_ENCODING = "int4"  # by the codec study (benchmarks/codec_study.py, README)
@@ -291,7 +295,8 @@ class AggregatorConfig:
         if not self.cluster.member:
             return
         need = "cluster.member (several aggregators) needs"
-        require(bool(self.broker.share_group), f"{need} broker.share_group (the shared subscription they split)")
+        require(self.cluster.site or bool(self.broker.share_group),
+                f"{need} broker.share_group (the shared subscription they split)")
         require(bool(self.signing.key_file), f"{need} signing.key_file (aggregators sign what they tell each other)")
         require(self.rounds.mode == "sync", f"{need} rounds.mode = \"sync\" (fedbuff runs on one aggregator)")
         require(self.server.aggregation == "mean", f"{need} server.aggregation = \"mean\" (a partial sum merges "

@@ -8,8 +8,8 @@ from typing import Literal
 from fedlite.broker_config.config import BrokerPaths
 from fedlite.protocol import topics
 
-Role = Literal["device", "aggregator"]
-ROLES: tuple[Role, ...] = ("device", "aggregator")
+Role = Literal["device", "aggregator", "site"]
+ROLES: tuple[Role, ...] = ("device", "aggregator", "site")
 AGGREGATOR_CLIENT_ID_PREFIX = "fedlite-aggregator-"  # the aggregator connects as <prefix><federation>
 
 
@@ -57,8 +57,19 @@ def aggregator_rules(federation: str) -> list[str]:
     return [f"topic readwrite {t}" for t in owned] + [f"topic read {t}" for t in device_topics]
 
 
+def site_rules(federation: str, site: str) -> list[str]:
+    """ACL lines for an edge site's bridge (see `bridge`): read what the aggregator broadcasts and the cluster's
+    brief and grants to this site; write its devices' statuses and reports and the site aggregator's claims,
+    partial sums and presence (its devices' updates stay on the site broker)."""
+    reads = [*aggregator_owned(federation), topics.cluster_topic(federation, "brief"),
+             topics.cluster_topic(federation, "grant", site)]
+    writes = [topics.all_statuses(federation), topics.all_reports(federation),
+              *(topics.cluster_topic(federation, kind, site) for kind in ("claim", "partial", "member"))]
+    return [f"topic read {t}" for t in reads] + [f"topic write {t}" for t in writes]
+
+
 def load_principals(paths: BrokerPaths) -> dict[str, dict[str, list[str]]]:
-    """{"device": {id: [federations]}, "aggregator": {name: [federations]}}."""
+    """{"device": {id: [federations]}, "aggregator": {name: [federations]}, "site": {name: [federations]}}."""
     data = json.loads(paths.principals.read_text()) if paths.principals.exists() else {}
     return {role: data.get(role, {}) for role in ROLES}
 
@@ -76,8 +87,9 @@ def check_device_id(name: str, principals: dict[str, dict[str, list[str]]]) -> s
     if name.startswith(AGGREGATOR_CLIENT_ID_PREFIX):
         raise ValueError(f"device id {name!r} is reserved: ids starting with {AGGREGATOR_CLIENT_ID_PREFIX!r} "
                          "are aggregator client ids")
-    if name in principals["aggregator"]:
-        raise ValueError(f"{name!r} is already enrolled as aggregator; use another name for the device")
+    for role in ("aggregator", "site"):
+        if name in principals[role]:
+            raise ValueError(f"{name!r} is already enrolled as {role}; use another name for the device")
     return name
 
 
@@ -94,25 +106,31 @@ def add_principal(paths: BrokerPaths, role: Role, name: str, federation: str) ->
     save_principals(paths, principals)
 
 
-def render_acl(principals: dict[str, dict[str, list[str]]], roles: tuple[Role, ...] = ("aggregator", "device")) -> str:
+def render_acl(principals: dict[str, dict[str, list[str]]],
+               roles: tuple[Role, ...] = ("aggregator", "device", "site")) -> str:
     """The acl_file text for `roles`: one `user` block per principal, nothing granted outside them."""
     lines = [
         "# fedlite ACL, generated from principals.json by fedlite.broker_config; do not edit by hand.",
         "# No rules before the first `user` line: anonymous and unknown clients get nothing.",
     ]
     if "aggregator" in roles:
-        for name, federations in sorted(principals["aggregator"].items()):
+        for name, federations in sorted(principals.get("aggregator", {}).items()):
             lines += ["", "# aggregator", f"user {name}"]
             lines += [rule for f in federations for rule in aggregator_rules(f)]
     if "device" in roles:
-        for name, federations in sorted(principals["device"].items()):
+        for name, federations in sorted(principals.get("device", {}).items()):
             lines += ["", "# device", f"user {name}"]
             lines += [rule for f in federations for rule in device_rules(f, name)]
+    if "site" in roles:
+        for name, federations in sorted(principals.get("site", {}).items()):
+            lines += ["", "# edge site (its broker's bridge)", f"user {name}"]
+            lines += [rule for f in federations for rule in site_rules(f, name)]
     return "\n".join(lines) + "\n"
 
 
 def write_acl(paths: BrokerPaths) -> None:
-    """The device listeners' ACL (devices only) and the aggregator listener's (aggregators only)."""
+    """The device listeners' ACL (devices, and edge sites' bridges: they log in there over TLS) and the aggregator
+    listener's (aggregators only)."""
     principals = load_principals(paths)
-    paths.acl_file.write_text(render_acl(principals, ("device",)))
+    paths.acl_file.write_text(render_acl(principals, ("device", "site")))
     paths.aggregator_acl_file.write_text(render_acl(principals, ("aggregator",)))

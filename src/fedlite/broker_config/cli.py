@@ -1,4 +1,4 @@
-"""`fedlite broker`: make a broker directory, enrol devices and aggregators, make test certs, run it."""
+"""`fedlite broker`: make a broker directory, enrol devices, aggregators and edge sites, make test certs, run it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedlite.broker_config import broker, certs, config, credentials, limits, permissions
+from fedlite.broker_config import bridge, broker, certs, config, credentials, limits, permissions
 
 
 def _add_common(p: argparse.ArgumentParser, name: str | None = None) -> None:
@@ -37,10 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "of about 4 M parameters)")
     size.add_argument("--model-dir", type=Path, metavar="DIR", default=None,
                       help="derive the largest MQTT packet from an exported model (manifest.json + train.tflite)")
+    p.add_argument("--bridge-to", type=Path, metavar="CREDENTIALS",
+                   help="an edge site's broker: bridge it (TLS) to the central broker whose `fedlite broker site` "
+                        "wrote this credentials file")
+    p.add_argument("--bridge-host", metavar="HOST",
+                   help="with --bridge-to: the central broker's address as this site reaches it (default: the one "
+                        "in the credentials file)")
 
     for action, what, help_ in (
         ("enrol", "CLIENT_ID", "add a device to a federation (new password, ACL entries, credentials file)"),
         ("aggregator", "NAME", "add an aggregator user for a federation"),
+        ("site", "SITE", "let an edge site's broker bridge into a federation (its credentials file is what the "
+                         "site's `fedlite broker init --bridge-to` reads)"),
     ):
         p = sub.add_parser(action, help=help_)
         _add_common(p, what)
@@ -65,6 +73,9 @@ def _init(args: argparse.Namespace) -> int:
         max_packet_size, source = args.max_packet_size, "as given"
     else:
         max_packet_size, source = limits.DEFAULT_MAX_PACKET_SIZE, "default"
+    if args.bridge_host and not args.bridge_to:
+        raise ValueError("--bridge-host needs --bridge-to")
+    bridge_to = bridge.read_credentials(args.bridge_to, args.bridge_host) if args.bridge_to else None
     settings = config.init_broker_dir(
         args.dir,
         federations=args.federation,
@@ -74,6 +85,7 @@ def _init(args: argparse.Namespace) -> int:
         max_queued_messages=args.max_queued_messages,
         max_packet_size=max_packet_size,
         device_port=args.device_port,
+        bridge_to=bridge_to,
     )
     paths = config.BrokerPaths(args.dir.resolve())
     print(f"broker directory {paths.root} ready for federation(s) {', '.join(settings.federations)}")
@@ -83,15 +95,19 @@ def _init(args: argparse.Namespace) -> int:
     if settings.device_port is not None:
         print(f"  device listener     {settings.plain_bind}:{settings.device_port} (plain, loopback)")
     print(f"  max packet size     {settings.max_packet_size} B ({source})")
+    if settings.bridge:
+        b = settings.bridge
+        print(f"  bridge              to {b['host']}:{b['port']} (TLS) as site {b['site']}, conf in {paths.bridges}")
     print(f"next: fedlite broker aggregator {paths.root} NAME --federation F; fedlite broker enrol ...")
     return 0
 
 
 def _enrol(args: argparse.Namespace) -> int:
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
-    add = credentials.enrol_device if args.action == "enrol" else credentials.add_aggregator
+    add, role = {"enrol": (credentials.enrol_device, "device"),
+                 "aggregator": (credentials.add_aggregator, "aggregator"),
+                 "site": (credentials.add_site, "site")}[args.action]
     add(args.dir, args.name, args.federation, password)
-    role = "device" if args.action == "enrol" else "aggregator"
     print(f"enrolled {role} {args.name} in federation {args.federation}")
     print(f"credentials (keep private): {credentials.credentials_path(args.dir, args.name)}")
     pid = broker.reload_running_broker(args.dir)
@@ -124,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-ACTIONS = {"init": _init, "enrol": _enrol, "aggregator": _enrol, "certs": _certs, "run": _run}
+ACTIONS = {"init": _init, "enrol": _enrol, "aggregator": _enrol, "site": _enrol, "certs": _certs, "run": _run}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
+from typing import Any
 
+from fedlite.broker_config.bridge import Bridge, render_bridge
 from fedlite.broker_config.limits import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
 from fedlite.protocol.topics import check_id
 
@@ -92,6 +94,11 @@ class BrokerPaths:
         return self.certs / "server.key"
 
     @property
+    def bridges(self) -> Path:
+        """The bridge to a central broker, if this is an edge site's broker (`bridge`): private conf files."""
+        return self.root / "bridges"
+
+    @property
     def credentials(self) -> Path:
         """Generated credentials, one small TOML file per device or aggregator (0600)."""
         return self.root / "credentials"
@@ -109,6 +116,7 @@ class BrokerSettings:
     max_queued_messages: int = 100_000
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     device_port: int | None = None  # plain listener for devices on this host (loopback), if any
+    bridge: dict[str, Any] | None = None  # an edge site's broker: its bridge to the central one (`bridge.Bridge`)
 
     def save(self, paths: BrokerPaths) -> None:
         paths.settings.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -189,6 +197,8 @@ def render_conf(paths: BrokerPaths, settings: BrokerSettings) -> str:
         port=settings.port,
         plain_bind=settings.plain_bind,
         device_listeners="\n".join(sections),
+        bridges=(f"# --- Bridge to the central broker (an edge site) ---------------------------------------\n"
+                 f"include_dir {paths.bridges}" if settings.bridge else ""),
     )
 
 
@@ -203,6 +213,7 @@ def init_broker_dir(
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     device_port: int | None = None,
     make_certs: bool = True,
+    bridge_to: tuple[Bridge, str] | None = None,
 ) -> BrokerSettings:
     """Create (or refresh) a broker directory: mosquitto.conf, password and ACL files, data dirs.
 
@@ -212,11 +223,14 @@ def init_broker_dir(
     On device listeners a client's id is its username. A port of 0 picks a free one now.
     `max_packet_size` bounds every MQTT packet (see `limits.packet_limit_for_model`). With
     `make_certs`, a missing CA / server certificate is generated (a test PKI; replace it in
-    production). Re-running keeps users, passwords, credentials and certificates.
+    production). `bridge_to` (a site's bridge and password, `bridge.read_credentials`) makes this an edge site's
+    broker, bridged to the central one. Re-running keeps users, passwords, credentials, certificates and the
+    bridge.
     """
     from fedlite.broker_config import acl, certs, credentials, permissions
 
     paths = BrokerPaths(Path(directory).resolve())
+    kept = BrokerSettings.load(paths.root).bridge if paths.settings.exists() else None
     settings = BrokerSettings(
         port=_check_port(port, "port"),
         tls_port=None if tls_port is None else _check_port(tls_port, "TLS port"),
@@ -225,6 +239,7 @@ def init_broker_dir(
         max_queued_messages=max_queued_messages,
         max_packet_size=check_max_packet_size(max_packet_size),
         device_port=None if device_port is None else _check_port(device_port, "device port"),
+        bridge=bridge_to[0].as_dict() if bridge_to else kept,
     )
     ports = [p for p in (settings.port, settings.tls_port, settings.device_port) if p is not None]
     if len(set(ports)) != len(ports):
@@ -244,8 +259,22 @@ def init_broker_dir(
         if not password_file.exists():
             password_file.touch(mode=0o600)
     credentials.separate_aggregator_passwords(paths)
+    if bridge_to is not None:
+        _write_bridge(paths, bridge_to, settings.federations)
     settings.save(paths)
     paths.conf.write_text(render_conf(paths, settings))
     acl.write_acl(paths)
     permissions.grant_broker_access(paths)
     return settings
+
+
+def _write_bridge(paths: BrokerPaths, bridge_to: tuple[Bridge, str], federations: list[str]) -> None:
+    """bridges/<site>.conf (0600, it holds the password), replacing any bridge written before."""
+    paths.bridges.mkdir(mode=0o700, exist_ok=True)
+    for old in paths.bridges.glob("*.conf"):
+        old.unlink()
+    bridge, password = bridge_to
+    path = paths.bridges / f"{bridge.site}.conf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(render_bridge(bridge, password, federations))

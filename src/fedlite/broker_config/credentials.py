@@ -1,4 +1,4 @@
-"""Enrolling devices and aggregators: Mosquitto passwords, ACL entries and a credentials file each."""
+"""Enrolling devices, aggregators and edge sites: Mosquitto passwords, ACL entries and a credentials file each."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def _check_password(password: str) -> str:
 
 
 def password_file(paths: BrokerPaths, role: acl.Role) -> Path:
-    """The password file of `role`'s listener(s): devices' and aggregators' accounts are kept apart."""
-    return paths.password_file if role == "device" else paths.aggregator_password_file
+    """The password file of `role`'s listener(s): devices' and aggregators' accounts are kept apart (an edge site's
+    bridge logs in where devices do, over TLS)."""
+    return paths.aggregator_password_file if role == "aggregator" else paths.password_file
 
 
 def set_password(paths: BrokerPaths, username: str, password: str, role: acl.Role = "device") -> None:
@@ -117,17 +118,17 @@ def _write_credentials(
     settings = BrokerSettings.load(paths.root)
     path = credentials_path(paths.root, name)
     _write_private(path.with_suffix(".password"), password + "\n")
-    identity = (
-        {"device": {"client_id": name, "federation": federation}}
-        if role == "device"
-        else {"federation": {"name": federation}}
-    )
+    identity = {
+        "device": {"device": {"client_id": name, "federation": federation}},
+        "aggregator": {"federation": {"name": federation}},
+        "site": {"site": {"name": name, "federation": federation}},
+    }[role]
     broker = {**_connection(paths, settings, role), "username": name, "password": password}
-    header = (
-        f"# fedlite {role} credentials for {name} (federation {federation}); keep this file private.\n"
-        f"# Paste into the {'agent' if role == 'device' else 'aggregator'}'s TOML config, or set\n"
-        f"# password_file = \"/etc/fedlite/{name}.password\" (a copy of {path.with_suffix('.password')}).\n"
-    )
+    use = (f"# Give it to the site broker: fedlite broker init SITE_DIR --federation {federation} --bridge-to "
+           f"{path.name}\n" if role == "site" else
+           f"# Paste into the {'agent' if role == 'device' else 'aggregator'}'s TOML config, or set\n"
+           f"# password_file = \"/etc/fedlite/{name}.password\" (a copy of {path.with_suffix('.password')}).\n")
+    header = f"# fedlite {role} credentials for {name} (federation {federation}); keep this file private.\n" + use
     _write_private(path, header + _toml({**identity, "broker": broker}))
     return path
 
@@ -145,8 +146,8 @@ def _enrol(
             f"(it serves {', '.join(settings.federations)}); add it with `fedlite broker init --federation`"
         )
     password = _check_password(password) if password is not None else generate_password()
-    if role == "device":
-        _connection(paths, settings, role)  # the device has a listener to use, before anything is written
+    if role != "aggregator":
+        _connection(paths, settings, role)  # the device (site) has a listener to use, before anything is written
     acl.add_principal(paths, role, name, federation)
     set_password(paths, name, password, role)
     acl.write_acl(paths)
@@ -173,6 +174,12 @@ def add_aggregator(
     return _enrol(directory, "aggregator", username, federation, password)
 
 
+def add_site(directory: str | os.PathLike, name: str, federation: str, password: str | None = None) -> str:
+    """Let edge site `name` bridge its broker into `federation` (`bridge`); return its password (generated unless
+    given). Its credentials file is what `fedlite broker init --bridge-to` reads on the site broker."""
+    return _enrol(directory, "site", name, federation, password)
+
+
 def load_credentials(path: str | os.PathLike) -> dict[str, Any]:
     """Read a credentials file: {"device" (or "federation"): {...}, "broker": {...}}."""
     with open(path, "rb") as f:
@@ -188,6 +195,8 @@ def enrol_devices(directory: str | os.PathLike, client_ids: list[str], federatio
     if federation not in BrokerSettings.load(paths.root).federations:
         raise ValueError(f"federation {federation!r} is not served by the broker in {paths.root}")
     passwords = {check_id(cid, "device name"): generate_password() for cid in client_ids}
+    if not passwords:
+        return {}
     principals = acl.load_principals(paths)
     for cid in passwords:
         acl.check_device_id(cid, principals)

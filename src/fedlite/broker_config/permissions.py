@@ -70,6 +70,9 @@ def grant_broker_access(paths: BrokerPaths) -> None:
     for db in paths.data.glob("*"):
         _own(db, account, 0o600)
     _own(paths.run, account, 0o755)
+    _own(paths.bridges, account, 0o700)
+    for bridge in paths.bridges.glob("*.conf"):
+        _own(bridge, account, 0o600)
     for private in [paths.credentials, *paths.credentials.glob("*")]:
         private.chmod(0o700 if private.is_dir() else 0o600)
     if account is not None:

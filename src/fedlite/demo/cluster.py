@@ -1,4 +1,5 @@
-"""A federation on one machine: a real Mosquitto, the aggregator and agents as separate processes."""
+"""A federation on one machine: a real Mosquitto, the aggregator and agents as separate processes (and edge sites:
+a Mosquitto each, bridged to the central one, with a site aggregator)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import numpy as np
 from fedlite.agent.state import write_state
 from fedlite.aggregator.record import RoundRecord, records
 from fedlite.broker_config import permissions
+from fedlite.broker_config.bridge import read_credentials
 from fedlite.broker_config.broker import Broker
 from fedlite.broker_config.config import init_broker_dir
-from fedlite.broker_config.credentials import add_aggregator, enrol_devices
+from fedlite.broker_config.credentials import add_aggregator, add_site, credentials_path, enrol_devices
 from fedlite.broker_config.limits import DEFAULT_MAX_PACKET_SIZE
 from fedlite.protocol.signing import Signer, generate_keypair
 from fedlite.settings import dump_toml
@@ -48,6 +50,19 @@ class Process:
 
 
 @dataclass
+class EdgeSite:
+    """A site's broker (bridged to the central one) and the devices that talk to it alone."""
+
+    name: str
+    broker: Broker
+    devices: list[str]
+
+    @property
+    def aggregator_user(self) -> str:
+        return f"{AGGREGATOR_USER}@{self.name}"  # its key in LocalFederation.passwords
+
+
+@dataclass
 class LocalFederation:
     """Everything a run needs under `run_dir`; `stop()` ends every process it started."""
 
@@ -58,6 +73,7 @@ class LocalFederation:
     broker: Broker | None = None
     processes: dict[str, Process] = field(default_factory=dict)
     passwords: dict[str, str] = field(default_factory=dict)
+    sites: dict[str, EdgeSite] = field(default_factory=dict)
     _cleanup: list[Path] = field(default_factory=list)
 
     # --- broker -------------------------------------------------------------------------------
@@ -74,31 +90,53 @@ class LocalFederation:
         """Sign a broadcast as the aggregator does (for tests that play the aggregator's part)."""
         return Signer.from_file(self.signing_key).sign(topic, payload)
 
-    def start_broker(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> Broker:
+    def start_broker(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE, sites: bool = False) -> Broker:
         """Init and start the broker on free ports: the aggregator listener, and TLS for the agents (or,
-        with `tls=False`, a plain device listener on loopback); `max_packet_size` bounds every packet."""
+        with `tls=False`, a plain device listener on loopback); `max_packet_size` bounds every packet. With
+        `sites`, a TLS listener in any case (edge sites' bridges use it)."""
         home = self._broker_home()
-        init_broker_dir(home, federations=self.federation, port=0, tls_port=0 if self.tls else None,
+        init_broker_dir(home, federations=self.federation, port=0, tls_port=0 if self.tls or sites else None,
                         device_port=None if self.tls else 0, max_packet_size=max_packet_size)
         self.passwords[AGGREGATOR_USER] = add_aggregator(home, AGGREGATOR_USER, self.federation)
         self.passwords |= enrol_devices(home, self.devices, self.federation)
         self.broker = Broker(home).start()
         return self.broker
 
-    def _broker_home(self) -> Path:
-        """run_dir/broker, or a folder the broker's own user can reach, linked from there."""
+    def start_site(self, name: str, devices: list[str]) -> EdgeSite:
+        """An edge site: its broker (on free ports, bridged over TLS to the central one, which must be up), its
+        aggregator account, and `devices` enrolled there (not on the central broker)."""
+        assert self.broker is not None and self.broker.tls_port is not None, "start the central broker first"
+        central = self.broker.paths.root
+        add_site(central, name, self.federation)
+        self.broker.reload()
+        home = self._broker_home(f"site-{name}")
+        init_broker_dir(home, federations=self.federation, port=0, tls_port=0 if self.tls else None,
+                        device_port=None if self.tls else 0, max_packet_size=self.broker.settings.max_packet_size,
+                        bridge_to=read_credentials(credentials_path(central, name)))
+        site = EdgeSite(name, Broker(home), devices)
+        self.passwords[site.aggregator_user] = add_aggregator(home, AGGREGATOR_USER, self.federation)
+        self.passwords |= enrol_devices(home, devices, self.federation)
+        site.broker.start()
+        self.sites[name] = site
+        return site
+
+    def site_of(self, client_id: str) -> EdgeSite | None:
+        return next((s for s in self.sites.values() if client_id in s.devices), None)
+
+    def _broker_home(self, name: str = "broker") -> Path:
+        """run_dir/<name>, or a folder the broker's own user can reach, linked from there."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         account = permissions.broker_account()
         try:
             if account is not None:
                 permissions.check_reachable(self.run_dir, account)
-            return self.run_dir / "broker"
+            return self.run_dir / name
         except PermissionError:
             outside = Path(tempfile.mkdtemp(prefix="fedlite-broker-"))
             outside.chmod(0o755)
             self._cleanup.append(outside)
-            (self.run_dir / "broker").symlink_to(outside, target_is_directory=True)
-            return outside / "broker"
+            (self.run_dir / name).symlink_to(outside, target_is_directory=True)
+            return outside / name
 
     # --- configuration --------------------------------------------------------------------------
 
@@ -120,17 +158,30 @@ class LocalFederation:
         }
         return self._write_config("aggregator.toml", config, tables)
 
+    def site_aggregator_config(self, central: Path, site: str) -> Path:
+        """sites/<site>/aggregator.toml: the central aggregator's settings, on the site broker, as a site member."""
+        from fedlite.settings import read_toml
+
+        broker = self.sites[site].broker
+        config = read_toml(central)
+        config["federation"]["state_dir"] = str(self.run_dir / "sites" / site / "aggregator")
+        config["broker"] = {"host": broker.host, "port": broker.port, "username": AGGREGATOR_USER,
+                            "password_file": self._secret(self.sites[site].aggregator_user)}
+        config["cluster"] = config.get("cluster", {}) | {"member": site, "site": True}
+        return self._write_config(f"sites/{site}/aggregator.toml", config, {})
+
     def agent_config(self, client_id: str, data_path: Path, **tables: dict[str, Any]) -> Path:
         """Write agents/<id>/agent.toml with a simulated device state file beside it."""
         assert self.broker is not None, "start the broker first"
         home = self.run_dir / "agents" / client_id
         home.mkdir(parents=True, exist_ok=True)
+        site = self.site_of(client_id)
+        to = site.broker if site is not None else self.broker  # a site's device talks to its site's broker alone
         broker: dict[str, Any] = {"username": client_id, "password_file": self._secret(client_id)}
         if self.tls:
-            broker |= {"host": self.broker.tls_host, "port": self.broker.tls_port, "tls": True,
-                       "ca_file": str(self.broker.ca_file)}
+            broker |= {"host": to.tls_host, "port": to.tls_port, "tls": True, "ca_file": str(to.ca_file)}
         else:
-            broker |= {"host": self.broker.device_host, "port": self.broker.device_port, "tls": False}
+            broker |= {"host": to.device_host, "port": to.device_port, "tls": False}
         config = {
             "device": {"client_id": client_id, "federation": self.federation, "state_dir": str(home / "state")},
             "data": {"source": "npz", "path": str(data_path)},
@@ -182,6 +233,17 @@ class LocalFederation:
                  "the other aggregators to join as members", started)
         return started
 
+    def start_central(self, config: Path, log_level: str = "INFO") -> Process:
+        """The central aggregator of a federation with edge sites (`aggregator`, [cluster] member central): it
+        coordinates, the site aggregators send it their partial sums. The config must name a broker share_group."""
+        lock = self.run_dir / "aggregator" / "coordinator.lock"
+        process = self.start_command("aggregator", [
+            sys.executable, "-m", "fedlite.cli", "aggregator", "--config", str(config), "--member", "central",
+            "--log-level", log_level])
+        wait_for(lambda: lock.is_file() and lock.read_text().startswith("central "), 60,
+                 "the central aggregator to take the coordinator lease", [process])
+        return process
+
     def cluster_tables(self, count: int) -> dict[str, dict[str, Any]]:
         """The aggregator config tables for `count` aggregators sharing the work (nothing for one)."""
         return {"broker": {"share_group": "aggregators"}} if count > 1 else {}
@@ -217,6 +279,8 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 _signal_group(process.popen.pid, signal.SIGKILL)
                 process.popen.wait(5)
+        for site in self.sites.values():
+            site.broker.stop()
         if self.broker is not None:
             self.broker.stop()
         for folder in self._cleanup:

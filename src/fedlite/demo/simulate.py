@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedlite.aggregator.record import RoundRecord
-from fedlite.demo.cluster import LocalFederation, follow_history
+from fedlite.demo.cluster import LocalFederation, follow_history, wait_for
 from fedlite.demo.datasets import load_task
 
 FEDERATION = "sim"
@@ -34,6 +34,7 @@ class SimulationPlan:
     status_interval_seconds: float = 30.0  # the agent's default
     task: str = "digits"
     aggregators: int = 1  # > 1: that many aggregator processes share the work (`aggregator.cluster`)
+    sites: int = 0  # > 0: the devices split between that many edge sites (a bridged broker and aggregator each)
 
 
 def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -> dict[str, Any]:
@@ -42,9 +43,11 @@ def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -
     run_dir.mkdir(parents=True, exist_ok=True)
     devices = [f"sim-{i:05d}" for i in range(plan.clients)]
     per_round = plan.clients_per_round or plan.clients
-    with LocalFederation(run_dir, FEDERATION, devices, tls=False) as fed:
+    sites = ({f"site-{i + 1}": list(chunk) for i, chunk in enumerate(np.array_split(np.array(devices), plan.sites))}
+             if plan.sites else {})
+    with LocalFederation(run_dir, FEDERATION, [] if sites else devices, tls=False) as fed:
         started = time.time()
-        fed.start_broker()
+        fed.start_broker(sites=bool(sites))
         progress(f"broker up with {plan.clients} enrolled devices ({time.time() - started:.1f} s)")
         data = run_dir / "data.npz"
         np.savez(data, x=task.x_train, y=task.y_train)
@@ -55,29 +58,77 @@ def run_simulation(plan: SimulationPlan, run_dir: Path, progress: Any = print) -
                     "quorum": max(1, int(per_round * 0.9)), "deadline_seconds": plan.deadline_seconds,
                     "wait_for_devices_seconds": 120.0, "status_ttl_seconds": 10 * plan.status_interval_seconds},
             training={"epochs": 1, "batch_size": 16, "learning_rate": task.lr},
-            **fed.cluster_tables(plan.aggregators),
+            **fed.cluster_tables(max(plan.aggregators, 2 if sites else 1)),
         )
-        if plan.aggregators > 1:
-            aggregators = {f"a{i + 1}": p for i, p in enumerate(fed.start_aggregators(config, plan.aggregators))}
-            progress(f"{plan.aggregators} aggregators: a1 coordinates, the others are members")
+        aggregators = _start_aggregators(fed, plan, config, sites, progress)
+        aggregator = next(iter(aggregators.values()))
+        if sites:
+            for name, site_devices in sites.items():
+                broker = fed.sites[name].broker
+                _start_workers(fed, max(1, plan.processes // plan.sites), site_devices, data, plan,
+                               (broker.device_host, broker.device_port or 0), name)
         else:
-            aggregators = {"a1": fed.start("aggregator", "aggregator", config)}
-        aggregator = aggregators["a1"]
-        _start_workers(fed, plan, devices, data)
+            _start_workers(fed, plan.processes, devices, data, plan,
+                           (fed.broker.device_host, fed.broker.device_port or 0))
         progress(f"{plan.processes} processes of virtual devices started; waiting for {plan.rounds} rounds")
-        meter = CpuMeter({"aggregator": [p.popen.pid for p in aggregators.values()], "broker": [fed.broker.pid or 0],
+        meter = CpuMeter({"aggregator": [p.popen.pid for p in aggregators.values()],
+                          "broker": [fed.broker.pid or 0, *(s.broker.pid or 0 for s in fed.sites.values())],
                           "fleet": [p.popen.pid for n, p in fed.processes.items() if n.startswith("worker-")]}
                          | {f"aggregator {name}": [p.popen.pid] for name, p in aggregators.items()})
+        central = ByteMeter(fed.broker.pid or 0)
         cpu: list[dict[str, float]] = []
+        traffic: list[int] = []
 
         def show(record: RoundRecord) -> None:
             cpu.append(meter.spent())
+            traffic.append(central.spent())
             split = ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu[-1].items())
             progress(f"round {record.round}: {record.status}, {record.accepted}/{record.selected} "
-                     f"updates in {record.duration_seconds:.2f} s (CPU s since the last record: {split})")
+                     f"updates in {record.duration_seconds:.2f} s (CPU s since the last record: {split}; central "
+                     f"broker {traffic[-1]} B)")
 
         history = follow_history(fed, aggregator, 120 + plan.rounds * (plan.deadline_seconds + 60), show, poll=0.1)
-    return _summary(plan, per_round, history, cpu)
+    return _summary(plan, per_round, history, cpu, list(aggregators)) | {"central_broker_bytes_per_round": [
+        n for r, n in zip(history, traffic, strict=False) if r.complete]}
+
+
+def _start_aggregators(fed: LocalFederation, plan: SimulationPlan, config: Path, sites: dict[str, list[str]],
+                       progress: Any) -> dict[str, Any]:
+    """{name: process}, the coordinator first: one aggregator (a1), several (a1 coordinates), or a central one and
+    one per site."""
+    if sites:
+        aggregators = {"central": fed.start_central(config)}
+        for name in sites:
+            fed.start_site(name, sites[name])
+            aggregators[name] = fed.start(f"aggregator-{name}", "aggregator", fed.site_aggregator_config(config, name))
+        wait_for(lambda: all("a member of federation" in aggregators[n].log.read_text() for n in sites), 60,
+                 "the site aggregators", aggregators.values())
+        progress(f"{len(sites)} edge sites, each a broker bridged to the central one and a site aggregator")
+        return aggregators
+    if plan.aggregators > 1:
+        progress(f"{plan.aggregators} aggregators: a1 coordinates, the others are members")
+        return {f"a{i + 1}": p for i, p in enumerate(fed.start_aggregators(config, plan.aggregators))}
+    return {"a1": fed.start("aggregator", "aggregator", config)}
+
+
+class ByteMeter:
+    """Bytes a process has read and written (sockets included; /proc/<pid>/io rchar + wchar) between calls."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._last = self._read()
+
+    def _read(self) -> int:
+        try:
+            fields = dict(line.split(": ") for line in Path(f"/proc/{self.pid}/io").read_text().splitlines())
+        except (OSError, ValueError):
+            return 0
+        return int(fields["rchar"]) + int(fields["wchar"])
+
+    def spent(self) -> int:
+        now = self._read()
+        spent, self._last = max(0, now - self._last), now
+        return spent
 
 
 class CpuMeter:
@@ -106,29 +157,32 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start_workers(fed: LocalFederation, plan: SimulationPlan, devices: list[str], data: Path) -> None:
-    for worker, chunk in enumerate(np.array_split(np.array(devices), plan.processes)):
+def _start_workers(fed: LocalFederation, processes: int, devices: list[str], data: Path, plan: SimulationPlan,
+                   broker: tuple[str, int], prefix: str = "") -> None:
+    """`processes` worker processes of virtual devices, connected to `broker` (a plain device listener)."""
+    first = sum(1 for name in fed.processes if name.startswith("worker-"))  # numbers are the fleet's, not a site's
+    for worker, chunk in enumerate(np.array_split(np.array(devices), processes), start=first):
+        name = f"worker-{prefix + '-' if prefix else ''}{worker}"
         spec = {
             "worker": worker, "run_dir": str(fed.run_dir), "federation": FEDERATION, "data": str(data),
-            "host": fed.broker.device_host, "port": fed.broker.device_port,  # the plain device listener
+            "host": broker[0], "port": broker[1],
             "devices": {c: fed.passwords[c] for c in chunk},
             "examples_per_client": plan.examples_per_client,
             "status_interval_seconds": plan.status_interval_seconds,
             "aggregator_key": str(fed.signing_key.with_suffix(".pub")),
         }
-        path = fed.run_dir / f"worker-{worker}.json"
+        path = fed.run_dir / f"{name}.json"
         path.write_text(json.dumps(spec))
-        fed.start_command(f"worker-{worker}", [sys.executable, "-m", "fedlite.demo.simulate_worker", str(path)])
+        fed.start_command(name, [sys.executable, "-m", "fedlite.demo.simulate_worker", str(path)])
 
 
-def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord],
-             cpu: list[dict[str, float]]) -> dict[str, Any]:
+def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord], cpu: list[dict[str, float]],
+             names: list[str]) -> dict[str, Any]:
     complete = [r for r in history if r.complete]
     cycles = [c for r, c in zip(history, cpu, strict=False) if r.complete]
     seconds = [round(r.duration_seconds, 3) for r in complete]
     accepted = sum(r.accepted for r in complete)
-    names = [f"a{i}" for i in range(1, plan.aggregators + 1)]
-    updates = {name: [r.aggregators.get(name, 0) if plan.aggregators > 1 else r.accepted for r in complete]
+    updates = {name: [r.aggregators.get(name, 0) if len(names) > 1 else r.accepted for r in complete]
                for name in names}
     spent = {name: [c.get(f"aggregator {name}", 0.0) for c in cycles] for name in names}
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +49,10 @@ class ClusterMember:
         self.ledger = Ledger(self.metrics)
         self.manifests: dict[str, dict[str, Any]] = {}
         self.current: RoundAttempt | None = None
-        self._brief: ClusterBrief | None = None
+        self._waiting: tuple[str, bytes] | None = None  # an open brief whose model has not arrived: (hash, brief)
         self._claims: tuple[str, ClaimBatcher] | None = None  # the open attempt's session and its claims
+        self._briefs = threading.Condition()  # briefs queued and not yet applied: updates after them wait
+        self._briefs_queued = 0
         self.inbox = Inbox(self._handle, self._busy, workers=workers)
         presence = topics.cluster_topic(self.federation, "member", self.member)
         self._presence = presence, self.signer.sign(presence, to_json(MemberPresence(
@@ -84,7 +87,7 @@ class ClusterMember:
         cluster = topics.parse_cluster(topic)
         if cluster is not None:
             if cluster[1] == "brief":
-                self.inbox.put(Item("brief", "", payload))  # opening an attempt, or closing one, is not for here
+                self._queue_brief(payload)  # opening an attempt, or closing one, is not for here
             elif cluster[1] == "grant":
                 self._on_grant(topic, payload)
             return
@@ -114,6 +117,22 @@ class ClusterMember:
         manifest = header.extra.get("manifest")
         if isinstance(manifest, dict) and manifest.get("model_hash") == header.model_hash:
             self.manifests[header.model_hash] = manifest
+            waiting = self._waiting
+            if waiting is not None and waiting[0] == header.model_hash:  # the brief came first: open it now
+                self._waiting = None
+                self._queue_brief(waiting[1])
+
+    def _queue_brief(self, payload: bytes) -> None:
+        """Into the inbox; an update that arrives after it is checked only once it is applied (the inbox has
+        several workers, and a round's first updates follow its brief closely)."""
+        with self._briefs:
+            self._briefs_queued += 1
+        self.inbox.put(Item("brief", "", payload))
+
+    def _brief_done(self) -> None:
+        with self._briefs:
+            self._briefs_queued -= 1
+            self._briefs.notify_all()
 
     def _on_grant(self, topic: str, payload: bytes) -> None:
         grant = self._read(Grant, topic, payload, "grant")
@@ -124,12 +143,19 @@ class ClusterMember:
     # --- the inbox's workers ----------------------------------------------------------------------
 
     def _busy(self, item: Item) -> None:
+        if item.kind == "brief":
+            self._brief_done()
         self.ledger.refuse(item.kind, "busy", None, f"{item.kind} from {item.client}: the inbox is full")
 
     def _handle(self, item: Item) -> None:
         if item.kind == "brief":
-            self._on_brief(item.payload)
+            try:
+                self._on_brief(item.payload)
+            finally:
+                self._brief_done()
             return
+        with self._briefs:
+            self._briefs.wait_for(lambda: self._briefs_queued == 0, self.config.cluster.claim_timeout_seconds)
         attempt = self.current
         if attempt is None:
             self.ledger.refuse("update", "late", None, f"update from {item.client} before any round")
@@ -145,16 +171,19 @@ class ClusterMember:
             return
         current = self.current
         if brief.state == "open" and (current is None or current.session != brief.session):
-            self._open(brief)
+            self._open(brief, payload)
         elif brief.state == "closed" and current is not None and current.session == brief.session:
             self._hand_over(current)
 
-    def _open(self, brief: ClusterBrief) -> None:
+    def _open(self, brief: ClusterBrief, payload: bytes) -> None:
         manifest = self.manifests.get(brief.model_hash)
-        if manifest is None:
-            log.warning("round %d: no model %s seen yet; this aggregator sits the attempt out", brief.round,
-                        brief.model_hash[:12])
-            return
+        if manifest is None:  # retained messages arrive in no set order: the model may follow its brief
+            self._waiting = (brief.model_hash, payload)
+            if brief.model_hash not in self.manifests:  # (or it came just now: then it is opened here)
+                log.info("round %d: waiting for model %s before checking updates", brief.round,
+                         brief.model_hash[:12])
+                return
+            self._waiting, manifest = None, self.manifests[brief.model_hash]
         specs = weight_specs(manifest)
         selected = frozenset(brief.selected)
         base = Limits(max_payload_bytes=self.config.server.max_update_bytes)
@@ -198,6 +227,13 @@ class ClusterMember:
     def _hand_over(self, attempt: RoundAttempt) -> None:
         partial = attempt.partial(self.config.cluster.claim_timeout_seconds)
         topic = topics.cluster_topic(self.federation, "partial", self.member)
+        if self.config.cluster.site:  # one sum per site crosses the bridge, not a sketch per device (KPIs: README)
+            signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial,
+                                                      sketches=False))
+            self.link.publish(topic, signed)
+            log.info("round %d: partial sum of %d updates sent to the central aggregator (%d B)", attempt.number,
+                     len(partial.book.clients), len(signed))
+            return
         signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial))
         try:
             self.link.check_size(topic, signed)

@@ -1,4 +1,5 @@
-"""One aggregator process of a cluster: a member until it holds the coordinator lease, then the coordinator."""
+"""One aggregator process of a cluster: a member until it holds the coordinator lease, then the coordinator (an edge
+site's aggregator stays a member)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ log = logging.getLogger("fedlite.aggregator")
 class ClusterProcess:
     """`run` blocks: as a member while another process coordinates, then (after a takeover, or at once if the
     lease is free) as the coordinating `Aggregator`, which resumes from the last checkpoint in the shared
-    state_dir. `stop` is safe from a signal handler."""
+    state_dir. A site's aggregator (`[cluster] site`) is a member until stopped: the central aggregator, behind
+    the site broker's bridge, coordinates. `stop` is safe from a signal handler."""
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
@@ -27,6 +29,9 @@ class ClusterProcess:
         self._aggregator: Any = None
 
     def run(self) -> list[dict[str, Any]]:
+        if self.config.cluster.site:
+            self._serve_as_site()
+            return []
         if not self.lease.try_take():
             self._serve_as_member()
         if self._stopping.is_set():
@@ -54,6 +59,16 @@ class ClusterProcess:
                     log.warning("aggregator %s takes over coordination (the coordinator is gone)",
                                 self.config.cluster.member)
                     return
+        finally:
+            member.stop()
+
+    def _serve_as_site(self) -> None:
+        log.info("aggregator %s: the site aggregator of federation %s; the central aggregator coordinates over the "
+                 "site broker's bridge", self.config.cluster.member, self.config.federation.name)
+        member = ClusterMember(self.config, self.signer)
+        member.start()
+        try:
+            self._stopping.wait()
         finally:
             member.stop()
 
