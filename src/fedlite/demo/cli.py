@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--partition", default="dirichlet", choices=["dirichlet", "shards", "iid"])
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skew)")
-    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dp", action="store_true", help="DP-FedAvg: clip updates, add Gaussian noise, report ε")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="with --dp: noise std / clip norm")
