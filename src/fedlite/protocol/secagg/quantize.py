@@ -1,0 +1,67 @@
+"""Quantization that sums: clip, weight, scale and stochastically round each update into integers whose sum over
+N devices cannot overflow Z_{2^k}.
+
+The aggregator fixes, per round, the L2 clip bound C, a per-coordinate bound B (a clipped update rarely has a
+coordinate beyond a few C / sqrt(d); beyond B it is clamped) and the integer levels L: a coordinate x in [-B, B]
+becomes round_stochastic(x * L / B) in [-L, L], unbiased. Weighting, when the sum is all the server sees: each
+device pre-multiplies its clipped delta by w = min(n, n_cap) / n_cap (its example count n under the round's cap)
+and appends w itself as one more coordinate, so the unmasked sum holds sum(w x) and sum(w), and their ratio is
+the example-weighted mean (FedAvg's, with counts capped as `influence` caps them in the clear).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """One round's integer plan, broadcast by the aggregator."""
+
+    clip: float  # L2 bound of each update (before weighting)
+    bound: float  # per-coordinate clamp B of the weighted, clipped update
+    levels: int  # L: a coordinate in [-B, B] maps to an integer in [-L, L]
+    max_examples: int  # n_cap: the example count at which the weight reaches 1
+    participants: int  # N: how many masked inputs may be summed
+
+    @property
+    def bits(self) -> int:
+        """k: the smallest ring Z_{2^k} holding any sum of N values in [-L, L] (and the weights') as signed."""
+        return max(2, math.ceil(math.log2(2 * self.participants * self.levels + 1)))
+
+    def check(self) -> None:
+        if not (self.clip > 0 and self.bound > 0 and self.levels >= 1 and self.max_examples >= 1
+                and self.participants >= 1):
+            raise ValueError(f"invalid secure aggregation quantization {self}")
+        if self.bits > 32:
+            raise ValueError(f"{self.participants} participants at {self.levels} levels need {self.bits}-bit sums "
+                             "(at most 32): lower the levels")
+
+
+def encode(delta: np.ndarray, examples: int, plan: Quantization, rng: np.random.Generator) -> np.ndarray:
+    """The device's integer vector (int64, each in [-L, L]): its flat delta clipped to C, weighted, clamped to B,
+    scaled and stochastically rounded; the weight is the last coordinate."""
+    flat = np.asarray(delta, dtype=np.float64).ravel()
+    norm = float(np.linalg.norm(flat))
+    if not math.isfinite(norm):
+        raise ValueError("the update is not finite")
+    if norm > plan.clip:
+        flat = flat * (plan.clip / norm)
+    weight = min(max(examples, 0), plan.max_examples) / plan.max_examples
+    values = np.append(np.clip(flat * weight, -plan.bound, plan.bound) * (plan.levels / plan.bound),
+                       weight * plan.levels)
+    floor = np.floor(values)
+    rounded = floor + (rng.random(values.shape) < values - floor)
+    return np.clip(rounded, -plan.levels, plan.levels).astype(np.int64)
+
+
+def decode(total: np.ndarray, plan: Quantization) -> tuple[np.ndarray, float]:
+    """(the weighted mean delta, flat float32; the total weight) from the signed integer sum; the mean is zeros
+    when no weight arrived."""
+    weight = float(total[-1]) / plan.levels
+    summed = total[:-1].astype(np.float64) * (plan.bound / plan.levels)
+    mean = summed / weight if weight > 0 else np.zeros_like(summed)
+    return mean.astype(np.float32), weight

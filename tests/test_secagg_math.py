@@ -1,0 +1,168 @@
+"""Secure aggregation's arithmetic: shares, keys, masks, the neighbour graph, quantization that sums, unmasking
+with drop-outs (in process; the MQTT stages build on these)."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+
+import numpy as np
+import pytest
+
+from fedlite.aggregator.secagg import UnmaskError, unmask_sum
+from fedlite.protocol.secagg import graph, keys, masking, prg, quantize, shamir
+from fedlite.protocol.secagg.participant import Participant, StageError
+
+CONTEXT = b"fed/round-3/session-abc"
+
+
+def test_any_threshold_of_the_shares_rebuild_the_secret_and_fewer_do_not() -> None:
+    secret = secrets.token_bytes(32)
+    shares = shamir.split(secret, 3, range(1, 6))
+    for subset in itertools.combinations(shares, 3):
+        assert shamir.combine({x: shares[x] for x in subset}, 3) == secret
+    two = {x: shares[x] for x in (1, 4)}
+    with pytest.raises(shamir.ShareError):
+        shamir.combine(two, 3)
+    # two shares with a forged third interpolate to something else (it is the commitment that catches it)
+    forged = two | {5: (int.from_bytes(shares[5], "big") ^ 1).to_bytes(shamir.SHARE_BYTES, "big")}
+    assert _or_error(lambda: shamir.combine(forged, 3)) != secret
+
+
+def _or_error(fn):
+    try:
+        return fn()
+    except shamir.ShareError as exc:
+        return exc
+
+
+def test_agreed_keys_match_per_label_and_a_tampered_or_misaddressed_ciphertext_does_not_open() -> None:
+    a, b = keys.KeyPair.generate(), keys.KeyPair.generate()
+    assert a.agree(b.public, "shares", CONTEXT) == b.agree(a.public, "shares", CONTEXT)
+    assert a.agree(b.public, "shares", CONTEXT) != a.agree(b.public, "mask", CONTEXT)
+    assert a.agree(b.public, "mask", CONTEXT) != a.agree(b.public, "mask", CONTEXT + b"x")  # another round
+    key = a.agree(b.public, "shares", CONTEXT)
+    sealed = keys.seal(key, b"share bytes", b"a->b")
+    assert keys.open_sealed(key, sealed, b"a->b") == b"share bytes"
+    with pytest.raises(keys.KeyError_):
+        keys.open_sealed(key, sealed[:-1] + bytes([sealed[-1] ^ 1]), b"a->b")
+    with pytest.raises(keys.KeyError_):
+        keys.open_sealed(key, sealed, b"a->c")
+    with pytest.raises(keys.KeyError_):
+        a.agree(b"\0" * 32, "mask", CONTEXT)  # a low-order point
+
+
+def test_masks_are_seeded_uniform_and_packing_round_trips() -> None:
+    seed = secrets.token_bytes(32)
+    m = prg.mask(seed, 100_000, 20)
+    assert np.array_equal(m, prg.mask(seed, 100_000, 20)) and not np.array_equal(m, prg.mask(b"x" * 32, 100_000, 20))
+    assert m.max() < 2**20 and abs(m.mean() / 2**19 - 1) < 0.01
+    packed = masking.pack(m[:1001], 20)
+    assert len(packed) == (1001 * 20 + 7) // 8
+    assert np.array_equal(masking.unpack(packed, 20, 1001), m[:1001])
+    with pytest.raises(ValueError):
+        masking.unpack(packed[:-1], 20, 1001)
+
+
+def test_the_neighbour_graph_is_symmetric_of_degree_k_and_the_same_for_everyone() -> None:
+    clients = [f"d{i}" for i in range(100)]
+    k = graph.neighbour_count(100)
+    assert k == 20 and graph.neighbour_count(10) == 9 and graph.neighbour_count(1000) == 30
+    g = graph.neighbours(clients, "seed-1", k)
+    assert g == graph.neighbours(list(reversed(clients)), "seed-1", k)
+    assert g != graph.neighbours(clients, "seed-2", k)
+    assert all(len(v) == k for v in g.values())
+    assert all(a in g[b] for a, vs in g.items() for b in vs)
+
+
+def test_quantized_updates_sum_without_overflow_and_decode_to_the_weighted_mean() -> None:
+    rng = np.random.default_rng(0)
+    plan = quantize.Quantization(clip=1.0, bound=0.05, levels=127, max_examples=100, participants=50)
+    plan.check()
+    assert plan.bits == 14  # 2 * 50 * 127 + 1 needs 14 bits
+    deltas = [rng.normal(0, 0.01, 500) for _ in range(50)]
+    examples = [int(n) for n in rng.integers(10, 200, 50)]
+    ints = [quantize.encode(d, n, plan, rng) for d, n in zip(deltas, examples, strict=True)]
+    assert all(np.abs(q).max() <= plan.levels for q in ints)
+    mean, weight = quantize.decode(np.sum(ints, axis=0), plan)
+    weights = [min(n, 100) / 100 for n in examples]
+    expected = sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(weights)
+    assert weight == pytest.approx(sum(weights), abs=0.5)
+    assert np.abs(mean - expected).max() < 0.1 * np.abs(expected).max()  # stochastic rounding, unbiased
+    with pytest.raises(ValueError, match="at most 32"):
+        quantize.Quantization(1.0, 1.0, 2**20, 1, 10_000).check()
+
+
+def _round(n: int, threshold: int, seed: str = "round-seed"):
+    clients = [f"dev-{i:02d}" for i in range(n)]
+    k = graph.neighbour_count(n) if n > 6 else n - 1
+    g = graph.neighbours(clients, seed, k)
+    ring = graph.ring(clients, seed)
+    points = {c: i + 1 for i, c in enumerate(ring)}
+    people = {c: Participant(c, CONTEXT, threshold, points[c]) for c in clients}
+    adverts = {c: p.advert() for c, p in people.items()}
+    return clients, g, points, people, adverts
+
+
+def _deal(clients, g, points, people, adverts, present):
+    for c in present:
+        people[c].meet([adverts[v] for v in g[c] if v in present], points)
+    for c in present:
+        for recipient, sealed in people[c].deal().items():
+            people[recipient].hold(c, sealed)
+
+
+def test_the_unmasked_sum_equals_the_plain_sum_exactly_with_drop_outs_after_masking() -> None:
+    rng = np.random.default_rng(1)
+    clients, g, points, people, adverts = _round(30, threshold=5)  # 16 neighbours each: SecAgg+, not all pairs
+    bits = 16
+    _deal(clients, g, points, people, adverts, set(clients))
+    values = {c: rng.integers(-100, 101, 300) for c in clients}
+    dropped = {"dev-03", "dev-07", "dev-11", "dev-20"}  # dealt their shares, never sent a masked input
+    survivors = set(clients) - dropped
+    masked = {c: people[c].masked(values[c], bits, alive=set(clients)) for c in survivors}
+    for c in survivors:  # a lone masked input says nothing about its values (the positive control is below)
+        assert abs(np.corrcoef(masking.to_signed(masked[c], bits), values[c])[0, 1]) < 0.3
+    total = np.zeros(300, dtype=np.uint64)
+    for y in masked.values():
+        total = masking.add(total, y, bits)
+    revealed = {c: people[c].reveal(survivors, dropped) for c in survivors}
+    result = unmask_sum(total, bits, CONTEXT, 5, adverts, g, survivors, dropped, revealed)
+    assert np.array_equal(result, sum(values[c] for c in survivors))  # exactly, in integers
+
+
+def test_unmasking_fails_cleanly_below_the_threshold_and_on_a_tampered_share() -> None:
+    clients, g, points, people, adverts = _round(8, threshold=4)
+    _deal(clients, g, points, people, adverts, set(clients))
+    bits, survivors, dropped = 12, set(clients[:3]), set(clients[3:])
+    total = np.zeros(10, dtype=np.uint64)
+    for c in survivors:
+        total = masking.add(total, people[c].masked(np.ones(10, dtype=np.int64), bits, set(clients)), bits)
+    revealed = {c: people[c].reveal(survivors, dropped) for c in survivors}
+    with pytest.raises(UnmaskError, match="needed"):  # 3 revealers, threshold 4
+        unmask_sum(total, bits, CONTEXT, 4, adverts, g, survivors, dropped, revealed)
+
+    survivors, dropped = set(clients[:6]), set(clients[6:])
+    revealed = {c: people[c].reveal(survivors, dropped) for c in survivors}
+    owner = clients[0]
+    x, kind, share = revealed[clients[1]][owner]
+    revealed[clients[1]] = dict(revealed[clients[1]]) | {owner: (x, kind, bytes(len(share)))}
+    keep = {c: revealed[c] for c in clients[1:5]}  # exactly the threshold of dev-00's shares, one of them zeroed
+    with pytest.raises(UnmaskError, match="dev-00.*(tampered|belong)"):
+        unmask_sum(total, bits, CONTEXT, 4, adverts, g, survivors, dropped, keep)
+    with pytest.raises(StageError, match="both shares"):  # a server asking for both masks of one device
+        people[clients[1]].reveal({owner}, {owner})
+
+
+def test_a_share_from_a_device_that_is_not_a_neighbour_or_does_not_open_is_refused() -> None:
+    clients, g, points, people, adverts = _round(30, threshold=3)  # 16 neighbours each, of 29
+    a = clients[0]
+    stranger = next(c for c in clients if c != a and c not in g[a])
+    for c in (a, stranger, g[a][0]):
+        people[c].meet([adverts[v] for v in g[c]], points)
+    with pytest.raises(StageError, match="not a neighbour"):
+        people[a].hold(stranger, next(iter(people[stranger].deal().values())))
+    neighbour = g[a][0]
+    sealed = people[neighbour].deal()[a]
+    with pytest.raises(keys.KeyError_):
+        people[a].hold(neighbour, sealed[:-1] + bytes([sealed[-1] ^ 1]))
