@@ -167,6 +167,8 @@ def test_an_agent_stopped_with_sigterm_goes_offline_and_a_stale_retained_status_
         config = start_federation(fed, tmp_path / "data", agents, model,
                                   rounds={"total": 6, "clients_per_round": 2, "over_selection": 0.5, "quorum": 2,
                                           "status_ttl_seconds": ttl, "wait_for_devices_seconds": 2.0})
+        for agent in agents:  # a round lasts some 0.8 s of simulated training: round 3 is still open when killed
+            fed.set_device_state(agent, batch_seconds=0.02)
         tap = Tap(fed)
         fed.start("aggregator", "aggregator", config)
         assert is_selected(tap.wait(announcement(1), 120, "round 1", fed.processes.values()).json(), stopped)
