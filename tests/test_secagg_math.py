@@ -166,3 +166,90 @@ def test_a_share_from_a_device_that_is_not_a_neighbour_or_does_not_open_is_refus
     sealed = people[neighbour].deal()[a]
     with pytest.raises(keys.KeyError_):
         people[a].hold(neighbour, sealed[:-1] + bytes([sealed[-1] ^ 1]))
+
+
+# --- the server's stage machine, with the devices' side (in process) -------------------------------------
+
+def _secure_round(n: int, drop_at: dict[str, set[str]], dim: int = 200, seed: int = 2):
+    """Run every stage; `drop_at[stage]` are the devices that vanish before sending that stage's message.
+    Returns (the round, the devices' deltas, example counts, plan)."""
+    from fedlite.aggregator.secure_round import SecureRound
+
+    rng = np.random.default_rng(seed)
+    clients = [f"dev-{i:03d}" for i in range(n)]
+    plan = quantize.Quantization(clip=1.0, bound=0.2, levels=1000, max_examples=50, participants=n)
+    server = SecureRound(CONTEXT, frozenset(clients), plan, seed="session-1", length=dim + 1)
+    people: dict[str, Participant] = {}
+    gone: set[str] = set()
+    for c in clients:
+        if c not in drop_at.get("advertise", set()):
+            people[c] = Participant(c, CONTEXT, 0, 0)
+            server.advert(c, people[c].advert())
+    for c, (adverts, points, threshold) in server.close_adverts().items():
+        p = people[c]
+        p.threshold, p.point = threshold, points[c]
+        p.meet(adverts, points)
+    gone |= drop_at.get("share", set())
+    for c in sorted(set(people) - gone):
+        server.shares(c, people[c].deal())
+    for c, sealed in server.close_shares().items():
+        for dealer, blob in sealed.items():
+            people[c].hold(dealer, blob)
+    deltas = {c: rng.normal(0, 0.02, dim) for c in clients}
+    examples = {c: int(rng.integers(5, 80)) for c in clients}
+    ints = {}
+    gone |= drop_at.get("masked", set())
+    for c in sorted(server.dealers - gone):
+        ints[c] = quantize.encode(deltas[c], examples[c], plan, rng)
+        server.masked(c, people[c].masked(ints[c], plan.bits, alive=set(people[c].held)))
+    asked = server.close_masked()
+    gone |= drop_at.get("unmask", set())
+    for c, (survivors, dropped) in asked.items():
+        if c not in gone:
+            server.reveal(c, people[c].reveal(survivors, dropped))
+    return server, ints, deltas, examples, plan
+
+
+def test_a_secure_round_unmasks_exactly_the_survivors_quantized_sum_with_drop_outs_at_every_stage() -> None:
+    drop = {"advertise": {"dev-000"}, "share": {"dev-001", "dev-002"}, "masked": {"dev-003", "dev-004", "dev-005"},
+            "unmask": {"dev-006"}}  # 7 of 40: about 18 %
+    server, ints, deltas, examples, plan = _secure_round(40, drop)
+    mean, weight, count = server.finish()
+    assert count == len(ints) == 34
+    exact = np.sum(list(ints.values()), axis=0)  # the plain sum of the same quantized updates, in integers
+    assert not np.array_equal(masking.to_signed(server._sum, plan.bits), exact)  # the sum the server holds is masked
+    plain_mean, plain_weight = quantize.decode(exact, plan)
+    assert weight == plain_weight and np.array_equal(mean, plain_mean)
+    weights = {c: min(examples[c], 50) / 50 for c in ints}
+    expected = sum(weights[c] * deltas[c] for c in ints) / sum(weights.values())
+    assert np.abs(mean - expected).max() < 0.05 * np.abs(expected).max() + 1e-3
+
+
+def test_a_secure_round_aborts_when_too_few_devices_survive_a_stage() -> None:
+    from fedlite.aggregator.secure_round import RoundAborted
+
+    with pytest.raises(RoundAborted, match="masked inputs arrived"):
+        _secure_round(12, {"masked": {f"dev-{i:03d}" for i in range(9)}})
+
+
+def test_a_secure_round_refuses_replays_strangers_and_wrong_stage_messages() -> None:
+    from fedlite.aggregator.secure_round import Refused, SecureRound
+
+    plan = quantize.Quantization(clip=1.0, bound=0.2, levels=100, max_examples=50, participants=5)
+    server = SecureRound(CONTEXT, frozenset({"a", "b", "c", "d"}), plan, seed="s", length=11)
+    people = {c: Participant(c, CONTEXT, 0, 0) for c in "abcd"}
+    server.advert("a", people["a"].advert())
+    cases = [(lambda: server.advert("a", people["a"].advert()), "duplicate"),
+             (lambda: server.advert("e", Participant("e", CONTEXT, 0, 0).advert()), "not_selected"),
+             (lambda: server.advert("b", people["c"].advert()), "sender"),
+             (lambda: server.masked("a", np.zeros(11, dtype=np.uint64)), "stage")]
+    for call, reason in cases:
+        with pytest.raises(Refused) as info:
+            call()
+        assert info.value.reason == reason
+    for c in "bcd":
+        server.advert(c, people[c].advert())
+    server.close_adverts()
+    with pytest.raises(Refused) as info:  # a masked input from a device that never dealt its shares
+        server.masked("a", np.zeros(11, dtype=np.uint64))
+    assert info.value.reason == "stage"
