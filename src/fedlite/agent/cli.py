@@ -17,9 +17,29 @@ DATA_ERROR = 1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="agent TOML file, e.g. /etc/fedlite/agent.toml")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, data, pinned keys, gates, broker login and the data against the "
+                             "broker's model, one line each, and exit (non-zero if any check fails)")
+
+
+CHECK_FAILED = 1
+
+
+def check(config: str) -> int:
+    """`--check`: one line per check; 0 when none failed."""
+    from fedlite.agent.preflight import FAIL, run_checks
+
+    results = run_checks(config)
+    for result in results:
+        print(result.line(), flush=True)
+    failed = [r for r in results if r.status == FAIL]
+    print(f"{len(failed)} of {len(results)} checks failed" if failed else f"all {len(results)} checks passed")
+    return CHECK_FAILED if failed else 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.check:
+        return check(args.config)
     from fedlite.agent.config import load_config
     from fedlite.agent.data import DataError
     from fedlite.agent.service import Agent
