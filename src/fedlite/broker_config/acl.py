@@ -74,6 +74,26 @@ def load_principals(paths: BrokerPaths) -> dict[str, dict[str, list[str]]]:
     return {role: data.get(role, {}) for role in ROLES}
 
 
+def load_revoked(paths: BrokerPaths) -> dict[str, dict[str, object]]:
+    """{name: {"role", "federations", "revoked_at"}} of every account `revoke` removed (revoked.json)."""
+    return json.loads(paths.revoked.read_text()) if paths.revoked.exists() else {}
+
+
+def record_revoked(paths: BrokerPaths, name: str, role: Role, federations: list[str]) -> None:
+    import time
+
+    revoked = load_revoked(paths)
+    revoked[name] = {"role": role, "federations": federations, "revoked_at": time.time()}
+    paths.revoked.write_text(json.dumps(revoked, indent=2, sort_keys=True) + "\n")
+
+
+def forget_revoked(paths: BrokerPaths, name: str) -> None:
+    """`name` is enrolled again: no longer listed as revoked."""
+    revoked = load_revoked(paths)
+    if revoked.pop(name, None) is not None:
+        paths.revoked.write_text(json.dumps(revoked, indent=2, sort_keys=True) + "\n")
+
+
 def save_principals(paths: BrokerPaths, principals: dict[str, dict[str, list[str]]]) -> None:
     paths.principals.write_text(json.dumps(principals, indent=2, sort_keys=True) + "\n")
 

@@ -54,6 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _add_common(p, what)
         p.add_argument("--federation", required=True)
         p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        p.add_argument("--force", action="store_true",
+                       help="enrol a name that is already enrolled: a new password (its current credentials stop "
+                            "working)")
+
+    p = sub.add_parser("revoke", help="remove a device's (or site's, aggregator's) password, ACL entries and "
+                                      "credentials, and reload the broker")
+    _add_common(p, "NAME")
+
+    p = sub.add_parser("list", help="list the enrolled and revoked devices, sites and aggregators")
+    _add_common(p)
+    p.add_argument("--fleet", type=Path, metavar="FLEET_JSON",
+                   help="the aggregator's state_dir/fleet.json: adds each device's last seen time and state")
 
     p = sub.add_parser("certs", help="make the test CA and server certificate, or a client certificate")
     _add_common(p)
@@ -107,15 +119,55 @@ def _enrol(args: argparse.Namespace) -> int:
     add, role = {"enrol": (credentials.enrol_device, "device"),
                  "aggregator": (credentials.add_aggregator, "aggregator"),
                  "site": (credentials.add_site, "site")}[args.action]
-    add(args.dir, args.name, args.federation, password)
+    add(args.dir, args.name, args.federation, password, force=args.force)
     print(f"enrolled {role} {args.name} in federation {args.federation}")
     print(f"credentials (keep private): {credentials.credentials_path(args.dir, args.name)}")
-    pid = broker.reload_running_broker(args.dir)
+    _reload(args.dir, f"it now knows {args.name}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    role, federations = credentials.revoke(args.dir, args.name)
+    print(f"revoked {role} {args.name} (federation {', '.join(federations)}): password, ACL entries and "
+          "credentials removed")
+    _reload(args.dir, f"it refuses {args.name} from now on")
+    return 0
+
+
+def _reload(directory: Path, what: str) -> None:
+    pid = broker.reload_running_broker(directory)
     if pid is not None:
-        print(f"sent SIGHUP to the running broker (pid {pid}); it now knows {args.name}")
+        print(f"sent SIGHUP to the running broker (pid {pid}); {what}")
     else:
         print("no running broker for this directory; a broker started elsewhere needs a reload "
               "(kill -HUP its pid, or systemctl reload mosquitto)")
+
+
+def _list(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from fedlite.broker_config import acl
+
+    paths = config.BrokerPaths(args.dir.resolve())
+    config.BrokerSettings.load(paths.root)
+    seen: dict[str, dict] = {}
+    if args.fleet is not None:
+        try:
+            seen = {d["client_id"]: d for d in json.loads(args.fleet.read_text())["devices"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{args.fleet} is not an aggregator's fleet.json: {exc}") from None
+    rows = [(name, role, ",".join(feds), "enrolled") for role, names in acl.load_principals(paths).items()
+            for name, feds in names.items()]
+    rows += [(name, str(r["role"]), ",".join(r["federations"]),
+              "revoked " + time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(r["revoked_at"]))))
+             for name, r in acl.load_revoked(paths).items()]
+    print(f"{'name':<24} {'role':<10} {'federations':<20} {'account':<24} last seen")
+    for name, role, feds, account in sorted(rows):
+        device = seen.get(name)
+        last = "-" if device is None else (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(device["last_seen"]))
+                                           + f" ({device['state']}{', stale' if device.get('stale') else ''})")
+        print(f"{name:<24} {role:<10} {feds:<20} {account:<24} {last}")
     return 0
 
 
@@ -132,6 +184,11 @@ def _certs(args: argparse.Namespace) -> int:
         print(f"client certificate {client.cert}, key {client.key}")
     if paths.settings.exists():
         permissions.grant_broker_access(paths)
+    renewed = args.renew or args.hostname or args.ip
+    pid = broker.running_pid(paths.root) if renewed and paths.settings.exists() else None
+    if pid is not None:  # Mosquitto reads its listeners' certificates when it starts
+        print(f"the running broker (pid {pid}) still serves the old server certificate: restart it "
+              "(systemctl restart mosquitto, or stop and start `fedlite broker run`)")
     return 0
 
 
@@ -140,7 +197,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-ACTIONS = {"init": _init, "enrol": _enrol, "aggregator": _enrol, "site": _enrol, "certs": _certs, "run": _run}
+ACTIONS = {"init": _init, "enrol": _enrol, "aggregator": _enrol, "site": _enrol, "revoke": _revoke, "list": _list,
+           "certs": _certs, "run": _run}
 
 
 def run(args: argparse.Namespace) -> int:

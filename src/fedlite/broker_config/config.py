@@ -60,6 +60,11 @@ class BrokerPaths:
         return self.root / "principals.json"
 
     @property
+    def revoked(self) -> Path:
+        """Accounts `fedlite broker revoke` removed, with when (for `fedlite broker list`)."""
+        return self.root / "revoked.json"
+
+    @property
     def data(self) -> Path:
         """Persistence directory; the broker writes mosquitto.db here."""
         return self.root / "data"

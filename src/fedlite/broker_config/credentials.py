@@ -36,16 +36,27 @@ def password_file(paths: BrokerPaths, role: acl.Role) -> Path:
 
 
 def set_password(paths: BrokerPaths, username: str, password: str, role: acl.Role = "device") -> None:
-    """Add or replace `username` in `role`'s password file with `mosquitto_passwd -b` (creating the file)."""
+    """Add or replace `username` in `role`'s password file. The password is hashed by `mosquitto_passwd -U` on a
+    private file (never given on a command line, where `ps` would show it)."""
     file = password_file(paths, role)
-    cmd = [find_executable("mosquitto_passwd")]
-    if not file.exists() or file.stat().st_size == 0:
-        cmd.append("-c")
-    cmd += ["-b", str(file), username, password]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        detail = result.stderr.strip() or result.stdout.strip()
-        raise RuntimeError(f"mosquitto_passwd failed for {username!r}: {detail}")
+    batch = paths.root / f".passwd-{secrets.token_hex(6)}"
+    _write_private(batch, f"{username}:{password}\n")
+    try:
+        result = subprocess.run([find_executable("mosquitto_passwd"), "-U", str(batch)], capture_output=True, text=True)
+        if result.returncode != 0:
+            detail = result.stderr.strip() or result.stdout.strip()
+            raise RuntimeError(f"mosquitto_passwd failed for {username!r}: {detail}")
+        hashed = batch.read_text().strip()
+    finally:
+        batch.unlink(missing_ok=True)
+    kept = [line for line in _password_lines(file) if line.split(":", 1)[0] != username]
+    _write_private(file, "".join(line + "\n" for line in [*kept, hashed]))
+
+
+def remove_password(paths: BrokerPaths, username: str, role: acl.Role) -> None:
+    file = password_file(paths, role)
+    kept = [line for line in _password_lines(file) if line.split(":", 1)[0] != username]
+    _write_private(file, "".join(line + "\n" for line in kept))
 
 
 def _password_lines(path: Path) -> list[str]:
@@ -134,7 +145,8 @@ def _write_credentials(
 
 
 def _enrol(
-    directory: str | os.PathLike, role: acl.Role, name: str, federation: str, password: str | None
+    directory: str | os.PathLike, role: acl.Role, name: str, federation: str, password: str | None,
+    force: bool = False,
 ) -> str:
     paths = BrokerPaths(Path(directory).resolve())
     settings = BrokerSettings.load(paths.root)
@@ -146,9 +158,14 @@ def _enrol(
             f"(it serves {', '.join(settings.federations)}); add it with `fedlite broker init --federation`"
         )
     password = _check_password(password) if password is not None else generate_password()
+    enrolled = acl.load_principals(paths)[role].get(name)
+    if enrolled and not force:
+        raise ValueError(f"{role} {name!r} is already enrolled (federation {', '.join(enrolled)}); enrolling it again "
+                         "issues a new password and its current credentials stop working: pass --force to do so")
     if role != "aggregator":
         _connection(paths, settings, role)  # the device (site) has a listener to use, before anything is written
     acl.add_principal(paths, role, name, federation)
+    acl.forget_revoked(paths, name)
     set_password(paths, name, password, role)
     acl.write_acl(paths)
     _write_credentials(paths, role, name, federation, password)
@@ -157,27 +174,50 @@ def _enrol(
 
 
 def enrol_device(
-    directory: str | os.PathLike, client_id: str, federation: str, password: str | None = None
+    directory: str | os.PathLike, client_id: str, federation: str, password: str | None = None, force: bool = False
 ) -> str:
     """Let device `client_id` into `federation`; return its password (generated unless given).
 
-    Re-enrolling sets a new password and keeps the device's other federations. The credentials land
-    in `credentials_path(directory, client_id)`. A running broker needs SIGHUP to see the change.
+    Enrolling a device again needs `force`: it sets a new password (the old credentials stop working) and keeps
+    the device's other federations. The credentials land in `credentials_path(directory, client_id)`. A running
+    broker needs SIGHUP to see the change.
     """
-    return _enrol(directory, "device", client_id, federation, password)
+    return _enrol(directory, "device", client_id, federation, password, force)
 
 
 def add_aggregator(
-    directory: str | os.PathLike, username: str, federation: str, password: str | None = None
+    directory: str | os.PathLike, username: str, federation: str, password: str | None = None, force: bool = False
 ) -> str:
     """Let aggregator `username` run `federation`; return its password (generated unless given)."""
-    return _enrol(directory, "aggregator", username, federation, password)
+    return _enrol(directory, "aggregator", username, federation, password, force)
 
 
-def add_site(directory: str | os.PathLike, name: str, federation: str, password: str | None = None) -> str:
+def add_site(directory: str | os.PathLike, name: str, federation: str, password: str | None = None,
+             force: bool = False) -> str:
     """Let edge site `name` bridge its broker into `federation` (`bridge`); return its password (generated unless
     given). Its credentials file is what `fedlite broker init --bridge-to` reads on the site broker."""
-    return _enrol(directory, "site", name, federation, password)
+    return _enrol(directory, "site", name, federation, password, force)
+
+
+def revoke(directory: str | os.PathLike, name: str) -> tuple[acl.Role, list[str]]:
+    """Remove `name`'s password, ACL entries and credentials files (a running broker needs SIGHUP); it is listed as
+    revoked from then on. Returns its role and federations; ValueError if nothing of that name is enrolled."""
+    paths = BrokerPaths(Path(directory).resolve())
+    BrokerSettings.load(paths.root)
+    principals = acl.load_principals(paths)
+    role = next((r for r in acl.ROLES if name in principals[r]), None)
+    if role is None:
+        raise ValueError(f"nothing named {name!r} is enrolled in the broker in {paths.root}")
+    federations = principals[role].pop(name)
+    acl.save_principals(paths, principals)
+    acl.record_revoked(paths, name, role, federations)
+    remove_password(paths, name, role)
+    acl.write_acl(paths)
+    path = credentials_path(paths.root, name)
+    for private in (path, path.with_suffix(".password")):
+        private.unlink(missing_ok=True)
+    permissions.grant_broker_access(paths)
+    return role, federations
 
 
 def load_credentials(path: str | os.PathLike) -> dict[str, Any]:
