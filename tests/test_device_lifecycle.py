@@ -44,9 +44,9 @@ def test_enrolment_hashes_the_password_without_putting_it_on_a_command_line(tmp_
 def test_a_revoked_device_is_refused_listed_as_revoked_and_re_enrolment_needs_force(tmp_path: Path) -> None:
     with running_broker(tmp_path, federation=FED, devices=["dev-1", "dev-2"]) as b:
         home = str(b.directory)
-        before = open_client(b.tls_host, b.tls_port, "dev-1", b.credentials["dev-1"], ca_file=b.ca)
-        assert before.connected
-        before.close()
+        held = open_client(b.tls_host, b.tls_port, "dev-1", b.credentials["dev-1"], ca_file=b.ca)
+        status = f"fl/{FED}/status/dev-1"
+        assert held.connected and held.publish(status, b"{}").value in (0, 16)  # accepted (16: no subscriber yet)
 
         again = _fedlite("enrol", home, "dev-1", "--federation", FED)
         assert again.returncode == 2 and "already enrolled" in again.stderr and "--force" in again.stderr
@@ -57,6 +57,8 @@ def test_a_revoked_device_is_refused_listed_as_revoked_and_re_enrolment_needs_fo
         assert "revoked device dev-1" in revoked.stdout and "sent SIGHUP" in revoked.stdout
         assert not credentials.credentials_path(home, "dev-1").exists()
         time.sleep(0.5)  # the broker rereads its password file on SIGHUP
+        held.next_disconnect(5)  # the connection it held is dropped by the reloading broker
+        held.close()
         refused = open_client(b.tls_host, b.tls_port, "dev-1", b.credentials["dev-1"], ca_file=b.ca)
         assert not refused.connected and refused.connack is not None and refused.connack.is_failure
         other = open_client(b.tls_host, b.tls_port, "dev-2", b.credentials["dev-2"], ca_file=b.ca)
