@@ -15,6 +15,7 @@ from fedlite.protocol.topics import check_id
 from fedlite.settings import (
     PORT,
     SEED,
+    ConfigError,
     FieldRanges,
     Range,
     Tables,
@@ -304,9 +305,20 @@ class AggregatorConfig:
 
 
 def load_config(path: str | Path, member: str = "") -> AggregatorConfig:
-    """The configuration in `path`; `member` sets [cluster] member (several aggregators sharing one file)."""
+    """The configuration in `path`; `member` sets [cluster] member (several aggregators sharing one file). A
+    `[model] builder` is found as `fedlite export` finds it (`model_export.builders`), from the file's directory,
+    and kept in a form that resolves from anywhere."""
     if not member:
-        return load_toml(AggregatorConfig, path)
-    raw = read_toml(path)
-    raw.setdefault("cluster", {})["member"] = member
-    return from_dict(AggregatorConfig, raw, str(path))
+        config = load_toml(AggregatorConfig, path)
+    else:
+        raw = read_toml(path)
+        raw.setdefault("cluster", {})["member"] = member
+        config = from_dict(AggregatorConfig, raw, str(path))
+    if config.model.builder:
+        from fedlite.model_export.builders import BuilderError, canonical
+
+        try:
+            config.model.builder = canonical(config.model.builder, Path(path).resolve().parent)
+        except BuilderError as exc:
+            raise ConfigError(f"{path}: model.builder: {exc}") from None
+    return config

@@ -31,9 +31,10 @@ def export_round(spec: ModelSection, out_dir: Path, weights: dict[str, np.ndarra
                  representative: np.ndarray | None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """train.tflite + infer_int8.tflite + manifest.json (+ metrics.json) for `weights` (None: the seed's initial
     weights). Every file is written atomically; a storage failure raises StorageError."""
+    from fedlite.model_export.builders import load_builder
     from fedlite.model_export.convert import export_model
 
-    builder = _load_builder(spec.builder) if spec.builder else None
+    builder = load_builder(spec.builder) if spec.builder else None  # made absolute by `config.load_config`
     ensure_dir(out_dir)
     manifest = export_model(spec.arch, spec.input_shape, spec.classes, out_dir, weights=weights,
                             representative=representative, seed=spec.seed, options=spec.options, builder=builder)
@@ -57,13 +58,6 @@ def export_complete(folder: Path) -> bool:
                                                          for f in files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-
-
-def _load_builder(spec: str) -> Any:
-    import importlib
-
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 class Exporter:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
 
 
-def _load_builder(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise SystemExit(f"fedlite export: --builder must be MODULE:FUNCTION, got {spec!r}")
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # builders in the current directory
-    return getattr(importlib.import_module(module_name), attr)
-
-
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.hidden:
@@ -57,9 +46,14 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
+    from .builders import BuilderError, load_builder
     from .convert import export_model
 
-    builder = _load_builder(args.builder) if args.builder else None
+    try:
+        builder = load_builder(args.builder) if args.builder else None
+    except BuilderError as exc:
+        print(f"fedlite export: {exc}", file=sys.stderr)
+        return 2
     representative = None
     if args.calibration:
         with np.load(args.calibration) as data:
