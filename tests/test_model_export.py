@@ -200,6 +200,37 @@ def test_cli_arch_with_options_and_calibration(tmp_path: Path, capsys: pytest.Ca
     manifest = load_manifest(tmp_path / "m")
     assert manifest["options"] == {"hidden": [8]} and manifest["num_params"] == 12 * 8 + 8 + 8 * 3 + 3
     assert "manifest.json" in capsys.readouterr().out
+    calibration_record = manifest["files"]["infer_int8"]["calibration"]
+    assert calibration_record["source"] == "given" and calibration_record["samples"] == 32
+    assert 0 <= calibration_record["range"][0] < calibration_record["range"][1] <= 1
+
+
+def test_the_manifest_says_when_int8_calibration_assumed_uniform_inputs(exported: dict) -> None:
+    record = exported["mlp-64"][1]["files"]["infer_int8"]["calibration"]
+    assert record == {"source": "assumed uniform", "range": [0.0, 1.0], "samples": record["samples"]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "resnet", "--input-shape", "8", "--classes", "3"], "unknown architecture 'resnet'; choose from"),
+    (["--arch", "mlp", "--input-shape", "8,8,x", "--classes", "3"], "expected positive sizes"),
+    (["--arch", "mlp", "--input-shape", "8", "--classes", "0"], "at least 2 classes"),
+    (["--arch", "mlp", "--input-shape", "12", "--classes", "3", "--calibration", "WRONG"],
+     "calibration inputs have shape [5, 7], the model's input is [12]"),
+    (["--arch", "mlp", "--input-shape", "12", "--classes", "3", "--calibration", "MISSING"], "calibration file"),
+])
+def test_cli_mistakes_are_one_line_errors_before_tensorflow_loads(tmp_path: Path, args: list[str],
+                                                                  message: str) -> None:
+    import time
+
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((5, 7), np.float32))
+    args = [str(wrong) if a == "WRONG" else str(tmp_path / "absent.npz") if a == "MISSING" else a for a in args]
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fedlite.cli", "export", *args, "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]  # one line naming it (argparse prints its usage above)
+    assert time.monotonic() - started < 10  # not after loading TensorFlow
 
 
 def test_importing_the_cli_and_trainer_does_not_import_tensorflow() -> None:

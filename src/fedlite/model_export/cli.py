@@ -10,13 +10,17 @@ from typing import Any
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
-    return shape
+    """`64`, `8,8,1` or `8x8x1`: positive sizes, every part one."""
+    parts = text.replace("x", ",").split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected positive sizes separated by ',' or 'x', got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _classes(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"a classifier needs at least 2 classes, got {text!r}")
+    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--builder", metavar="MODULE:FUNCTION",
                       help="your own builder(input_shape, classes, **options) -> ModelDef")
     parser.add_argument("--input-shape", type=_shape, required=True, help="e.g. 64 or 8,8,1 or 32,3")
-    parser.add_argument("--classes", type=int, required=True)
+    parser.add_argument("--classes", type=_classes, required=True)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--hidden", type=_shape, help="dense hidden sizes, e.g. 64,32")
     parser.add_argument("--filters", type=_shape, help="conv filters per block (cnn, conv1d), e.g. 8,16")
@@ -42,27 +46,42 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _error(message: str) -> int:
+    print(f"fedlite export: {message}", file=sys.stderr)
+    return 2
+
+
+def _calibration(path: Path) -> Any:
     import numpy as np
 
-    from .builders import BuilderError, load_builder
-    from .convert import export_model
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data:
+                raise ValueError(f"{path} has no array named x (the calibration inputs)")
+            return data["x"]
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"calibration file {path}: {exc}") from None
 
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    from .architectures import available
+    from .builders import BuilderError, load_builder
+    from .convert import ConversionError, calibration_samples, export_model
+
+    if args.arch and args.arch not in available():
+        return _error(f"unknown architecture {args.arch!r}; choose from {', '.join(available())} (or --builder)")
     try:
         builder = load_builder(args.builder) if args.builder else None
-    except BuilderError as exc:
-        print(f"fedlite export: {exc}", file=sys.stderr)
-        return 2
-    representative = None
-    if args.calibration:
-        with np.load(args.calibration) as data:
-            if "x" not in data:
-                print(f"fedlite export: {args.calibration} has no array named x", file=sys.stderr)
-                return 2
-            representative = data["x"]
-    manifest = export_model(args.builder or args.arch, args.input_shape, args.classes, args.out,
-                            representative=representative, seed=args.seed, options=_options(args), builder=builder)
+        representative = _calibration(args.calibration) if args.calibration else None
+        if representative is not None:
+            calibration_samples(args.input_shape, representative, args.seed)  # the shape, before TensorFlow loads
+        manifest = export_model(args.builder or args.arch, args.input_shape, args.classes, args.out,
+                                representative=representative, seed=args.seed, options=_options(args),
+                                builder=builder)
+    except (BuilderError, ConversionError, OSError, TypeError, ValueError) as exc:
+        return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     print(f"exported {manifest['arch']} {manifest['input']['shape']} -> {manifest['classes']} classes, "
           f"{manifest['num_params']} params, model_hash {manifest['model_hash'][:16]}")
     for entry in manifest["files"].values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -14,6 +15,9 @@ import numpy as np
 from fedlite.protocol import manifest as mf
 
 from .architectures import ModelDef, build
+
+log = logging.getLogger("fedlite.export")
+_said: set[str] = set()  # warnings said once per process (an aggregator exports every round)
 
 REPRESENTATIVE_SAMPLES = 256
 
@@ -83,12 +87,28 @@ def _convert_trainable(module: Any) -> bytes:
             raise ConversionError(f"trainable model did not convert with TFLite builtins only: {e}") from e
 
 
-def _representative(model_def: ModelDef, samples: np.ndarray | None, seed: int) -> Callable[[], Iterator[list]]:
+def calibration_samples(input_shape: Sequence[int], samples: np.ndarray | None,
+                        seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The int8 model's calibration inputs and what the manifest records of them: given samples (their count and
+    range), or, without any, uniform [0, 1) draws (an assumption, said so). ConversionError if the given samples
+    do not have the model's input shape."""
+    shape = tuple(int(d) for d in input_shape)
     if samples is None:
         rng = np.random.default_rng(seed)
-        samples = rng.uniform(0.0, 1.0, size=(REPRESENTATIVE_SAMPLES, *model_def.input_shape))
-    samples = np.asarray(samples, np.float32).reshape(-1, *model_def.input_shape)[:REPRESENTATIVE_SAMPLES]
+        drawn = rng.uniform(0.0, 1.0, size=(REPRESENTATIVE_SAMPLES, *shape)).astype(np.float32)
+        return drawn, {"source": "assumed uniform", "range": [0.0, 1.0], "samples": REPRESENTATIVE_SAMPLES}
+    samples = np.asarray(samples, np.float32)
+    if samples.ndim < 1 or tuple(samples.shape[1:]) != shape or len(samples) == 0:
+        raise ConversionError(f"calibration inputs have shape {list(samples.shape)}, the model's input is "
+                              f"{list(shape)} (expected [N, {', '.join(map(str, shape))}])")
+    if not np.isfinite(samples).all():
+        raise ConversionError("calibration inputs hold NaN or infinite values")
+    samples = samples[:REPRESENTATIVE_SAMPLES]
+    return samples, {"source": "given", "range": [float(samples.min()), float(samples.max())],
+                     "samples": len(samples)}
 
+
+def _representative(samples: np.ndarray) -> Callable[[], Iterator[list]]:
     def dataset() -> Iterator[list]:
         for sample in samples:
             yield [sample[None]]
@@ -96,8 +116,7 @@ def _representative(model_def: ModelDef, samples: np.ndarray | None, seed: int) 
     return dataset
 
 
-def _convert_int8(model_def: ModelDef, params: Mapping[str, np.ndarray], representative: np.ndarray | None,
-                  seed: int) -> bytes:
+def _convert_int8(model_def: ModelDef, params: Mapping[str, np.ndarray], representative: np.ndarray) -> bytes:
     import tensorflow as tf
 
     holder = tf.Module(name="fedlite_infer")
@@ -109,7 +128,7 @@ def _convert_int8(model_def: ModelDef, params: Mapping[str, np.ndarray], represe
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([infer.get_concrete_function()], holder)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = _representative(model_def, representative, seed)
+    converter.representative_dataset = _representative(representative)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
@@ -196,7 +215,12 @@ def export_model(arch: str, input_shape: Sequence[int], classes: int, out_dir: s
     train = _convert_trainable(make_module(model_def, params))
     check_builtins_only(tflite_ops(train), "train.tflite")
     _check_signatures(train, manifest["signatures"])
-    infer = _convert_int8(model_def, params, representative, seed)
+    samples, calibration = calibration_samples(model_def.input_shape, representative, seed)
+    if representative is None and "uniform" not in _said:
+        _said.add("uniform")
+        log.warning("int8 model calibrated on assumed uniform [0, 1) inputs (no calibration data): give "
+                    "representative inputs if yours are not in [0, 1) (recorded in manifest.json)")
+    infer = _convert_int8(model_def, params, samples)
     check_builtins_only(tflite_ops(infer), "infer_int8.tflite")
 
     out = Path(out_dir)
@@ -204,7 +228,8 @@ def export_model(arch: str, input_shape: Sequence[int], classes: int, out_dir: s
     mf.write_atomic(out / mf.TRAIN_FILE, train)
     mf.write_atomic(out / mf.INFER_INT8_FILE, infer)
     manifest["files"] = {"train": mf.file_entry(out / mf.TRAIN_FILE),
-                         "infer_int8": {**mf.file_entry(out / mf.INFER_INT8_FILE), **_int8_quantization(infer)}}
+                         "infer_int8": {**mf.file_entry(out / mf.INFER_INT8_FILE), **_int8_quantization(infer),
+                                        "calibration": calibration}}
     manifest["tensorflow_version"] = tf.__version__
     manifest["export_seconds"] = round(time.perf_counter() - started, 3)
     mf.write_manifest(out, manifest)
