@@ -93,3 +93,29 @@ def test_int8_inference_model_matches_float_accuracy(mlp_dir: Path, digits: tupl
     print(f"digits MLP: float {float_accuracy:.3f}, int8 {accuracy:.3f} "
           f"({manifest['files']['train']['bytes']} B trainable, {entry['bytes']} B int8)")
     assert abs(accuracy - float_accuracy) <= 0.03
+
+
+def test_the_direct_train_step_trains_exactly_as_the_signature_runner_does(mlp_dir: Path, digits: tuple) -> None:
+    from fedlite.runtime.trainer import one_hot
+
+    x, y = digits[0][:250], digits[1][:250]  # 250: a short last batch, stepped in proportion
+    fast, reference = Trainer.from_dir(mlp_dir), Trainer.from_dir(mlp_dir)
+    assert fast._step._wrapper is not None  # this runtime exposes its tensors: the direct path runs
+    start = fast.get_weights()
+    fast.set_weights(start)
+    result = fast.train_epochs(x, y, 2, 32, 0.1, mu=0.01, rng=np.random.default_rng(3))
+    fast.evaluate(x[:50], y[:50])  # another signature in between: the next step resizes again
+    fast.train_epochs(x, y, 1, 32, 0.1, mu=0.01, rng=np.random.default_rng(4))
+
+    reference.set_weights(start)
+    runner, labels = reference._runners["train"], one_hot(y, 10)
+    for seed, epochs in ((3, 2), (4, 1)):
+        rng = np.random.default_rng(seed)
+        for _ in range(epochs):
+            order = rng.permutation(len(x))
+            for s in range(0, len(x), 32):
+                batch = order[s:s + 32]
+                runner(x=np.ascontiguousarray(x[batch], np.float32), y=labels[batch],
+                       lr=np.array(0.1 * len(batch) / 32, np.float32), mu=np.array(0.01, np.float32))
+    assert result.steps == 2 * 8 and result.examples_seen == 500
+    assert np.array_equal(fast.get_weights(), reference.get_weights())

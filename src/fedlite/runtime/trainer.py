@@ -41,6 +41,48 @@ def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes, dtype=np.float32)[y]
 
 
+class TrainStep:
+    """The `train` signature called directly: inputs resized (and the subgraph's tensors allocated) only when the
+    batch's shape changes, instead of at every step as the signature runner does. Falls back to the runner where a
+    runtime's runner does not expose its tensors."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        try:
+            self._wrapper = runner._interpreter_wrapper
+            self._inputs: dict[str, int] = dict(runner._inputs)
+            self._loss = dict(runner._outputs)["loss"]
+            self._subgraph = runner._subgraph_index
+        except (AttributeError, KeyError, TypeError):
+            self._wrapper = None
+        self._shape: tuple[int, ...] | None = None
+        self._scalars: tuple[float, float] | None = None
+
+    def invalidate(self) -> None:
+        """Another signature ran: resize, allocate and set the scalars again at the next step."""
+        self._shape = None
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float) -> float:
+        if self._wrapper is None:
+            return float(self._runner(x=x, y=y, lr=np.array(lr, np.float32), mu=np.array(mu, np.float32))["loss"])
+        wrapper, inputs, subgraph = self._wrapper, self._inputs, self._subgraph
+        if x.shape != self._shape:
+            scalar = np.array((), dtype=np.int32)
+            for name, shape in (("x", x.shape), ("y", y.shape), ("lr", ()), ("mu", ())):
+                wrapper.ResizeInputTensor(inputs[name], np.array(shape, dtype=np.int32) if shape else scalar, False,
+                                          subgraph)
+            wrapper.AllocateTensors(subgraph)
+            self._shape, self._scalars = x.shape, None
+        if self._scalars != (lr, mu):  # the learning rate changes for a short last batch only
+            wrapper.SetTensor(inputs["lr"], np.array(lr, np.float32), subgraph)
+            wrapper.SetTensor(inputs["mu"], np.array(mu, np.float32), subgraph)
+            self._scalars = (lr, mu)
+        wrapper.SetTensor(inputs["x"], x, subgraph)
+        wrapper.SetTensor(inputs["y"], y, subgraph)
+        wrapper.Invoke(subgraph)
+        return float(wrapper.GetTensor(self._loss, subgraph))
+
+
 class Trainer:
     """A trainable model in a TFLite interpreter: weights in and out, SGD epochs, evaluation."""
 
@@ -55,6 +97,7 @@ class Trainer:
         if missing:
             raise ValueError(f"model lacks the signatures {missing} its manifest lists")
         self._runners = {name: self.interpreter.get_signature_runner(name) for name in manifest["signatures"]}
+        self._step = TrainStep(self._runners["train"])
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike[str], num_threads: int = 1) -> Trainer:
@@ -65,6 +108,7 @@ class Trainer:
     # ------------------------------------------------------------ weights
 
     def get_weights(self) -> np.ndarray:
+        self._step.invalidate()
         return np.array(self._runners["get_weights"]()["weights"], dtype=np.float32, copy=True)
 
     def set_weights(self, flat: np.ndarray) -> None:
@@ -72,6 +116,7 @@ class Trainer:
         flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
         if flat.size != self.num_params:
             raise ValueError(f"expected {self.num_params} weights, got {flat.size}")
+        self._step.invalidate()
         self._runners["set_weights"](weights=flat)
 
     # ------------------------------------------------------------ training and evaluation
@@ -80,14 +125,13 @@ class Trainer:
         return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, *self.input_shape)
 
     def train_step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float, mu: float = 0.0) -> float:
-        out = self._runners["train"](x=self._inputs(x), y=np.ascontiguousarray(y_onehot, dtype=np.float32),
-                                     lr=np.array(lr, np.float32), mu=np.array(mu, np.float32))
-        return float(out["loss"])
+        return self._step(self._inputs(x), np.ascontiguousarray(y_onehot, dtype=np.float32), lr, mu)
 
     def train_epochs(self, x: np.ndarray, y_int: np.ndarray, epochs: int, batch_size: int, lr: float,
                      mu: float = 0.0, rng: np.random.Generator | None = None,
                      should_continue: ShouldContinue | None = None) -> TrainResult:
-        """SGD over shuffled minibatches; `should_continue()` is asked before every batch."""
+        """SGD over shuffled minibatches; `should_continue()` is asked before every batch. Each epoch's shuffle is
+        applied once (one gather), so that every batch is a contiguous slice."""
         x, y = self._inputs(x), one_hot(y_int, self.classes)
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
@@ -102,20 +146,22 @@ class Trainer:
 
         for _ in range(epochs):
             order = rng.permutation(len(x))
+            xs, ys = x[order], y[order]
             for start in range(0, len(x), batch_size):
                 if should_continue is not None and not should_continue():
                     return result(True, "stopped: should_continue() returned False")
-                batch = order[start:start + batch_size]
+                xb, yb = xs[start:start + batch_size], ys[start:start + batch_size]
                 # a short last batch steps in proportion to its size: a full step on a few examples is noise
-                loss = self.train_step(x[batch], y[batch], lr * len(batch) / batch_size, mu)
+                loss = self._step(xb, yb, lr * len(xb) / batch_size, mu)
                 if not math.isfinite(loss):
                     return result(True, f"loss is not finite ({loss}) at step {steps + 1}")
-                steps, seen, loss_sum = steps + 1, seen + len(batch), loss_sum + loss * len(batch)
+                steps, seen, loss_sum = steps + 1, seen + len(xb), loss_sum + loss * len(xb)
         return result()
 
     def evaluate(self, x: np.ndarray, y_int: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) over all examples."""
         x, y = self._inputs(x), one_hot(y_int, self.classes)
+        self._step.invalidate()
         loss_sum, hits = 0.0, 0.0
         for start in range(0, len(x), batch_size):
             out = self._runners["evaluate"](x=x[start:start + batch_size], y=y[start:start + batch_size])
@@ -127,6 +173,7 @@ class Trainer:
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities [N, classes]."""
         x = self._inputs(x)
+        self._step.invalidate()
         parts = [np.array(self._runners["infer"](x=x[s:s + batch_size])["probabilities"], copy=True)
                  for s in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, self.classes), np.float32)

@@ -1,0 +1,93 @@
+"""The device's training loop: `Trainer.train_epochs` (each epoch shuffled once, contiguous batches, the `train`
+tensors set and invoked directly) against the same SGD through the signature runner with a gather per batch
+(the loop as it was), side by side in one process on the same model, data and batches.
+
+Both start from the same weights and end with bit-identical weights (checked; `tests/test_trainer.py` asserts it
+too). Each repeat trains epoch after epoch for at least 2 s; the two loops alternate repeat by repeat, so a change
+in load hits both; min / median / max samples/s over the repeats, the CPU seconds per 1,000 samples beside them.
+
+    python benchmarks/train_step.py [--model mlp] [--samples 1024] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchlib import BENCH_DIR, MODELS, digits_split, emit, export_in_child, median
+
+BATCH = 32
+MIN_SECONDS = 2.0
+
+
+def runner_epoch(trainer: Any, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> None:
+    """One epoch through the signature runner, a gather per batch: the reference the direct step must equal."""
+    from fedlite.runtime.trainer import one_hot
+
+    runner, labels = trainer._runners["train"], one_hot(y, trainer.classes)
+    order = rng.permutation(len(x))
+    for start in range(0, len(x), BATCH):
+        batch = order[start:start + BATCH]
+        runner(x=np.ascontiguousarray(x[batch], np.float32), y=labels[batch],
+               lr=np.array(0.05 * len(batch) / BATCH, np.float32), mu=np.array(0.0, np.float32))
+
+
+def rate(epoch: Any, samples: int) -> tuple[float, float]:
+    began, cpu, done = time.perf_counter(), time.process_time(), 0
+    while (elapsed := time.perf_counter() - began) < MIN_SECONDS or done == 0:
+        epoch(done)
+        done += 1
+    return samples * done / elapsed, 1e6 * (time.process_time() - cpu) / (samples * done)  # CPU ms per 1k samples
+
+
+def spread(values: list[float], digits: int = 1) -> dict[str, float]:
+    return {"min": round(min(values), digits), "median": round(median(values), digits),
+            "max": round(max(values), digits)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fedlite.runtime.trainer import Trainer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", choices=sorted(MODELS))
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cache", type=Path, default=BENCH_DIR / ".cache" / "models")
+    args = parser.parse_args(argv)
+    export_in_child([args.model], args.cache)
+    x, y, _, _ = digits_split()
+    x, y = np.resize(x, (args.samples, *x.shape[1:])), np.resize(y, args.samples)
+    if MODELS[args.model][1] != (64,):
+        x = x.reshape(-1, *MODELS[args.model][1])
+    direct, runner = (Trainer.from_dir(args.cache / args.model, num_threads=1) for _ in range(2))
+    start = direct.get_weights()
+    for trainer in (direct, runner):
+        trainer.set_weights(start)
+    direct.train_epochs(x, y, 2, BATCH, 0.05, rng=np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        runner_epoch(runner, x, y, rng)
+    identical = bool(np.array_equal(direct.get_weights(), runner.get_weights()))
+    loads, results = [os.getloadavg()[0]], {"direct": [], "runner": []}
+    for _ in range(args.repeats):
+        results["direct"].append(rate(lambda i: direct.train_epochs(x, y, 1, BATCH, 0.05,
+                                                                     rng=np.random.default_rng(i)), len(x)))
+        results["runner"].append(rate(lambda i: runner_epoch(runner, x, y, np.random.default_rng(i)), len(x)))
+        loads.append(os.getloadavg()[0])
+    table = {name: {"samples_per_s": spread([r[0] for r in rows]), "cpu_ms_per_1k": spread([r[1] for r in rows], 3)}
+             for name, rows in results.items()}
+    ratio = table["direct"]["samples_per_s"]["median"] / table["runner"]["samples_per_s"]["median"]
+    for name, row in table.items():
+        print(f"{name}: samples/s {row['samples_per_s']}, CPU ms per 1k samples {row['cpu_ms_per_1k']}")
+    print(f"direct / runner (medians): {ratio:.2f}x; identical weights after 2 epochs: {identical}; "
+          f"load (1 min) {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
+    emit({"model": args.model, "batch": BATCH, "samples": len(x), "repeats": args.repeats, "identical": identical,
+          "ratio": round(ratio, 3), "load_1min": spread(loads), "cases": table})
+
+
+if __name__ == "__main__":
+    main()
