@@ -1,18 +1,21 @@
-"""Device lifecycle on the broker: enrol (never a password on a command line), re-enrol only with --force, list,
-revoke (a revoked device is refused by the running broker)."""
+"""Device lifecycle on the broker: enrol (never a password on a command line; a ready-to-copy bundle), re-enrol only
+with --force, list, revoke (a revoked device is refused by the running broker)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from broker_fixtures import open_client, running_broker
 
 from fedlite.broker_config import credentials
+from fedlite.protocol.signing import generate_keypair
 
 FED = "lifecycle"
 
@@ -81,3 +84,33 @@ def test_a_revoked_device_is_refused_listed_as_revoked_and_re_enrolment_needs_fo
         assert forced.returncode == 0, forced.stderr
         rows = {line.split()[0]: line for line in _fedlite("list", home).stdout.splitlines()[1:]}
         assert "enrolled" in rows["dev-1"]
+
+
+def test_an_enrolment_bundle_unpacks_into_an_agent_that_logs_in(tmp_path: Path) -> None:
+    _, public = generate_keypair(tmp_path / "keys")
+    with running_broker(tmp_path, federation=FED, devices=[]) as b:
+        bundle = tmp_path / "pi-7.tar"
+        missing = _fedlite("enrol", str(b.directory), "pi-7", "--federation", FED, "--bundle", str(bundle))
+        assert missing.returncode == 2 and "--aggregator-key" in missing.stderr
+        assert "pi-7" not in _fedlite("list", str(b.directory)).stdout  # nothing enrolled by the refused call
+        made = _fedlite("enrol", str(b.directory), "pi-7", "--federation", FED, "--bundle", str(bundle),
+                        "--aggregator-key", str(public), "--host", "localhost")
+        assert made.returncode == 0, made.stderr
+        assert bundle.stat().st_mode & 0o077 == 0
+        with tarfile.open(bundle) as tar:
+            names = {m.name: m.mode for m in tar.getmembers()}
+            assert names == {"agent.toml": 0o644, "ca.crt": 0o644, "aggregator.pub": 0o644, "pi-7.password": 0o600}
+            device = tmp_path / "etc"
+            tar.extractall(device, filter="data")
+        # the device's /etc/fedlite is `device` here; its data: a small shard
+        np_data = tmp_path / "shard.npz"
+        np.savez(np_data, x=np.zeros((20, 64), np.float32), y=np.zeros(20, np.int64))
+        text = (device / "agent.toml").read_text().replace("/etc/fedlite", str(device))
+        text = text.replace('source = "shards"', 'source = "npz"').replace("/var/lib/fedlite-data/shards", str(np_data))
+        text = text.replace("/var/lib/fedlite-agent", str(tmp_path / "state"))
+        (device / "agent.toml").write_text(text + f'\n[state]\nprovider = "file"\nfile = "{tmp_path / "s.json"}"\n')
+        b.broker.reload()
+        check = subprocess.run([sys.executable, "-m", "fedlite.cli", "agent", "--check", "--config",
+                                str(device / "agent.toml")], capture_output=True, text=True, timeout=120)
+        broker_line = next(line for line in check.stdout.splitlines() if "broker:" in line)
+        assert broker_line.startswith("ok") and f":{b.tls_port} (TLS) as pi-7" in broker_line, check.stdout

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--force", action="store_true",
                        help="enrol a name that is already enrolled: a new password (its current credentials stop "
                             "working)")
+        if action == "enrol":
+            p.add_argument("--bundle", type=Path, metavar="FILE.tar",
+                           help="also write a ready-to-copy bundle: agent.toml, ca.crt, aggregator.pub, the password")
+            p.add_argument("--aggregator-key", type=Path, metavar="PUB",
+                           help="with --bundle: the aggregator's public key (signing key_file with .pub)")
+            p.add_argument("--host", help="with --bundle: the broker's address as devices dial it (default: the TLS "
+                                          "listener's bind address, or this host's name when it binds all)")
 
     p = sub.add_parser("revoke", help="remove a device's (or site's, aggregator's) password, ACL entries and "
                                       "credentials, and reload the broker")
@@ -116,12 +123,24 @@ def _init(args: argparse.Namespace) -> int:
 
 def _enrol(args: argparse.Namespace) -> int:
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+    bundle = getattr(args, "bundle", None)
+    if bundle is not None:
+        from fedlite.broker_config.bundle import check_bundle
+
+        if args.aggregator_key is None:
+            raise ValueError("--bundle needs --aggregator-key (the public key devices pin)")
+        check_bundle(args.dir, args.aggregator_key)
     add, role = {"enrol": (credentials.enrol_device, "device"),
                  "aggregator": (credentials.add_aggregator, "aggregator"),
                  "site": (credentials.add_site, "site")}[args.action]
-    add(args.dir, args.name, args.federation, password, force=args.force)
+    password = add(args.dir, args.name, args.federation, password, force=args.force)
     print(f"enrolled {role} {args.name} in federation {args.federation}")
     print(f"credentials (keep private): {credentials.credentials_path(args.dir, args.name)}")
+    if bundle is not None:
+        from fedlite.broker_config.bundle import CONFIG_DIR, write_bundle
+
+        write_bundle(args.dir, args.name, args.federation, password, args.aggregator_key, bundle, args.host)
+        print(f"bundle (keep private): {bundle}; on the device: tar -xf {bundle.name} -C {CONFIG_DIR}")
     _reload(args.dir, f"it now knows {args.name}")
     return 0
 
