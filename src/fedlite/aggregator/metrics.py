@@ -38,8 +38,20 @@ class Metrics:
         self.loss = gauge("fedlite_global_loss", "global model loss on the server test set")
         self.devices = gauge("fedlite_devices", "devices by state", ("state",))
         self.successful_client_rounds = counter("fedlite_successful_client_rounds", "accepted client updates")
-        self.kpi = gauge("fedlite_kpi", "per-round KPIs: bytes_per_accuracy_point, epsilon, client_accuracy_*, "
-                         "drift_flags, anomaly_flags", ("kpi",))
+        # the last complete round's KPIs, each its own metric in its unit (`kpis.py` defines them)
+        self.kpis = {
+            "bytes_per_accuracy_point": gauge("fedlite_bytes_per_accuracy_point_bytes",
+                                              "bytes up and down spent per point of accuracy gained so far"),
+            "epsilon": gauge("fedlite_privacy_epsilon", "DP-FedAvg privacy loss epsilon so far, at [privacy] delta"),
+            "client_accuracy_mean": gauge("fedlite_client_accuracy_mean_ratio",
+                                          "mean of the devices' held-out accuracy of the global model (0-1)"),
+            "client_accuracy_std": gauge("fedlite_client_accuracy_std_ratio",
+                                         "standard deviation of the devices' held-out accuracy (0-1)"),
+            "client_accuracy_p10": gauge("fedlite_client_accuracy_p10_ratio",
+                                         "10th percentile of the devices' held-out accuracy (0-1)"),
+        }
+        self.flags = {"drift_flags": gauge("fedlite_drift_flags", "devices whose update drifts from the aggregate"),
+                      "anomaly_flags": gauge("fedlite_anomaly_flags", "devices whose update looks anomalous")}
         self.duration = Histogram("fedlite_round_duration_seconds", "round duration", ["federation"],
                                   buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
 
@@ -77,12 +89,11 @@ class Metrics:
     def _kpis(self, kpis: dict[str, Any]) -> None:
         fed = self._labels["federation"]
         self.successful_client_rounds.labels(fed).inc(kpis.get("successful_client_rounds", 0))
-        for name in ("bytes_per_accuracy_point", "epsilon", "client_accuracy_mean", "client_accuracy_std",
-                     "client_accuracy_p10"):
+        for name, metric in self.kpis.items():
             if kpis.get(name) is not None:
-                self.kpi.labels(fed, name).set(kpis[name])
-        for name in ("drift_flags", "anomaly_flags"):
-            self.kpi.labels(fed, name).set(len(kpis.get(name) or []))
+                metric.labels(fed).set(kpis[name])
+        for name, metric in self.flags.items():
+            metric.labels(fed).set(len(kpis.get(name) or []))
 
     def update_received(self, size: int) -> None:
         self.bytes_in.labels(self._labels["federation"]).inc(size)
