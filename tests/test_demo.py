@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 
 import numpy as np
 import psutil
@@ -143,3 +144,38 @@ def test_simulate_runs_rounds_with_many_virtual_agents_on_two_aggregators(tmp_pa
     assert shares["a1"]["updates"] + shares["a2"]["updates"] == sum(r["accepted"] for r in history
                                                                     if r["status"] == "complete")
     assert all(a["cpu_seconds"] > 0 for a in shares.values())
+
+
+def test_demo_flags_reach_the_devices_the_aggregator_and_the_baseline_and_a_wanted_fleet_never_waits(tmp_path):
+    run_dir = tmp_path / "flags"
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--rounds", "3", "--clients", "3",
+                             "--devices", "steady", "--hidden", "16", "--lr", "0.05", "--batch-size", "16",
+                             "--lr-decay", "1", "--clients-per-round", "3", "--over-selection", "0.5",
+                             "--holdout", "0.1", "--local-epochs", "1", "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    aggregator = tomllib.loads((run_dir / "aggregator.toml").read_text())
+    assert aggregator["training"]["learning_rate"] == 0.05 and aggregator["training"]["batch_size"] == 16
+    assert aggregator["rounds"]["clients_per_round"] == 3 and aggregator["rounds"]["over_selection"] == 0.5
+    agent = tomllib.loads((run_dir / "agents" / "device-00" / "agent.toml").read_text())
+    assert agent["data"]["holdout_fraction"] == 0.1
+    manifest = json.loads((run_dir / "aggregator" / "models" / "round-00000" / "manifest.json").read_text())
+    assert manifest["options"]["hidden"] == [16] and manifest["num_params"] == 64 * 16 + 16 + 16 * 10 + 10
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert summary["plan"]["hidden"] == [16] and summary["plan"]["devices"] == "steady"
+    history = json.loads((run_dir / "aggregator" / "history.json").read_text())
+    assert [r["status"] for r in history] == ["complete"] * 3 and sum(r["declined"] for r in history) == 0
+    # K = 3 of 3 with over-selection 0.5 wants 5: with nobody else online, no round waits 10 s for them
+    gaps = [b["started_at"] - (a["started_at"] + a["duration_seconds"])
+            for a, b in zip(history, history[1:], strict=False)]
+    assert max(gaps) < 5, gaps
+
+
+def test_demo_training_flags_that_cannot_run_are_one_line_errors():
+    for flags, message in ((["--hidden", "16,x"], "--hidden takes positive sizes"),
+                           (["--holdout", "1.5"], "0 < --holdout < 1"),
+                           (["--clients-per-round", "50"], "--clients-per-round <= --clients")):
+        result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", *flags], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stdout, result.stdout + result.stderr
+        assert len(result.stdout.strip().splitlines()) == 1 and "Traceback" not in result.stderr

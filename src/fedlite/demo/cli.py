@@ -14,6 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", default="dirichlet", choices=["dirichlet", "shards", "iid"])
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skew)")
     parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.0, help="devices' (and the baseline's) SGD learning rate "
+                        "(default: the task's)")
+    parser.add_argument("--lr-decay", type=float, default=0.97, help="learning rate multiplier per round")
+    parser.add_argument("--batch-size", type=int, default=0, help="SGD batch size (default: the task's)")
+    parser.add_argument("--hidden", default="", help="mlp tasks: hidden layer sizes, e.g. 64,32 (default: the task's)")
+    parser.add_argument("--clients-per-round", type=int, default=0, help="K (default: 60 %% of the clients)")
+    parser.add_argument("--over-selection", type=float, default=0.3, help="select K x (1 + this) devices")
+    parser.add_argument("--holdout", type=float, default=0.2, help="each device's held-out fraction (evaluation)")
+    parser.add_argument("--devices", default="realistic", choices=["realistic", "steady"],
+                        help="realistic: some devices busy, on battery, metered or vanishing; steady: none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dp", action="store_true", help="DP-FedAvg: clip updates, add Gaussian noise, report ε")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="with --dp: noise std / clip norm")
@@ -60,15 +70,38 @@ def run(args: argparse.Namespace) -> int:
     if args.noise_multiplier <= 0 or args.clip_norm <= 0:
         print("fedlite demo: need --noise-multiplier > 0 and --clip-norm > 0")
         return 2
+    problem = _check_training(args, TASKS[args.task].arch)
+    if problem:
+        print(f"fedlite demo: {problem}")
+        return 2
     run_dir = (args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     plan = DemoPlan(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                     alpha=args.alpha, local_epochs=args.local_epochs, seed=args.seed, dp=args.dp,
                     noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, codec=args.codec,
                     mode=args.mode, stragglers=args.stragglers, batch_seconds=args.batch_seconds,
-                    aggregators=args.aggregators)
+                    aggregators=args.aggregators, lr=args.lr, learning_rate_decay=args.lr_decay,
+                    batch_size=args.batch_size, hidden=[int(h) for h in args.hidden.split(",")] if args.hidden else [],
+                    clients_per_round=args.clients_per_round, over_selection=args.over_selection,
+                    holdout=args.holdout, devices=args.devices)
     try:
         run_demo(plan, run_dir)
     except KeyboardInterrupt:
         print("\nfedlite demo: interrupted; every process it started has been stopped")
         return 130
     return 0
+
+
+def _check_training(args: argparse.Namespace, arch: str) -> str | None:
+    """Why the training flags cannot run (None if they can)."""
+    if args.lr < 0 or args.batch_size < 0 or not 0 < args.lr_decay <= 1:
+        return "need --lr >= 0, --batch-size >= 0 and 0 < --lr-decay <= 1"
+    if not 0 <= args.clients_per_round <= args.clients or not 0 <= args.over_selection <= 5:
+        return f"need 0 <= --clients-per-round <= --clients ({args.clients}) and 0 <= --over-selection <= 5"
+    if not 0 < args.holdout < 1:
+        return "need 0 < --holdout < 1"
+    if args.hidden:
+        if arch != "mlp":
+            return f"--hidden is for mlp tasks; --task {args.task} trains a {arch}"
+        if not all(h.strip().isdigit() and int(h) > 0 for h in args.hidden.split(",")):
+            return f"--hidden takes positive sizes separated by commas, not {args.hidden!r}"
+    return None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,17 @@ class DemoPlan:
     # the last rounds' accuracy swings less with the cohort drawn)
     learning_rate_decay: float = 0.97
     aggregators: int = 1  # > 1: that many aggregator processes share the work (`aggregator.cluster`)
+    lr: float = 0.0  # the devices' and the baseline's SGD learning rate (0: the task's)
+    batch_size: int = 0  # 0: the task's
+    hidden: list[int] = field(default_factory=list)  # mlp hidden sizes ([]: the task's)
+    holdout: float = 0.2  # each device's held-out fraction
+    devices: str = "realistic"  # realistic: busy, battery, metered and vanishing devices among them; steady: none
 
 
 def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
     """Run the demo in `run_dir`; returns the summary written to run_dir/report/summary.json."""
     started = time.time()
-    task = load_task(plan.task, seed=plan.seed)
+    task = _with_overrides(load_task(plan.task, seed=plan.seed), plan)
     devices = [f"device-{i:02d}" for i in range(plan.clients)]
     say(f"fedlite demo: task {task.name} ({task.description}); {plan.clients} devices, {plan.rounds} rounds, "
         f"{plan.partition} partition" + (f" (alpha {plan.alpha})" if plan.partition == "dirichlet" else ""))
@@ -67,7 +73,7 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
         fed.start_broker()
         say(f"broker: Mosquitto on 127.0.0.1:{fed.broker.port} (aggregator) and TLS :{fed.broker.tls_port} "
             f"(devices), per-device credentials and ACLs in {fed.broker.paths.root}")
-        roles = assign_roles(devices, plan.stragglers)
+        roles = assign_roles(devices, plan.stragglers, realistic=plan.devices == "realistic")
         scenario = Scenario(fed, roles, {"batch_seconds": plan.batch_seconds} if plan.batch_seconds else {}).start()
         config = _aggregator_config(fed, task, plan, run_dir)
         if plan.aggregators > 1:  # before the agents: every member follows the first round
@@ -75,11 +81,12 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
             say(f"aggregators: {plan.aggregators} processes on one federation, a1 coordinates, a2..a"
                 f"{plan.aggregators} share the updates ($share group)")
         for device in devices:
-            _start_agent(fed, device, shards[device])
+            _start_agent(fed, device, shards[device], plan.holdout)
         if plan.aggregators == 1:
             aggregator = fed.start("aggregator", "aggregator", config)
         vanishing = [d for d, r in roles.items() if r.kind == "vanishing"]
-        vanisher = (Vanisher(fed, vanishing[0], lambda: _start_agent(fed, vanishing[0], shards[vanishing[0]]),
+        restart = lambda: _start_agent(fed, vanishing[0], shards[vanishing[0]], plan.holdout)  # noqa: E731
+        vanisher = (Vanisher(fed, vanishing[0], restart,
                              at_round=max(2, plan.rounds // 3), say=say) if vanishing else None)
         observer = _observe_rounds(fed, vanisher)
         say(f"agents: {plan.clients} processes with simulated device state "
@@ -107,8 +114,15 @@ def _write_data(task: Task, plan: DemoPlan, devices: list[str], folder: Path, sa
             for device, part in zip(devices, parts, strict=True)}
 
 
-def _start_agent(fed: LocalFederation, device: str, shard: Path) -> None:
-    fed.start(device, "agent", fed.agent_config(device, shard))
+def _with_overrides(task: Task, plan: DemoPlan) -> Task:
+    """The task with the plan's SGD settings and model options, for the federated run and the baseline alike."""
+    options = task.options | ({"hidden": list(plan.hidden)} if plan.hidden else {})
+    return dataclasses.replace(task, lr=plan.lr or task.lr, batch_size=plan.batch_size or task.batch_size,
+                               options=options)
+
+
+def _start_agent(fed: LocalFederation, device: str, shard: Path, holdout: float = 0.2) -> None:
+    fed.start(device, "agent", fed.agent_config(device, shard, data={"holdout_fraction": holdout}))
 
 
 def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir: Path) -> Path:

@@ -35,10 +35,10 @@ class DeviceRole:
         return {}
 
 
-def assign_roles(devices: list[str], stragglers: int = 0) -> dict[str, DeviceRole]:
-    """Most devices steady; two busy, one on battery at times, one on a metered link, one that vanishes; and
-    `stragglers` of the steady ones `SLOWDOWN` times slower."""
-    kinds = ["busy", "battery", "busy", "metered", "vanishing"]
+def assign_roles(devices: list[str], stragglers: int = 0, realistic: bool = True) -> dict[str, DeviceRole]:
+    """Most devices steady; two busy, one on battery at times, one on a metered link, one that vanishes (none of
+    these unless `realistic`); and `stragglers` of the steady ones `SLOWDOWN` times slower."""
+    kinds = ["busy", "battery", "busy", "metered", "vanishing"] if realistic else []
     roles = {device: DeviceRole("steady") for device in devices}
     for i, (device, kind) in enumerate(zip(devices[1::2], kinds, strict=False)):
         roles[device] = DeviceRole(kind, period=5.0 + i, phase=1.3 * i)

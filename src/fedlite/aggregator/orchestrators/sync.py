@@ -43,7 +43,11 @@ class SyncRounds:
             host.housekeeping(number, "waiting")
             eligible = host.selectable()
             waited = time.time() - started
-            if len(eligible) >= want or (waited >= r.wait_for_devices_seconds and len(eligible) >= r.min_accepted):
+            # over-selection asks for more than K; once K are eligible and no other device is online, waiting for
+            # more is waiting for nobody (every device wanted, or a fleet smaller than K(1 + over-selection))
+            nobody_else = len(eligible) >= r.clients_per_round and len(eligible) >= host.fleet.counts()["online"]
+            if len(eligible) >= want or nobody_else or (waited >= r.wait_for_devices_seconds
+                                                        and len(eligible) >= r.min_accepted):
                 rng = np.random.default_rng([r.seed, number, attempt])
                 return select(eligible, r.clients_per_round, r.over_selection, rng)
             if time.time() - last_log > 10:
