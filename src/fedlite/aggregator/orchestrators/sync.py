@@ -43,9 +43,9 @@ class SyncRounds:
             host.housekeeping(number, "waiting")
             eligible = host.selectable()
             waited = time.time() - started
-            # over-selection asks for more than K; once K are eligible and no other device is online, waiting for
-            # more is waiting for nobody (every device wanted, or a fleet smaller than K(1 + over-selection))
-            nobody_else = len(eligible) >= r.clients_per_round and len(eligible) >= host.fleet.counts()["online"]
+            # over-selection asks for more than K; once K are eligible and so is every device ever heard from,
+            # waiting for more is waiting for nobody (every device wanted, or a fleet smaller than K(1 + over-sel.))
+            nobody_else = len(eligible) >= r.clients_per_round and len(eligible) >= host.fleet.counts()["known"]
             if len(eligible) >= want or nobody_else or (waited >= r.wait_for_devices_seconds
                                                         and len(eligible) >= r.min_accepted):
                 rng = np.random.default_rng([r.seed, number, attempt])
