@@ -32,7 +32,7 @@ def _mean_entropy(labels: np.ndarray, parts: list[np.ndarray]) -> float:
     return float(np.mean([label_entropy(np.bincount(labels[p], minlength=10)) for p in parts]))
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards", "mcmahan"])
 @pytest.mark.parametrize("clients", [1, 5, 10])
 def test_partitions_are_disjoint_and_cover_all(digits_labels: np.ndarray, scheme: str, clients: int) -> None:
     parts = partition(scheme, digits_labels, clients, np.random.default_rng(3), alpha=0.3)
@@ -128,3 +128,29 @@ def test_tasks_are_float32_with_stratified_splits(name: str) -> None:
 def test_unknown_task_names_the_available_ones() -> None:
     with pytest.raises(KeyError, match="digits"):
         load_task("mnist", 0)
+
+
+def test_mcmahan_shards_are_equal_cuts_of_the_label_sorted_order(digits_labels: np.ndarray) -> None:
+    from fedlite.demo.partition import mcmahan
+
+    parts = mcmahan(digits_labels, 100, 2, np.random.default_rng(0))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 2  # 200 shards of len // 200 or one more, two each
+    labels_per_client = [len(np.unique(digits_labels[p])) for p in parts]
+    assert max(labels_per_client) <= 4 and np.mean(labels_per_client) < 2.5  # a shard straddles two labels at most
+
+
+def test_a_partition_file_gives_each_client_its_indices_and_a_bad_one_is_one_clear_error(tmp_path) -> None:
+    import json
+
+    from fedlite.demo.partition import PartitionError, from_file
+
+    good = tmp_path / "parts.json"
+    good.write_text(json.dumps([[0, 1, 2], [3, 4], [9]]))
+    assert [list(p) for p in from_file(str(good), 10, 3)] == [[0, 1, 2], [3, 4], [9]]
+    for content, message in (([[0, 1], [1, 2], [3]], "two clients"), ([[0], [1]], "list of 3"),
+                             ([[0], [1], [10]], "indices in 0..9")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(content))
+        with pytest.raises(PartitionError, match=message):
+            from_file(str(bad), 10, 3)

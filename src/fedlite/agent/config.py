@@ -66,7 +66,8 @@ class AgentSection:
     threads: Annotated[int, Range(ge=1, le=64)] = 1
     max_epochs: Annotated[int, Range(ge=1)] = 20
     max_examples: Annotated[int, Range(ge=1, special=0, means="all local examples")] = 0
-    seed: Annotated[int, SEED] = 0
+    # the local shuffles' seed: 0 derives one from the client id (a run repeats exactly); -1 draws from the OS
+    seed: Annotated[int, Range(ge=0, special=-1, means="unseeded shuffles")] = 0
 
 
 @dataclass

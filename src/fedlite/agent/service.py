@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -108,7 +109,7 @@ class Agent:
         self.residuals = ResidualStore(self.state_dir / RESIDUAL_FILE)  # error feedback, per model
         self.held = HeldWeights(self.state_dir / HELD_FILE)  # the base of the next downlink deltas
         self._received = 0  # payload bytes received for the round being trained (model, weights, deltas)
-        self._rng = np.random.default_rng(config.agent.seed or None)
+        self._rng = np.random.default_rng(_shuffle_seed(config.agent.seed, self.client_id))
         self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
         self.deployer = Deployer(config.deploy, self.state_dir, self.client_id, self.federation)
         self.link = Link(
@@ -414,6 +415,13 @@ def data_mismatch(data: LocalData, manifest: dict[str, Any]) -> str | None:
     if classes and labels and (min(int(y.min()) for y in labels) < 0 or max(int(y.max()) for y in labels) >= classes):
         return f"labels fall outside 0..{classes - 1}"
     return None
+
+
+def _shuffle_seed(seed: int, client_id: str) -> int | None:
+    """`[agent] seed`: as given; 0, a seed of the client id (each device its own, the same in every run); -1, none."""
+    if seed == -1:
+        return None
+    return seed or int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:8], "big")
 
 
 def _state_provider(config: AgentConfig) -> StateProvider:

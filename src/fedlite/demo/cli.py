@@ -11,7 +11,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="digits", help="digits (images), health (tabular) or wine")
     parser.add_argument("--clients", type=int, default=10, help="device agents, each its own process")
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--partition", default="dirichlet", choices=["dirichlet", "shards", "iid"])
+    parser.add_argument("--partition", default="dirichlet", choices=["dirichlet", "shards", "mcmahan", "iid"],
+                        help="shards: label-aligned two-shard split; mcmahan: McMahan et al. 2017's exactly (sorted "
+                             "by label, 2 equal shards per client)")
+    parser.add_argument("--partition-file", default="",
+                        help="a JSON list of per-client index lists into the task's training set (instead of "
+                             "--partition)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skew)")
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=0.0, help="devices' (and the baseline's) SGD learning rate "
@@ -82,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
                     aggregators=args.aggregators, lr=args.lr, learning_rate_decay=args.lr_decay,
                     batch_size=args.batch_size, hidden=[int(h) for h in args.hidden.split(",")] if args.hidden else [],
                     clients_per_round=args.clients_per_round, over_selection=args.over_selection,
-                    holdout=args.holdout, devices=args.devices)
+                    holdout=args.holdout, devices=args.devices, partition_file=args.partition_file)
+    from fedlite.demo.partition import PartitionError
+
     try:
         run_demo(plan, run_dir)
+    except PartitionError as exc:  # raised before any process starts
+        print(f"fedlite demo: {exc}")
+        return 2
     except KeyboardInterrupt:
         print("\nfedlite demo: interrupted; every process it started has been stopped")
         return 130

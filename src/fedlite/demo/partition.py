@@ -1,4 +1,5 @@
-"""Split a labelled data set across simulated clients: IID, Dirichlet label skew, or McMahan's two-shard scheme."""
+"""Split a labelled data set across simulated clients: IID, Dirichlet label skew, McMahan's two-shard scheme
+(label-aligned, or exactly as the paper cuts it), or index lists from a file."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES = ("iid", "dirichlet", "shards", "mcmahan")
 DEFAULT_MIN_SIZE = 10
 DEFAULT_MAX_TRIES = 1000
 
@@ -67,6 +68,21 @@ def shards(labels: np.ndarray, clients: int, shards_per_client: int = 2, rng: Rn
     return [np.sort(np.concatenate([pieces[s] for s in row])) for row in dealt]
 
 
+def mcmahan(labels: np.ndarray, clients: int, shards_per_client: int = 2, rng: Rng = None) -> list[np.ndarray]:
+    """McMahan et al. 2017's pathological split exactly: sort by label, cut clients*k equal shards (a shard may
+    straddle two labels), deal k at random to each client."""
+    labels = _labels(labels, clients)
+    count = clients * shards_per_client
+    if count > len(labels):
+        raise PartitionError(f"{len(labels)} examples are too few for {clients} x {shards_per_client} shards")
+    gen = _rng(rng)
+    shuffled = gen.permutation(len(labels))
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    pieces = np.array_split(by_label, count)
+    dealt = gen.permutation(count).reshape(clients, shards_per_client)
+    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in dealt]
+
+
 def _dirichlet_draw(labels: np.ndarray, clients: int, alpha: float, gen: np.random.Generator) -> list[list[int]]:
     """One draw: per class, Dir(alpha) proportions over the clients not yet above the mean size."""
     parts: list[list[int]] = [[] for _ in range(clients)]
@@ -111,14 +127,36 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, rng: Rng = None, *
 
 def partition(scheme: str, labels: np.ndarray, clients: int, rng: Rng = None, *, alpha: float = 0.5,
               shards_per_client: int = 2, min_size: int = DEFAULT_MIN_SIZE) -> list[np.ndarray]:
-    """Dispatch to `iid`, `dirichlet` or `shards` by name."""
-    if scheme == "iid":
-        return iid(labels, clients, rng)
-    if scheme == "dirichlet":
-        return dirichlet(labels, clients, alpha, rng, min_size=min_size)
-    if scheme == "shards":
-        return shards(labels, clients, shards_per_client, rng)
-    raise PartitionError(f"partition scheme must be one of {SCHEMES}, not {scheme!r}")
+    """The split named `scheme` (one of SCHEMES)."""
+    schemes: dict[str, Any] = {
+        "iid": lambda: iid(labels, clients, rng),
+        "dirichlet": lambda: dirichlet(labels, clients, alpha, rng, min_size=min_size),
+        "shards": lambda: shards(labels, clients, shards_per_client, rng),
+        "mcmahan": lambda: mcmahan(labels, clients, shards_per_client, rng),
+    }
+    if scheme not in schemes:
+        raise PartitionError(f"partition scheme must be one of {SCHEMES}, not {scheme!r}")
+    return schemes[scheme]()
+
+
+def from_file(path: str, examples: int, clients: int) -> list[np.ndarray]:
+    """Index lists from a JSON file (a list of `clients` lists of example indices, disjoint, in range)."""
+    import json
+
+    try:
+        with open(path) as f:
+            lists = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise PartitionError(f"partition file {path}: {exc}") from None
+    if not isinstance(lists, list) or len(lists) != clients or not all(isinstance(p, list) for p in lists):
+        raise PartitionError(f"partition file {path} must hold a list of {clients} index lists (one per client)")
+    parts = [np.asarray(p, dtype=np.int64) for p in lists]
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if any(len(p) == 0 for p in parts) or (flat.size and (flat.min() < 0 or flat.max() >= examples)):
+        raise PartitionError(f"partition file {path}: every client needs indices in 0..{examples - 1}")
+    if len(np.unique(flat)) != len(flat):
+        raise PartitionError(f"partition file {path}: an example is given to two clients")
+    return parts
 
 
 def label_entropy(counts: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -17,7 +18,7 @@ from fedlite.aggregator.record import RoundRecord
 from fedlite.dashboard.embed import start_for_demo
 from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, follow_history, write_shard
 from fedlite.demo.datasets import Task, load_task
-from fedlite.demo.partition import describe, format_description, partition
+from fedlite.demo.partition import describe, format_description, from_file, partition
 from fedlite.demo.report import format_progress, human_bytes, write_report
 from fedlite.demo.scenario import Scenario, Vanisher, assign_roles
 from fedlite.protocol import topics
@@ -59,6 +60,7 @@ class DemoPlan:
     hidden: list[int] = field(default_factory=list)  # mlp hidden sizes ([]: the task's)
     holdout: float = 0.2  # each device's held-out fraction
     devices: str = "realistic"  # realistic: busy, battery, metered and vanishing devices among them; steady: none
+    partition_file: str = ""  # a JSON list of per-client index lists (instead of `partition`)
 
 
 def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
@@ -81,11 +83,11 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
             say(f"aggregators: {plan.aggregators} processes on one federation, a1 coordinates, a2..a"
                 f"{plan.aggregators} share the updates ($share group)")
         for device in devices:
-            _start_agent(fed, device, shards[device], plan.holdout)
+            _start_agent(fed, device, shards[device], plan.holdout, plan.seed)
         if plan.aggregators == 1:
             aggregator = fed.start("aggregator", "aggregator", config)
         vanishing = [d for d, r in roles.items() if r.kind == "vanishing"]
-        restart = lambda: _start_agent(fed, vanishing[0], shards[vanishing[0]], plan.holdout)  # noqa: E731
+        restart = lambda: _start_agent(fed, vanishing[0], shards[vanishing[0]], plan.holdout, plan.seed)  # noqa: E731
         vanisher = (Vanisher(fed, vanishing[0], restart,
                              at_round=max(2, plan.rounds // 3), say=say) if vanishing else None)
         observer = _observe_rounds(fed, vanisher)
@@ -106,7 +108,8 @@ def run_demo(plan: DemoPlan, run_dir: Path, say: Any = print) -> dict[str, Any]:
 
 
 def _write_data(task: Task, plan: DemoPlan, devices: list[str], folder: Path, say: Any) -> dict[str, Path]:
-    parts = partition(plan.partition, task.y_train, len(devices), np.random.default_rng(plan.seed), alpha=plan.alpha)
+    parts = (from_file(plan.partition_file, len(task.y_train), len(devices)) if plan.partition_file else
+             partition(plan.partition, task.y_train, len(devices), np.random.default_rng(plan.seed), alpha=plan.alpha))
     say(format_description(describe(task.y_train, parts)))
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "test.npz", x=task.x_test, y=task.y_test)  # held by the server only, for evaluation
@@ -121,8 +124,11 @@ def _with_overrides(task: Task, plan: DemoPlan) -> Task:
                                options=options)
 
 
-def _start_agent(fed: LocalFederation, device: str, shard: Path, holdout: float = 0.2) -> None:
-    fed.start(device, "agent", fed.agent_config(device, shard, data={"holdout_fraction": holdout}))
+def _start_agent(fed: LocalFederation, device: str, shard: Path, holdout: float = 0.2, seed: int = 0) -> None:
+    """An agent whose shuffles follow the demo's --seed (a run with the same seed repeats its devices' batches)."""
+    shuffle = 1 + int.from_bytes(hashlib.sha256(f"{seed}/{device}".encode()).digest()[:6], "big")
+    fed.start(device, "agent", fed.agent_config(device, shard, data={"holdout_fraction": holdout},
+                                                agent={"seed": shuffle}))
 
 
 def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir: Path) -> Path:
