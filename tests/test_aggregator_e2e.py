@@ -148,6 +148,9 @@ def test_hostile_updates_are_refused_and_counted_while_the_round_completes(tmp_p
             scraped = response.read().decode()
         assert 'fedlite_updates_rejected_total{federation="digits",reason="duplicate"} 1.0' in scraped
         assert 'fedlite_rounds_total{federation="digits",status="complete"} 1.0' in scraped
+        with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/healthz", timeout=5) as response:
+            health = json.loads(response.read())
+        assert response.status == 200 and health["status"] == "ok" and health["seconds_since_tick"] < 60, health
         wait_for(lambda: aggregator.popen.poll() is not None, 180, "the aggregator to finish",
                  fed.processes.values(), poll=1)
         assert aggregator.popen.returncode == 0, aggregator.log_tail(40)

@@ -81,6 +81,8 @@ def test_token_required_beyond_loopback(tmp_path: Path) -> None:
         for base in targets:
             for path in ("/", "/api/state", "/static/app.js", "/api/fleet"):
                 assert _get(base + path)[0] == 401, f"{base}{path} answered without a token"
+            status, _, body = _get(base + "/healthz")  # probes need no token; it tells nothing private
+            assert status == 200 and json.loads(body) == {"status": "ok"}
             assert _get(base + "/api/state", {"Authorization": "Bearer wrong-token-of-some-length"})[0] == 401
             assert _get(base + "/api/state", {"Authorization": f"Basic {TOKEN}"})[0] == 401
             status, headers, body = _get(base + "/api/state", {"Authorization": f"Bearer {TOKEN}"})

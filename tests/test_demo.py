@@ -32,6 +32,7 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
     history = json.loads((run_dir / "aggregator" / "history.json").read_text())
     complete = [r for r in history if r["status"] == "complete"]
     assert summary["rounds"] == len(complete) == 40
+    assert summary["clients_per_round"] == 6  # 60 % of 10: what the run used, not the plan's 0
     assert summary["centralized_accuracy"] >= 0.90
     assert summary["final_accuracy"] >= summary["centralized_accuracy"] - 0.03, summary
     assert summary["final_accuracy"] == complete[-1]["accuracy"]
@@ -163,6 +164,7 @@ def test_demo_flags_reach_the_devices_the_aggregator_and_the_baseline_and_a_want
     assert manifest["options"]["hidden"] == [16] and manifest["num_params"] == 64 * 16 + 16 + 16 * 10 + 10
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
     assert summary["plan"]["hidden"] == [16] and summary["plan"]["devices"] == "steady"
+    assert summary["clients_per_round"] == 3  # what the run used
     history = json.loads((run_dir / "aggregator" / "history.json").read_text())
     assert [r["status"] for r in history] == ["complete"] * 3 and sum(r["declined"] for r in history) == 0
     # K = 3 of 3 with over-selection 0.5 wants 5: with nobody else online, no round waits 10 s for them

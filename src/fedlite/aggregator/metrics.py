@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from fedlite.aggregator.record import RoundRecord
 
@@ -55,8 +60,22 @@ class Metrics:
         self.duration = Histogram("fedlite_round_duration_seconds", "round duration", ["federation"],
                                   buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", health: Callable[[], dict[str, Any]] | None = None) -> None:
+        """/metrics (and every other path: Prometheus's exposition) and /healthz (`health()` as JSON; 503 when its
+        `status` is not ok), in a daemon thread."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics(environ, start_response)
+            answer = health() if health is not None else {"status": "ok"}
+            body = json.dumps(answer).encode()
+            start_response("200 OK" if answer.get("status") == "ok" else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+
+        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
     def refused(self, kind: str, reason: str) -> None:
         """One refused message (the ledger's sink): by kind and reason, and updates also by reason alone."""
@@ -101,3 +120,12 @@ class Metrics:
     def fleet(self, counts: dict[str, int]) -> None:
         for state, n in counts.items():
             self.devices.labels(self._labels["federation"], state).set(n)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        """Scrapes are not log lines."""

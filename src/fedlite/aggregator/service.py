@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from fedlite.sdnotify import Notifier
 __all__ = ["Aggregator", "RunFailed"]
 
 log = logging.getLogger("fedlite.aggregator")
+HEALTH_SECONDS = 120.0  # /healthz says "stalled" when the service loop has not ticked for this long
 
 
 class Aggregator:
@@ -81,6 +83,7 @@ class Aggregator:
         self.limits = Limits(max_payload_bytes=config.server.max_update_bytes)
         self.test_set = load_test_set(config.evaluation.test_data)
         self.notifier = Notifier()
+        self._last_tick = time.monotonic()
         self.run_identity: RunIdentity | None = None
         self.dispatch = Dispatcher(self.federation, self.fleet, self.metrics, self.ledger, self.retained,
                                    self.rollout, lambda: self.current, self.run_id,
@@ -182,7 +185,7 @@ class Aggregator:
             self.link.subscribe(topic)
         self.link.connect()
         if self.config.metrics.prometheus_port:
-            self.metrics.serve(self.config.metrics.prometheus_port, self.config.metrics.prometheus_host)
+            self.metrics.serve(self.config.metrics.prometheus_port, self.config.metrics.prometheus_host, self.health)
         self.notifier.send(f"READY=1\nSTATUS=federation {self.federation}")
 
     # --- one round ----------------------------------------------------------------------------
@@ -222,8 +225,15 @@ class Aggregator:
     def housekeeping(self, number: int, phase: str) -> None:
         """While a round waits: feed the watchdog, repair the retained topics, refresh fleet.json."""
         self.notifier.ping()
+        self._last_tick = time.monotonic()
         self.retained.repair()
         self.fleet_writer.write(number, phase, self.current)
+
+    def health(self) -> dict[str, Any]:
+        """/healthz: ok while the service loop runs (it feeds this as it feeds the watchdog)."""
+        quiet = time.monotonic() - self._last_tick
+        return {"status": "ok" if quiet < HEALTH_SECONDS else "stalled", "seconds_since_tick": round(quiet, 1),
+                "round": self.current.number if self.current is not None else None}
 
     def selectable(self) -> list[str]:
         """Eligible devices that can encode the plan's updates, without those flagged as anomalous when the operator
@@ -248,6 +258,7 @@ class Aggregator:
         log.info("serving rollouts after the last round until stopped")
         while not self.stop_event.wait(1.0):
             self.notifier.ping()
+            self._last_tick = time.monotonic()
             self.retained.repair()
 
     def _representative(self) -> np.ndarray | None:

@@ -126,8 +126,14 @@ def create_app(state_dir: Path, token: str | None = None) -> Starlette:
     def api_registry(request: Request) -> Response:
         return _json(state.registry())
 
+    def healthz(request: Request) -> Response:
+        """For probes (no token needed, nothing private): the state dir is readable."""
+        ok = Path(state_dir).is_dir()
+        return JSONResponse({"status": "ok" if ok else "no state dir"}, status_code=200 if ok else 503)
+
     routes = [
         Route("/", index),
+        Route("/healthz", healthz),
         Route("/api/state", api_state),
         Route("/api/history", api_history),
         Route("/api/fleet", api_fleet),

@@ -131,8 +131,13 @@ def _start_agent(fed: LocalFederation, device: str, shard: Path, holdout: float 
                                                 agent={"seed": shuffle}))
 
 
+def clients_per_round(plan: DemoPlan) -> int:
+    """K as the run uses it: the plan's, or 60 % of the clients."""
+    return plan.clients_per_round or max(1, math.ceil(0.6 * plan.clients))
+
+
 def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir: Path) -> Path:
-    per_round = plan.clients_per_round or max(1, math.ceil(0.6 * plan.clients))
+    per_round = clients_per_round(plan)
     return fed.aggregator_config(
         model={"arch": task.arch, "input_shape": list(task.input_shape), "classes": task.classes,
                "options": task.options, "seed": plan.seed, "export_every": plan.export_every},
@@ -199,7 +204,8 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     last = next((r for r in reversed(history) if r.complete), None)
     summary = write_report(run_dir / "report", history, centralized_accuracy=baseline, extra={
         "task": task.name, "plan": asdict(plan), "codec": plan.codec, "duration_seconds": round(seconds, 1),
-        "clients": plan.clients, "partition": plan.partition, "alpha": plan.alpha, "params": _params(models),
+        "clients": plan.clients, "clients_per_round": clients_per_round(plan), "partition": plan.partition,
+        "alpha": plan.alpha, "params": _params(models),
         "mode": plan.mode, "stragglers": plan.stragglers, "aggregators": plan.aggregators,
         "updates_by_aggregator": _updates_by_aggregator(history),
         "int8_model": str(final / "infer_int8.tflite") if final else None,
