@@ -9,8 +9,10 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -19,6 +21,7 @@ from paho.mqtt.properties import Properties
 log = logging.getLogger("fedlite.transport")
 
 MessageHandler = Callable[[str, bytes], None]
+EARLY_ACKS = 1024  # PUBACKs kept for publishes not yet waiting (mids are sequential: far fewer than 65,535)
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and properties beyond the topic itself
 
 
@@ -82,6 +85,8 @@ class Link:
         self._on_message = on_message
         self._subscriptions: dict[str, int] = {}
         self._acks: dict[int, tuple[threading.Event, list]] = {}
+        # PUBACKs that arrived before their publish registered a waiter (or of publish_nowait), by mid, bounded
+        self._early: OrderedDict[int, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._refused: str | None = None
         self._closing = False
@@ -166,9 +171,17 @@ class Link:
         self.check_size(topic, payload)
         done = threading.Event()
         box: list = []
+        # paho holds its own lock while it calls on_publish, which takes ours: never call into paho holding ours
+        # (a PUBACK arriving during this publish would deadlock the two threads); an ack that comes before the
+        # waiter is registered waits in `_early`
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
         with self._lock:
-            info = self._client.publish(topic, payload, qos=1, retain=retain)
-            self._acks[info.mid] = (done, box)
+            early = self._early.pop(info.mid, None)
+            if early is not None:
+                box.append(early)
+                done.set()
+            else:
+                self._acks[info.mid] = (done, box)
         end = time.monotonic() + timeout
         while not done.wait(min(0.5, max(0.0, end - time.monotonic()))) and time.monotonic() < end:
             if tick is not None:
@@ -220,6 +233,10 @@ class Link:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         with self._lock:
             waiter = self._acks.pop(mid, None)
+            if waiter is None:
+                self._early[mid] = reason_code
+                while len(self._early) > EARLY_ACKS:
+                    self._early.popitem(last=False)
         if waiter:
             waiter[1].append(reason_code)
             waiter[0].set()
