@@ -62,7 +62,7 @@ def test_ten_decompression_bombs_cost_the_aggregator_nothing_and_the_round_compl
     agents = ["dev-1", "dev-2", "dev-3"]
     bombs = _bombs()
     assert max(len(b) for b in bombs) < 16 * 1024
-    with LocalFederation(tmp_path / "run", FED, [*agents, "evil"]) as fed:
+    with LocalFederation(tmp_path / "run", FED, [*agents, "evil", "asleep"]) as fed:
         config = start_federation(fed, tmp_path / "data", agents, model,  # 2 rounds: no TF export in round 1
                                   rounds={"total": 2, "clients_per_round": 3, "over_selection": 0.34})
         b = fed.broker
@@ -70,6 +70,13 @@ def test_ten_decompression_bombs_cost_the_aggregator_nothing_and_the_round_compl
         evil.publish(topics.status_topic(FED, "evil"),
                      to_json(DeviceStatus(client_id="evil", state="online", eligible=True, num_examples=100,
                                           updated_at=time.time(), encodings=list(codecs.UPLINK))), retain=True)
+        # a known device that is not eligible: round 1 waits wait_for_devices_seconds for it (over-selection wants
+        # 5), so the aggregator has settled (its start-up allocations done) when the RSS baseline is read
+        asleep = open_client(b.tls_host, b.tls_port, "asleep", fed.passwords["asleep"], client_id="asleep",
+                             ca_file=b.ca_file)
+        asleep.publish(topics.status_topic(FED, "asleep"),
+                       to_json(DeviceStatus(client_id="asleep", state="online", eligible=False,
+                                            updated_at=time.time(), encodings=list(codecs.UPLINK))), retain=True)
         tap = Tap(fed)
         aggregator = fed.start("aggregator", "aggregator", config)
         announced = tap.wait(announcement(1), 120, "round 1", fed.processes.values()).json()
