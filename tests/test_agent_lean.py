@@ -26,3 +26,25 @@ def test_fedlite_agent_help_does_not_import_tensorflow():
                             capture_output=True, text=True, check=True)
     assert "--config" in result.stdout
     assert "tensorflow" not in result.stderr and "fedlite.aggregator" not in result.stderr
+
+
+def test_a_server_command_on_an_agent_only_install_says_what_to_install_in_one_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.abc, sys\n"
+        "class NoServer(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'prometheus_client', 'sklearn'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoServer())\n"
+        "from fedlite.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    (tmp_path / "agg.toml").write_text('[federation]\nname = "f"\n')
+    for args in (["export", "--arch", "mlp", "--input-shape", "8", "--classes", "3", "--out", str(tmp_path / "m")],
+                 ["aggregator", "--config", str(tmp_path / "agg.toml")]):
+        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().endswith("pip install 'fedlite[server]'") and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

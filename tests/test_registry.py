@@ -69,6 +69,14 @@ def test_cli_names_unknown_versions_and_a_missing_aggregator(tmp_path: Path, cap
     add_arguments(parser)
     assert run(parser.parse_args(["show", "9", "--state-dir", str(tmp_path)])) == 2
     assert "unknown version 9 (known versions: 1)" in capsys.readouterr().err
+    assert run(parser.parse_args(["list", "--state-dir", str(tmp_path / "typo")])) == 2
+    assert "no aggregator state directory at" in capsys.readouterr().err  # not "no versions yet"
+    assert run(parser.parse_args(["show", "1", "--state-dir", str(tmp_path)])) == 0
+    shown = capsys.readouterr().out.splitlines()
+    created = next(line for line in shown if line.startswith("created_at: "))
+    assert created[len("created_at: "):][:2] == "20" and "." not in created  # a date, not a unix time
+    assert "deployed: no" in shown and "infer_int8.sha256: " + hashlib.sha256(b"one").hexdigest() in shown
+    assert not any("{" in line or "True" in line or "None" in line for line in shown), shown
     assert run(parser.parse_args(["promote", "9", "--state-dir", str(tmp_path)])) == 2
     assert run(parser.parse_args(["promote", "1", "--state-dir", str(tmp_path)])) == 1
     assert "no aggregator is serving rollouts" in capsys.readouterr().err

@@ -20,6 +20,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# what `fedlite[server]` adds to an agent's install (pyproject.toml)
+SERVER_PACKAGES = {"tensorflow", "prometheus_client", "sklearn", "matplotlib", "dp_accounting", "starlette",
+                   "uvicorn"}
+
+
 def _usage() -> str:
     lines = ["usage: fedlite <command> [options]", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
@@ -40,11 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"fedlite: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"fedlite {name}", description=SUBCOMMANDS[name][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        parser = argparse.ArgumentParser(prog=f"fedlite {name}", description=SUBCOMMANDS[name][1],
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root not in SERVER_PACKAGES:
+            raise
+        print(f"fedlite {name}: needs {root}, which this install does not have (an agent-only install): "
+              "pip install 'fedlite[server]'", file=sys.stderr)
+        return 2  # a configuration of the machine: systemd's units do not restart on 2
 
 
 if __name__ == "__main__":

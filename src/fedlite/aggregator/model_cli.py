@@ -38,9 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedlite.aggregator.registry import Registry, RegistryError
     from fedlite.fsutil import StorageError
 
+    if not Path(args.state_dir).is_dir():
+        print(f"fedlite model: no aggregator state directory at {args.state_dir} (--state-dir: the aggregator's "
+              "[federation] state_dir)", file=sys.stderr)
+        return 2
     registry = Registry(args.state_dir)
     try:
         _sync(registry)
@@ -101,9 +107,31 @@ def _show(registry: Any, version: int, as_json: bool) -> int:
     if as_json:
         print(json.dumps(detail, indent=1))
         return 0
-    for key, value in detail.items():
-        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    for line in _readable(detail):
+        print(line)
     return 0
+
+
+def _readable(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: value` lines a person reads: times as dates, numbers rounded, nested tables as dotted keys."""
+    lines = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            lines += _readable(value, f"{name}.") if value else [f"{name}: -"]
+        elif isinstance(value, list):
+            lines.append(f"{name}: {', '.join(map(str, value)) if value else '-'}")
+        elif value is None:
+            lines.append(f"{name}: -")
+        elif isinstance(value, bool):
+            lines.append(f"{name}: {'yes' if value else 'no'}")
+        elif key.endswith("_at") and isinstance(value, int | float):
+            lines.append(f"{name}: {_when(float(value))}")
+        elif isinstance(value, float):
+            lines.append(f"{name}: {value:.6g}")
+        else:
+            lines.append(f"{name}: {value}")
+    return lines
 
 
 def _request(registry: Any, action: str, version: int | None, wait: float, queue_anyway: bool) -> int:
