@@ -129,8 +129,9 @@ def test_privacy_section_defaults_and_validation():
 # --- end to end ---------------------------------------------------------------------------------
 
 
-def test_private_run_records_a_growing_epsilon_and_completes(tmp_path: Path):
+def test_private_run_records_a_growing_epsilon_and_stops_at_its_budget(tmp_path: Path):
     agents, clip_norm, z = ["dev-1", "dev-2", "dev-3"], 0.5, 0.8
+    budget = (dp.epsilon(4, 1.0, z, 1e-5) + dp.epsilon(5, 1.0, z, 1e-5)) / 2  # room for 4 rounds of the 6
     x_train, y_train, x_test, y_test = digits_split()
     with LocalFederation(tmp_path / "run", "digits", agents) as fed:
         fed.start_broker()
@@ -140,11 +141,12 @@ def test_private_run_records_a_growing_epsilon_and_completes(tmp_path: Path):
         np.savez(tmp_path / "test.npz", x=x_test, y=y_test)
         config = fed.aggregator_config(
             model={"arch": "mlp", "input_shape": [64], "classes": 10, "export_every": 0},
-            rounds={"total": 4, "clients_per_round": 3, "over_selection": 0.0, "deadline_seconds": 30.0,
+            rounds={"total": 6, "clients_per_round": 3, "over_selection": 0.0, "deadline_seconds": 30.0,
                     "wait_for_devices_seconds": 20.0},
             training={"epochs": 2, "batch_size": 16, "learning_rate": 0.1},
             evaluation={"test_data": str(tmp_path / "test.npz")},
-            privacy={"enabled": True, "clip_norm": clip_norm, "noise_multiplier": z, "delta": 1e-5, "seed": 1},
+            privacy={"enabled": True, "clip_norm": clip_norm, "noise_multiplier": z, "delta": 1e-5, "seed": 1,
+                     "max_epsilon": budget},
         )
         aggregator = fed.start("aggregator", "aggregator", config)
         wait_for(lambda: aggregator.popen.poll() is not None, 240, "the aggregator to finish",
@@ -165,3 +167,5 @@ def test_private_run_records_a_growing_epsilon_and_completes(tmp_path: Path):
         assert record["accuracy"] is not None
     assert sum(r["clipped"] for r in rounds) > 0  # the bound is active on this task
     assert f"ε {epsilons[-1]:.3g} at δ 1e-05" in log and "Traceback" not in log
+    assert epsilons[-1] <= budget < dp.epsilon(5, 1.0, z, 1e-5)  # round 5 would have spent beyond the budget
+    assert f"privacy budget reached: epsilon {epsilons[-1]:.3g} spent, round 5 would take it" in log

@@ -194,6 +194,8 @@ class PrivacySection:
     fleet_size: Annotated[int, Range(ge=1, special=0, means="the devices the aggregator has heard from")] = 0
     # noise seed (reproducible, for tests); unseeded noise is drawn from the OS CSPRNG
     seed: Annotated[int, Range(ge=0, special=-1, means="unseeded noise")] = -1
+    # the privacy budget: no round starts that would take ε (at `delta`) beyond it; training then stops
+    max_epsilon: Annotated[float, Range(gt=0, special=0, means="no budget")] = 0.0
 
 
 @dataclass

@@ -121,6 +121,9 @@ class Aggregator:
         self.rollout.start()
         try:
             for number in range(done + 1, self.config.rounds.total + 1):
+                if self._budget_spent(number):
+                    self._serve_after_rounds()
+                    break
                 committed = self._run_round(number, weights, opt_state, committer, orchestrator)
                 if committed is None:
                     break  # stopping
@@ -250,6 +253,26 @@ class Aggregator:
     def run_id(self) -> str:
         """The run's identity ("" before it started)."""
         return self.run_identity.run if self.run_identity else ""
+
+    def _budget_spent(self, number: int) -> bool:
+        """With [privacy] max_epsilon: whether round `number` would take ε beyond it (then say so, and end)."""
+        p = self.config.privacy
+        if not (p.enabled and p.max_epsilon):
+            return False
+        from fedlite.aggregator.strategies import dp
+
+        projected = dp.next_round_epsilon(self.history, p.delta)
+        if projected <= p.max_epsilon:
+            return False
+        complete = [r for r in records(self.history) if r.complete]
+        spent = complete[-1].epsilon if complete and complete[-1].epsilon is not None else 0.0
+        log.warning("federation %s: privacy budget reached: epsilon %.3g spent, round %d would take it to %.3g, "
+                    "beyond max_epsilon %.3g (at delta %g); training stops here", self.federation, spent, number,
+                    projected, p.max_epsilon, p.delta)
+        self.announcer.done(number - 1, complete[-1] if complete else None)
+        self.downlink.finish()
+        self.notifier.status(f"privacy budget reached after round {number - 1} (epsilon {spent:.3g})")
+        return True
 
     def _serve_after_rounds(self) -> None:
         """With [rollout] serve_after_rounds: keep serving rollouts and the registry until stopped."""

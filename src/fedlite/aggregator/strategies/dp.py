@@ -188,6 +188,15 @@ def history_epsilon(history: Sequence[Mapping[str, Any]], delta: float) -> float
     return epsilon_of_rounds(((c.sampling_rate, c.noise_multiplier) for c in charges(history)), delta)
 
 
+def next_round_epsilon(history: Sequence[Mapping[str, Any]], delta: float) -> float:
+    """ε the run would have spent after one more round charged like its last one (0 before any DP round)."""
+    spent = charges(history)
+    if not spent:
+        return 0.0
+    rounds = [(c.sampling_rate, c.noise_multiplier) for c in [*spent, spent[-1]]]
+    return epsilon_of_rounds(rounds, delta)
+
+
 def charge_record(charge: RoundCharge) -> dict[str, Any]:
     return asdict(charge)
 
