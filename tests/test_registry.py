@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import threading
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def test_sync_registers_finished_exports_as_versions(tmp_path: Path):
     _export(models, 1, b"one", accuracy=0.75)
     _export(models, 2, b"two", accuracy=None)
     _export(models, 3, b"three", metrics=False)  # export still running
+    os.utime(models / "round-00001" / "metrics.json", (1_700_000_000, 1_700_000_000))  # exported long ago
     registry = Registry(tmp_path)
     assert registry.sync() == [1, 2]
+    assert registry.version(1)["created_at"] == 1_700_000_000  # the export's time, not the registering list's
     assert registry.sync() == []
     state = json.loads((tmp_path / "registry.json").read_text())
     assert set(state) == {"versions", "deployed", "rollout", "requests"}

@@ -68,6 +68,7 @@ def version_entry(folder: Path, now: float | None = None) -> dict[str, Any] | No
         metrics = json.loads((folder / "metrics.json").read_text())  # written last by the exporter
         manifest = json.loads((folder / "manifest.json").read_text())
         blob = (folder / INFER_INT8_FILE).read_bytes()
+        made = (folder / "metrics.json").stat().st_mtime  # when the export finished, whenever it is registered
     except (OSError, ValueError):
         return None
     sha = hashlib.sha256(blob).hexdigest()
@@ -75,7 +76,7 @@ def version_entry(folder: Path, now: float | None = None) -> dict[str, Any] | No
         return None  # mid-rewrite
     number = int(match.group(1))
     return {"version": number, "round": number, "sha256": sha, "accuracy": _number(metrics.get("accuracy")),
-            "loss": _number(metrics.get("loss")), "created_at": now or time.time(), "path": str(folder.resolve())}
+            "loss": _number(metrics.get("loss")), "created_at": now or made, "path": str(folder.resolve())}
 
 
 def _number(value: Any) -> float | None:
