@@ -249,6 +249,8 @@ def test_dashboard_in_chromium_during_a_demo(tmp_path: Path) -> None:
         assert int(body.get_attribute("data-rounds")) == len(_history(state_dir))
         assert browser.find_element("id", "status-pill").text in ("live", "aggregator idle", "partial read")
         assert browser.execute_script("return typeof Chart") == "function"  # the bundled chart library loaded
+        labels = [e.text for e in browser.find_elements("css selector", ".tile-label")]
+        assert "PRIVACY BUDGET ε" in labels, labels  # rendered in capitals, the symbol kept (not "E")
 
         screenshot = run_dir / "report" / "dashboard.png"
         screenshot.parent.mkdir(parents=True, exist_ok=True)
