@@ -17,23 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchlib import MAIN_PYTHON, ROOT, emit, median
-
-
-def simulate(clients: int, rounds: int, aggregators: int, timeout: float = 1200) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="fedlite-scaling-") as run_dir:
-        cmd = [str(MAIN_PYTHON), "-m", "fedlite.cli", "simulate", "--clients", str(clients), "--rounds", str(rounds),
-               "--aggregators", str(aggregators), "--json", "--run-dir", run_dir]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, cwd=ROOT)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"fedlite simulate exited {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}")
-    return json.loads(lines[-1])
+from benchlib import emit, median, simulate, spread
 
 
 def steady(result: dict[str, Any]) -> dict[str, Any]:
@@ -55,10 +42,6 @@ def steady(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": round(min(values), 4), "median": round(median(values), 4), "max": round(max(values), 4)}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="1,2,4")
@@ -72,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     loads = [os.getloadavg()[0]]
     for repeat in range(args.repeats):
         for count in counts:
-            runs[count].append(steady(simulate(args.clients, args.rounds, count)))
+            runs[count].append(steady(simulate(["--clients", str(args.clients), "--rounds", str(args.rounds),
+                                                "--aggregators", str(count)])))
             loads.append(os.getloadavg()[0])
             print(f"repeat {repeat + 1}, {count} aggregators: {runs[count][-1]}", flush=True)
     table = {}

@@ -86,6 +86,26 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def spread(values: Sequence[float], digits: int = 4) -> dict[str, float]:
+    """min / median / max, rounded."""
+    return {"min": round(min(values), digits), "median": round(median(values), digits),
+            "max": round(max(values), digits)}
+
+
+def simulate(args: Sequence[str], timeout: float = 1200) -> dict[str, Any]:
+    """`fedlite simulate ARGS --json` in a temporary run dir: its JSON summary (RuntimeError with its output if it
+    fails)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedlite-simulate-") as run_dir:
+        cmd = [str(MAIN_PYTHON), "-m", "fedlite.cli", "simulate", *args, "--json", "--run-dir", run_dir]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, cwd=ROOT)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"fedlite simulate exited {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}")
+    return json.loads(lines[-1])
+
+
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn(*args, **kwargs)

@@ -17,27 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any
 
-from benchlib import MAIN_PYTHON, ROOT, emit, median
-
-
-def simulate(clients: int, rounds: int, sites: int, timeout: float = 1200) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="fedlite-sites-") as run_dir:
-        cmd = [str(MAIN_PYTHON), "-m", "fedlite.cli", "simulate", "--clients", str(clients), "--rounds", str(rounds),
-               "--sites", str(sites), "--json", "--run-dir", run_dir]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, cwd=ROOT)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"fedlite simulate exited {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}")
-    return json.loads(lines[-1])
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": round(min(values), 4), "median": round(median(values), 4), "max": round(max(values), 4)}
+from benchlib import emit, simulate, spread
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     loads = [os.getloadavg()[0]]
     for repeat in range(args.repeats):
         for count in counts:  # cases alternate within each repeat
-            result = simulate(args.clients, args.rounds, count)
+            result = simulate(["--clients", str(args.clients), "--rounds", str(args.rounds), "--sites", str(count)])
             for i in range(1, result["rounds"]):
                 rounds[count].append({"central_bytes": result["central_broker_bytes_per_round"][i],
                                       "round_seconds": result["round_seconds"][i],

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import BENCH_DIR, MODELS, digits_split, emit, export_in_child, median
+from benchlib import BENCH_DIR, MODELS, digits_split, emit, export_in_child, spread
 
 BATCH = 32
 MIN_SECONDS = 2.0
@@ -42,11 +42,6 @@ def rate(epoch: Any, samples: int) -> tuple[float, float]:
         epoch(done)
         done += 1
     return samples * done / elapsed, 1e6 * (time.process_time() - cpu) / (samples * done)  # CPU ms per 1k samples
-
-
-def spread(values: list[float], digits: int = 1) -> dict[str, float]:
-    return {"min": round(min(values), digits), "median": round(median(values), digits),
-            "max": round(max(values), digits)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                      rng=np.random.default_rng(i)), len(x)))
         results["runner"].append(rate(lambda i: runner_epoch(runner, x, y, np.random.default_rng(i)), len(x)))
         loads.append(os.getloadavg()[0])
-    table = {name: {"samples_per_s": spread([r[0] for r in rows]), "cpu_ms_per_1k": spread([r[1] for r in rows], 3)}
+    table = {name: {"samples_per_s": spread([r[0] for r in rows], 1), "cpu_ms_per_1k": spread([r[1] for r in rows], 3)}
              for name, rows in results.items()}
     ratio = table["direct"]["samples_per_s"]["median"] / table["runner"]["samples_per_s"]["median"]
     for name, row in table.items():
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"direct / runner (medians): {ratio:.2f}x; identical weights after 2 epochs: {identical}; "
           f"load (1 min) {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
     emit({"model": args.model, "batch": BATCH, "samples": len(x), "repeats": args.repeats, "identical": identical,
-          "ratio": round(ratio, 3), "load_1min": spread(loads), "cases": table})
+          "ratio": round(ratio, 3), "load_1min": spread(loads, 1), "cases": table})
 
 
 if __name__ == "__main__":
