@@ -61,11 +61,7 @@ def test_two_bridged_sites_train_the_model_and_a_site_broker_restart_loses_no_co
             cluster={"partial_timeout_seconds": 5.0})
         central = fed.start_central(config)
         tap = Tap(fed)  # on the central broker: sees what crosses the bridges
-        for name, site_devices in SITES.items():
-            fed.start_site(name, site_devices)
-            fed.start(f"site-{name}", "aggregator", fed.site_aggregator_config(config, name))
-        wait_for(lambda: all("a member of federation" in fed.processes[f"site-{n}"].log.read_text() for n in SITES),
-                 60, "the site aggregators", fed.processes.values())
+        fed.start_sites(config, SITES)
         for device in devices:
             fed.start(device, "agent", fed.agent_config(device, shards[device], agent={"status_interval_seconds": 0.5}))
         everyone = list(fed.processes.values())

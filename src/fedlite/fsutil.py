@@ -53,6 +53,15 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def write_private(path: str | Path, data: bytes | str) -> None:
+    """Replace `path` with a file only its owner can read (0600 from its creation, never wider for a moment)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
 def fsync_dir(path: str | Path) -> None:
     """fsync a directory, so that the entries created, renamed or removed in it survive a power cut."""
     try:

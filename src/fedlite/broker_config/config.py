@@ -14,6 +14,7 @@ from typing import Any
 
 from fedlite.broker_config.bridge import Bridge, render_bridge
 from fedlite.broker_config.limits import DEFAULT_MAX_PACKET_SIZE, check_max_packet_size
+from fedlite.fsutil import write_private
 from fedlite.protocol.topics import check_id
 
 SETTINGS_FILE = "fedlite-broker.json"
@@ -279,7 +280,4 @@ def _write_bridge(paths: BrokerPaths, bridge_to: tuple[Bridge, str], federations
     for old in paths.bridges.glob("*.conf"):
         old.unlink()
     bridge, password = bridge_to
-    path = paths.bridges / f"{bridge.site}.conf"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(render_bridge(bridge, password, federations))
+    write_private(paths.bridges / f"{bridge.site}.conf", render_bridge(bridge, password, federations))

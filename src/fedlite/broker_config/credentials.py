@@ -13,6 +13,7 @@ from typing import Any
 from fedlite.broker_config import acl, permissions
 from fedlite.broker_config.binaries import find_executable
 from fedlite.broker_config.config import BrokerPaths, BrokerSettings
+from fedlite.fsutil import write_private
 from fedlite.protocol.topics import check_id
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -40,7 +41,7 @@ def set_password(paths: BrokerPaths, username: str, password: str, role: acl.Rol
     private file (never given on a command line, where `ps` would show it)."""
     file = password_file(paths, role)
     batch = paths.root / f".passwd-{secrets.token_hex(6)}"
-    _write_private(batch, f"{username}:{password}\n")
+    write_private(batch, f"{username}:{password}\n")
     try:
         result = subprocess.run([find_executable("mosquitto_passwd"), "-U", str(batch)], capture_output=True, text=True)
         if result.returncode != 0:
@@ -50,13 +51,13 @@ def set_password(paths: BrokerPaths, username: str, password: str, role: acl.Rol
     finally:
         batch.unlink(missing_ok=True)
     kept = [line for line in _password_lines(file) if line.split(":", 1)[0] != username]
-    _write_private(file, "".join(line + "\n" for line in [*kept, hashed]))
+    write_private(file, "".join(line + "\n" for line in [*kept, hashed]))
 
 
 def remove_password(paths: BrokerPaths, username: str, role: acl.Role) -> None:
     file = password_file(paths, role)
     kept = [line for line in _password_lines(file) if line.split(":", 1)[0] != username]
-    _write_private(file, "".join(line + "\n" for line in kept))
+    write_private(file, "".join(line + "\n" for line in kept))
 
 
 def _password_lines(path: Path) -> list[str]:
@@ -77,9 +78,9 @@ def separate_aggregator_passwords(paths: BrokerPaths) -> None:
     known = {line.split(":", 1)[0] for line in _password_lines(paths.aggregator_password_file)}
     kept = _password_lines(paths.aggregator_password_file)
     kept += [line for line in moved if line.split(":", 1)[0] not in known]
-    _write_private(paths.aggregator_password_file, "\n".join(kept) + "\n")
+    write_private(paths.aggregator_password_file, "\n".join(kept) + "\n")
     rest = [line for line in lines if line not in moved]
-    _write_private(paths.password_file, "".join(line + "\n" for line in rest))
+    write_private(paths.password_file, "".join(line + "\n" for line in rest))
 
 
 def credentials_path(directory: str | os.PathLike, name: str) -> Path:
@@ -114,13 +115,6 @@ def _connection(paths: BrokerPaths, settings: BrokerSettings, role: acl.Role) ->
                      "run `fedlite broker init` with --tls-port or --device-port")
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
 def _write_credentials(
     paths: BrokerPaths, role: acl.Role, name: str, federation: str, password: str
 ) -> Path:
@@ -128,7 +122,7 @@ def _write_credentials(
     config, ready to paste; and `<name>.password` holding just the password (for `password_file`)."""
     settings = BrokerSettings.load(paths.root)
     path = credentials_path(paths.root, name)
-    _write_private(path.with_suffix(".password"), password + "\n")
+    write_private(path.with_suffix(".password"), password + "\n")
     identity = {
         "device": {"device": {"client_id": name, "federation": federation}},
         "aggregator": {"federation": {"name": federation}},
@@ -140,7 +134,7 @@ def _write_credentials(
            f"# Paste into the {'agent' if role == 'device' else 'aggregator'}'s TOML config, or set\n"
            f"# password_file = \"/etc/fedlite/{name}.password\" (a copy of {path.with_suffix('.password')}).\n")
     header = f"# fedlite {role} credentials for {name} (federation {federation}); keep this file private.\n" + use
-    _write_private(path, header + _toml({**identity, "broker": broker}))
+    write_private(path, header + _toml({**identity, "broker": broker}))
     return path
 
 
@@ -244,7 +238,7 @@ def enrol_devices(directory: str | os.PathLike, client_ids: list[str], federatio
         principals["device"][cid] = sorted(set(principals["device"].get(cid, [])) | {federation})
     acl.save_principals(paths, principals)
     batch = paths.root / ".passwd-batch"
-    _write_private(batch, "".join(f"{cid}:{pw}\n" for cid, pw in passwords.items()))
+    write_private(batch, "".join(f"{cid}:{pw}\n" for cid, pw in passwords.items()))
     result = subprocess.run([find_executable("mosquitto_passwd"), "-U", str(batch)], capture_output=True, text=True)
     if result.returncode != 0:
         batch.unlink(missing_ok=True)

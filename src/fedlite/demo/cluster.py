@@ -244,6 +244,17 @@ class LocalFederation:
                  "the central aggregator to take the coordinator lease", [process])
         return process
 
+    def start_sites(self, config: Path, sites: dict[str, list[str]]) -> dict[str, Process]:
+        """Each site's broker and aggregator (`aggregator-<site>`, configured from the central `config`); returns
+        once every site aggregator follows the cluster."""
+        started = {}
+        for name, devices in sites.items():
+            self.start_site(name, devices)
+            started[name] = self.start("aggregator-" + name, "aggregator", self.site_aggregator_config(config, name))
+        wait_for(lambda: all("a member of federation" in p.log.read_text() for p in started.values()), 60,
+                 "the site aggregators to join", started.values())
+        return started
+
     def cluster_tables(self, count: int) -> dict[str, dict[str, Any]]:
         """The aggregator config tables for `count` aggregators sharing the work (nothing for one)."""
         return {"broker": {"share_group": "aggregators"}} if count > 1 else {}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedlite.aggregator.record import RoundRecord
-from fedlite.demo.cluster import LocalFederation, follow_history, wait_for
+from fedlite.demo.cluster import LocalFederation, follow_history
 from fedlite.demo.datasets import load_task
 
 FEDERATION = "sim"
@@ -97,12 +97,7 @@ def _start_aggregators(fed: LocalFederation, plan: SimulationPlan, config: Path,
     """{name: process}, the coordinator first: one aggregator (a1), several (a1 coordinates), or a central one and
     one per site."""
     if sites:
-        aggregators = {"central": fed.start_central(config)}
-        for name in sites:
-            fed.start_site(name, sites[name])
-            aggregators[name] = fed.start(f"aggregator-{name}", "aggregator", fed.site_aggregator_config(config, name))
-        wait_for(lambda: all("a member of federation" in aggregators[n].log.read_text() for n in sites), 60,
-                 "the site aggregators", aggregators.values())
+        aggregators = {"central": fed.start_central(config)} | fed.start_sites(config, sites)
         progress(f"{len(sites)} edge sites, each a broker bridged to the central one and a site aggregator")
         return aggregators
     if plan.aggregators > 1:

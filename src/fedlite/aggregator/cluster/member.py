@@ -227,17 +227,15 @@ class ClusterMember:
     def _hand_over(self, attempt: RoundAttempt) -> None:
         partial = attempt.partial(self.config.cluster.claim_timeout_seconds)
         topic = topics.cluster_topic(self.federation, "partial", self.member)
-        if self.config.cluster.site:  # one sum per site crosses the bridge, not a sketch per device (KPIs: README)
-            signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial,
-                                                      sketches=False))
-            self.link.publish(topic, signed)
-            log.info("round %d: partial sum of %d updates sent to the central aggregator (%d B)", attempt.number,
-                     len(partial.book.clients), len(signed))
-            return
-        signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial))
+        # a site sends one sum across its bridge, not a KPI sketch per device (README, Edge sites)
+        sketches = not self.config.cluster.site
+        signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial,
+                                                  sketches=sketches))
         try:
             self.link.check_size(topic, signed)
         except PayloadTooLarge:  # many updates' sketches beyond the broker's packet limit: the sum alone fits
+            if not sketches:
+                raise
             log.warning("round %d: the %d updates' KPI sketches do not fit one packet; sending the sum without "
                         "them (their cosine KPIs are missing)", attempt.number, len(partial.book.clients))
             signed = self.signer.sign(topic, to_frame(self.member, attempt.number, attempt.session, partial,
