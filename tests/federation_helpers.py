@@ -143,7 +143,8 @@ def tap_topics(federation: str) -> list[str]:
     root = f"{topics.ROOT}/{federation}"
     return [topics.round_topic(federation), f"{root}/model/#", f"{root}/weights/#", f"{root}/delta/#",
             topics.deploy_topic(federation),
-            topics.all_updates(federation), topics.all_statuses(federation), topics.all_reports(federation)]
+            topics.all_updates(federation), topics.all_statuses(federation), topics.all_reports(federation),
+            topics.all_secagg(federation), topics.all_relays(federation)]
 
 
 class Tap:

@@ -20,7 +20,10 @@ from fedlite.protocol.messages import (
     DeployTarget,
     DeviceReport,
     DeviceStatus,
+    RelayMessage,
     RoundAnnouncement,
+    SecureMessage,
+    SecurePlan,
     TrainingPlan,
     from_json,
     to_json,
@@ -93,6 +96,69 @@ def _delta_frame() -> bytes:
     return encode_delta(DELTA, header, encoding="int8", base_round=2, compress=False)
 
 
+SECURE_PLAN = SecurePlan(clip=2.5, bound=0.3125, levels=32, max_examples=480, participants=10, bits=10,
+                         rotation="a1b2c3d4e5f6", stage_seconds=15.0)
+
+
+def _secure_round() -> RoundAnnouncement:
+    return RoundAnnouncement(**{**_round().__dict__, "secure": SECURE_PLAN})
+
+
+def _keys(first: int) -> tuple[bytes, bytes]:
+    """Two X25519 key pairs' public keys from fixed private keys (examples only)."""
+    from fedlite.protocol.secagg.keys import KeyPair
+
+    return (KeyPair.from_secret(bytes(range(first, first + 32))).public,
+            KeyPair.from_secret(bytes(range(first + 32, first + 64))).public)
+
+
+def _advertise() -> SecureMessage:
+    from fedlite.protocol.secagg.participant import commitment, round_context
+    from fedlite.protocol.secagg.wire import b64
+
+    c, s = _keys(1)
+    context = round_context("wearables", RUN, 3, "a1b2c3d4e5f6")
+    return SecureMessage(client_id="pi-0042", run=RUN, round=3, session="a1b2c3d4e5f6", stage="advertise",
+                         encryption_key=b64(c), mask_key=b64(s), seed_commitment=b64(commitment(context, bytes(32))))
+
+
+def _relay_share() -> RelayMessage:
+    from fedlite.protocol.messages import AdvertEntry
+    from fedlite.protocol.secagg.participant import commitment, round_context
+    from fedlite.protocol.secagg.wire import b64
+
+    c, s = _keys(65)
+    context = round_context("wearables", RUN, 3, "a1b2c3d4e5f6")
+    neighbour = AdvertEntry("pi-0001", b64(c), b64(s), b64(commitment(context, bytes([7] * 32))))
+    return RelayMessage(federation="wearables", run=RUN, round=3, session="a1b2c3d4e5f6", stage="share",
+                        threshold=2, points={"pi-0001": 1, "pi-0042": 2}, neighbours=[neighbour],
+                        issued_at=1796183941.0)
+
+
+def _secagg_arithmetic() -> bytes:
+    """The derivations a third party checks its implementation against (see docs/protocol.md §10)."""
+    import json
+
+    from fedlite.protocol.secagg import masking, prg, quantize, rotation
+    from fedlite.protocol.secagg.keys import KeyPair, derive
+
+    context = b"fedlite-secagg/wearables/" + RUN.encode() + b"/3/a1b2c3d4e5f6"
+    u, v = KeyPair.from_secret(bytes(range(1, 33))), KeyPair.from_secret(bytes(range(65, 97)))
+    values = np.array([3, -2, 0, 31, -32], np.int64)
+    masked = masking.masked_input(values, 10, bytes(32), {"pi-0001": u.agree(v.public, "mask", context)}, "pi-0042")
+    plan = quantize.Quantization(SECURE_PLAN.clip, SECURE_PLAN.bound, 32, 480, 10, "")
+    return json.dumps({
+        "context": context.decode(),
+        "hkdf_mask_seed": u.agree(v.public, "mask", context).hex(),
+        "hkdf_shares_key": derive(bytes(32), "shares", context).hex(),
+        "prg_seed0_bits10": prg.mask(bytes(32), 6, 10).tolist(),
+        "rotation_signs": [int(x) for x in rotation._signs("a1b2c3d4e5f6", 8)],
+        "masked_input_bits10": masked.tolist(),
+        "packed_bits10": masking.pack(masked, 10).hex(),
+        "ring_bits_n10_l32": plan.bits,
+    }, separators=(",", ":")).encode()
+
+
 def _signer() -> Signer:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -109,6 +175,8 @@ def vectors() -> dict[str, bytes]:
         "round-open": to_json(_round()), "round-closed": to_json(_closed()), "status": to_json(_status()),
         "report": to_json(_report()), "deploy": to_json(_deploy()), "update-frame": _update(),
         "weights-frame": _weights(), "delta-frame": _delta_frame(), "signed-round": _signed_round(),
+        "round-secure": to_json(_secure_round()), "secagg-advertise": to_json(_advertise()),
+        "relay-share": to_json(_relay_share()), "secagg-arithmetic": _secagg_arithmetic(),
     }
 
 
@@ -136,7 +204,8 @@ def test_the_spec_shows_exactly_the_bytes_the_product_writes(name: str) -> None:
 
 @pytest.mark.parametrize("cls,name", [(RoundAnnouncement, "round-open"), (RoundAnnouncement, "round-closed"),
                                       (DeviceStatus, "status"), (DeviceReport, "report"),
-                                      (DeployInstruction, "deploy")])
+                                      (DeployInstruction, "deploy"), (RoundAnnouncement, "round-secure"),
+                                      (SecureMessage, "secagg-advertise"), (RelayMessage, "relay-share")])
 def test_the_spec_examples_parse_back_to_the_same_message(cls: type, name: str) -> None:
     text = spec_blocks()[name].encode()
     assert to_json(from_json(cls, text)) == text

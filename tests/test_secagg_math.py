@@ -178,7 +178,7 @@ def _secure_round(n: int, drop_at: dict[str, set[str]], dim: int = 200, seed: in
     rng = np.random.default_rng(seed)
     clients = [f"dev-{i:03d}" for i in range(n)]
     plan = quantize.Quantization(clip=1.0, bound=0.2, levels=1000, max_examples=50, participants=n)
-    server = SecureRound(CONTEXT, frozenset(clients), plan, seed="session-1", length=dim + 1)
+    server = SecureRound(CONTEXT, frozenset(clients), plan, seed="session-1", length=plan.length(dim))
     people: dict[str, Participant] = {}
     gone: set[str] = set()
     for c in clients:
@@ -236,7 +236,7 @@ def test_a_secure_round_refuses_replays_strangers_and_wrong_stage_messages() -> 
     from fedlite.aggregator.secure_round import Refused, SecureRound
 
     plan = quantize.Quantization(clip=1.0, bound=0.2, levels=100, max_examples=50, participants=5)
-    server = SecureRound(CONTEXT, frozenset({"a", "b", "c", "d"}), plan, seed="s", length=11)
+    server = SecureRound(CONTEXT, frozenset({"a", "b", "c", "d"}), plan, seed="s", length=plan.length(10))
     people = {c: Participant(c, CONTEXT, 0, 0) for c in "abcd"}
     server.advert("a", people["a"].advert())
     cases = [(lambda: server.advert("a", people["a"].advert()), "duplicate"),

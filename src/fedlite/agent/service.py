@@ -25,10 +25,12 @@ from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
 from fedlite.agent.residual import FILE as RESIDUAL_FILE
 from fedlite.agent.residual import ResidualKey, ResidualStore
+from fedlite.agent.secure import SecureSession, StageFailed
 from fedlite.agent.state import FileState, PsutilState, StateProvider
 from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import Header, encode_update_with_residual
 from fedlite.protocol.errors import ProtocolError
+from fedlite.protocol.layout import flatten
 from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncement, from_json, to_json
 from fedlite.protocol.selection import is_selected
 from fedlite.protocol.signing import SignatureError, Verifier
@@ -124,6 +126,7 @@ class Agent:
                  self.client_id, self.federation, len(self.data.x_train), len(self.data.x_holdout),
                  self.models.runtime)
         self.link.subscribe(topics.round_topic(self.federation))
+        self.link.subscribe(topics.relay_topic(self.federation, self.client_id))  # secure rounds' stages
         if self.config.deploy.enabled:
             self.link.subscribe(topics.deploy_topic(self.federation))
         deploy = Channel(self.link, self._mailbox, self._verified, self.data.x_holdout, self.data.y_holdout,
@@ -225,18 +228,60 @@ class Agent:
             self._received = 0
             trainer, manifest = self._fetch_model(a)
             global_flat = self._fetch_weights(a, manifest)
+            secure = self._secure_session(a) if a.secure is not None else None
+            if secure is not None:
+                secure.share_keys()  # before training: a device that drops out later is unmasked without it
             self._publish_status("training")
             with self.models.lock:  # one interpreter per model; virtual agents in one process take turns
-                payload, steps = self._train(a, trainer, manifest, global_flat)
+                delta, examples, metrics, steps = self._train(a, trainer, global_flat)
+            if secure is not None:
+                self._check_gates("aborted")  # the network must still be allowed for the upload itself
+                sent = secure.send_masked(flatten(delta, manifest), examples, self._rng, self._received)
+                self._finish(a)
+                log.info("round %d: sent a masked input of %d B after %d steps (%d B in the secure stages)",
+                         a.round, sent, steps, secure.sent_bytes + secure.received_bytes)
+                return
+            payload = self._encode(a, delta, examples, metrics)
             self._publish_update(a, payload)
             self.residuals.commit()  # what the sent update left out, for the next one
-            with self._mark_lock:
-                self._mark = watermark.finished(self._mark, a.session)
-                watermark.save(self._progress_path, self._mark)
-            self.counters.rounds_trained += 1
+            self._finish(a)
             log.info("round %d: sent update of %d B after %d steps", a.round, len(payload), steps)
+        except StageFailed as exc:
+            self._abandon(a, RoundAbandoned("aborted", f"secure aggregation: {exc}"))
         except RoundAbandoned as exc:
             self._abandon(a, exc)
+
+    def _finish(self, a: RoundAnnouncement) -> None:
+        with self._mark_lock:
+            self._mark = watermark.finished(self._mark, a.session)
+            watermark.save(self._progress_path, self._mark)
+        self.counters.rounds_trained += 1
+
+    def _secure_session(self, a: RoundAnnouncement) -> SecureSession:
+        topic = topics.relay_topic(self.federation, self.client_id)
+        assert a.secure is not None
+        until = a.deadline + a.secure.stage_seconds  # the unmask stage follows the masked inputs' deadline
+
+        def receive() -> bytes | None:
+            while (payload := self._mailbox.wait(topic, until, self.stop_event, self._closed(a),
+                                                 self.notifier.ping)) is not None:
+                try:
+                    return self._verified(topic, payload)
+                except ProtocolError:
+                    self.counters.bad_messages += 1
+            return None
+
+        def send(payload: bytes) -> None:
+            try:
+                self.link.publish(topics.secagg_topic(self.federation, self.client_id), payload,
+                                  tick=self.notifier.ping)
+            except (PayloadTooLarge, PublishRefused, TimeoutError) as exc:
+                raise StageFailed(f"not delivered: {exc}") from None
+
+        try:
+            return SecureSession(a, self.client_id, send, receive, self._bad)
+        except StageFailed as exc:
+            raise RoundAbandoned("declined", f"secure aggregation: {exc}") from None
 
     def _check_gates(self, kind: str) -> None:
         failures = failed_gates(self.state.read(), self.config.gates)
@@ -289,8 +334,9 @@ class Agent:
     def _bad(self, reason: str) -> None:
         self.counters.bad_messages += 1
 
-    def _train(self, a: RoundAnnouncement, trainer: Any, manifest: dict[str, Any],
-               global_flat: np.ndarray) -> tuple[bytes, int]:
+    def _train(self, a: RoundAnnouncement, trainer: Any,
+               global_flat: np.ndarray) -> tuple[np.ndarray, int, dict[str, float], int]:
+        """(the local delta, the examples it trained on, its metrics, the steps taken)."""
         from fedlite.runtime.trainer import local_update
 
         plan, data = a.plan, self.data
@@ -332,16 +378,20 @@ class Agent:
             after = trainer.evaluate(data.x_holdout, data.y_holdout)
             metrics |= {"eval_loss_before": before[0], "eval_accuracy_before": before[1],
                         "eval_loss_after": after[0], "eval_accuracy_after": after[1]}
+        return delta, int(len(x)), {k: float(v) for k, v in metrics.items() if np.isfinite(v)}, result.steps
+
+    def _encode(self, a: RoundAnnouncement, delta: np.ndarray, examples: int, metrics: dict[str, float]) -> bytes:
+        """The update frame in the plan's codec, with error feedback when the codec keeps a residual."""
+        plan = a.plan
         header = Header(kind="update", federation=self.federation, round=a.round, model_hash=a.model_hash,
-                        client_id=self.client_id, num_examples=int(len(x)), run=a.run,
-                        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+                        client_id=self.client_id, num_examples=examples, run=a.run, metrics=metrics,
                         extra={"bytes_down": self._received})
         key = ResidualKey(a.run, a.model_hash, plan.encoding, a.round)
         residual = self.residuals.load(key) if codecs.get(plan.encoding).residual else None
         payload, left = encode_update_with_residual(delta, header, encoding=plan.encoding, residual=residual,
                                                     stochastic=plan.stochastic_rounding, rng=self._rng)
         self.residuals.stage(key, left)
-        return payload, result.steps
+        return payload
 
     def _publish_update(self, a: RoundAnnouncement, payload: bytes) -> None:
         self._check_gates("aborted")  # the network must still be allowed for the upload itself

@@ -14,7 +14,7 @@ from fedlite.aggregator.retained import RetainedTopics
 from fedlite.aggregator.rounds import RoundAttempt
 from fedlite.aggregator.run_identity import RunIdentity
 from fedlite.protocol import topics
-from fedlite.protocol.messages import RoundAnnouncement, TrainingPlan, to_json
+from fedlite.protocol.messages import RoundAnnouncement, SecurePlan, TrainingPlan, to_json
 from fedlite.protocol.selection import nobody
 
 
@@ -29,9 +29,10 @@ class Announcer:
     identity: Callable[[], RunIdentity | None]
     _opened: RoundAnnouncement | None = None  # the current attempt's open announcement
 
-    def open(self, attempt: RoundAttempt, weights: RoundWeights, plan: TrainingPlan | None = None) -> None:
+    def open(self, attempt: RoundAttempt, weights: RoundWeights, plan: TrainingPlan | None = None,
+             secure: SecurePlan | None = None) -> None:
         """Announce the attempt's session and selection (`plan`: this attempt's, instead of the run's for its
-        round)."""
+        round; `secure`: a secure-aggregation round's arithmetic)."""
         if attempt.selection is None:
             raise ValueError(f"round {attempt.number} has no selection to announce")
         self._opened = RoundAnnouncement(
@@ -40,7 +41,7 @@ class Announcer:
             weights_topic=weights.topic, weights_digest=weights.digest, delta_base=weights.delta_base,
             selection=attempt.selection,
             deadline=attempt.deadline, plan=plan or self.training.plan(attempt.number), session=attempt.session,
-            issued_at=time.time(),
+            issued_at=time.time(), secure=secure,
             **self._run_fields(),
         )
         self._publish(self._opened)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -199,6 +200,23 @@ class PrivacySection:
 
 
 @dataclass
+class SecureAggregationSection:
+    """SecAgg+ (see `protocol.secagg`): the aggregator learns only the sum of each round's updates."""
+
+    enabled: bool = False
+    # t, as a fraction of each device's neighbours: shares needed to rebuild a secret (> 0.5 bounds a server lying
+    # about drop-outs)
+    threshold: Annotated[float, Range(gt=0.5, le=1)] = 0.6
+    neighbours: Annotated[int, Range(ge=2, special=0, means="2 ceil(1.5 log2 N), all pairs at N <= 10")] = 0
+    levels: Annotated[int, Range(ge=1)] = 32  # L: a coordinate in [-B, B] becomes an integer in [-L, L]
+    # C of round 1; later rounds use clip_multiple x the previous round's mean norm (without privacy)
+    clip_norm: Annotated[float, Range(gt=0)] = 5.0
+    clip_multiple: Annotated[float, Range(ge=1, special=0, means="clip_norm in every round")] = 2.0
+    coordinate_bound: Annotated[float, Range(gt=0)] = 4.0  # B = this x C / sqrt(block) (rotated coordinates)
+    stage_seconds: Annotated[float, Range(gt=0)] = 15.0  # each key stage's deadline (and the unmask stage's)
+
+
+@dataclass
 class RolloutSection:
     """Staged rollout of registry versions to the fleet (see `fedlite.aggregator.rollout`)."""
 
@@ -278,9 +296,11 @@ class AggregatorConfig:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
 
     def validate(self) -> None:
         self._validate_cluster()
+        self._validate_secure()
         p = self.privacy
         require(not p.enabled or self.server.aggregation == "mean",
                 "privacy.enabled needs server.aggregation = \"mean\" (DP-FedAvg noises a clipped sum)")
@@ -293,6 +313,24 @@ class AggregatorConfig:
             require(not p.enabled, "rounds.mode = \"fedbuff\" cannot be combined with privacy.enabled yet (the "
                     "accountant assumes each round samples its devices at random; asynchronous slots do not)")
 
+
+    def _validate_secure(self) -> None:
+        """What secure aggregation cannot do: anything that needs to see one device's update."""
+        if not self.secure_aggregation.enabled:
+            return
+        need = "secure_aggregation.enabled (the aggregator sees only the sum) cannot be combined with"
+        require(self.server.aggregation == "mean", f"{need} server.aggregation = {self.server.aggregation!r} "
+                "(trimmed mean and median rank individual updates): use \"mean\"")
+        require(self.rounds.mode == "sync", f"{need} rounds.mode = {self.rounds.mode!r} (each stage waits for "
+                "one cohort): use \"sync\"")
+        require(not self.cluster.member, f"{need} cluster.member (a sum of masked inputs cannot be split among "
+                "aggregators)")
+        require(not self.kpis.exclude_flagged, f"{need} kpis.exclude_flagged (anomaly flags need each update's "
+                "norm and direction)")
+        most = math.ceil(self.rounds.clients_per_round * (1 + self.rounds.over_selection))
+        bits = math.ceil(math.log2(2 * most * self.secure_aggregation.levels + 1))
+        require(bits <= 32, f"secure_aggregation.levels = {self.secure_aggregation.levels} with up to {most} devices "
+                f"per round needs {bits}-bit sums (at most 32): lower the levels")
 
     def _validate_cluster(self) -> None:
         if not self.cluster.member:

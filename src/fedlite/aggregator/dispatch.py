@@ -32,6 +32,7 @@ class Dispatcher:
         self.retained, self.rollout, self.current, self.run = retained, rollout, current, run
         self.inbox = Inbox(self._handle_item, self._refuse_busy, workers=workers)
         self.cluster: Any = None  # cluster.coordinator.ClusterCoordinator when several aggregators share the work
+        self.secure: Callable[[], Any] = lambda: None  # the secure round's exchange while one runs
 
     # --- the network thread: classify and enqueue only ------------------------------------------
 
@@ -49,6 +50,8 @@ class Dispatcher:
             self.inbox.put(Item("update", client, payload))
         elif kind == "reports":
             self.inbox.put(Item("report", client, payload))
+        elif kind == "secagg":
+            self.inbox.put(Item("secagg", client, payload))
         elif kind == "status" and payload:  # small and bounded: parsed here, straight into the fleet
             self._on_json("status", client, payload, DeviceStatus, self.fleet.update)
         elif kind in topics.AGGREGATOR_KINDS:
@@ -61,13 +64,25 @@ class Dispatcher:
             self._on_update(item.client, item.payload)
         elif item.kind == "partial":
             self.cluster.on_partial(item.client, item.payload)
+        elif item.kind == "secagg":
+            self._on_secagg(item.client, item.payload)
         else:
             self._on_json("report", item.client, item.payload, DeviceReport, self._on_report)
 
     def _refuse_busy(self, item: Item) -> None:
         self.refuse(item.kind, "busy", f"{item.kind} from {item.client}: the inbox is full")
 
+    def _on_secagg(self, client: str, payload: bytes) -> None:
+        exchange = self.secure()
+        if exchange is None:
+            self.refuse("secagg", "late", f"secure message from {client}: no secure round is open")
+            return
+        exchange.on_message(client, payload)
+
     def _on_update(self, client: str, payload: bytes) -> None:
+        if self.secure() is not None:
+            self.refuse("update", "secure_aggregation", f"update from {client} in the clear during a secure round")
+            return
         attempt = self.current()
         if attempt is None:
             self.refuse("update", "late", f"update from {client} before any round")

@@ -13,7 +13,7 @@ log = logging.getLogger("fedlite.aggregator")
 
 @dataclass(frozen=True)
 class Item:
-    kind: str  # "update" | "report" | "partial" (another aggregator's partial sum)
+    kind: str  # "update" | "report" | "secagg" | "partial" (another aggregator's partial sum)
     client: str  # from the topic: the broker-authenticated sender (a device, or an aggregator member)
     payload: bytes
 

@@ -48,6 +48,8 @@ class RoundRecord:
     # updates a member had claimed whose partial sum never arrived (not counted, not in the aggregate)
     aggregators: dict[str, int] = field(default_factory=dict)
     lost: int = 0
+    # a secure round: its ring, clip bound, threshold, survivors and drop-outs, and the inputs' mean norm
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)
     reason: str = ""  # why a failed attempt was not committed
     accuracy: float | None = None
     loss: float | None = None

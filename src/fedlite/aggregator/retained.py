@@ -39,6 +39,13 @@ class RetainedTopics:
             self._sent[topic] = [*self._sent.get(topic, [])[-3:], hashlib.sha256(signed).digest()]
         self._link.publish(topic, signed, retain=True)
 
+    def send(self, topic: str, payload: bytes) -> int:
+        """Publish signed (when a key is configured), not retained: a message for one device (secure rounds).
+        Returns the bytes sent."""
+        signed = self._signer.sign(topic, payload) if self._signer else payload
+        self._link.publish_nowait(topic, signed)
+        return len(signed)
+
     def clear(self, topic: str) -> None:
         """Drop a retained topic (an empty payload), e.g. a closed round's weights."""
         with self._lock:

@@ -420,6 +420,14 @@ class RoundAttempt:
             cosines = cosine_to_aggregate(self.sketches, self.example_counts)
         return RoundOutcome(complete, aggregate, record, cosines)
 
+    def settle(self, accepted: set[str], complete: bool) -> RoundRecord:
+        """Close with what another path admitted (a secure round: the devices whose inputs the unmasked sum holds)
+        and return the record."""
+        with self._lock:
+            self.closed = True
+            self.accepted = set(accepted)
+            return self._record(complete, time.time())
+
     def partial(self, claims_timeout: float = 10.0) -> RemotePartial:
         """Several aggregators, on a member: close, once the claims out are answered and granted ones admitted
         (at most `claims_timeout` s), and hand over what it holds, unreduced (its partial sum)."""

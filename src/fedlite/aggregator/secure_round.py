@@ -10,8 +10,12 @@ Stages: ``advertise`` (public keys) â†’ ``share`` (encrypted shares, relayed) â†
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,6 +38,18 @@ class RoundAborted(RuntimeError):
     """Too few devices survived a stage to go on (or to unmask)."""
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    """Devices' messages arrive on several inbox workers while the orchestrator closes stages: one at a time."""
+    @functools.wraps(method)
+    def run(self: SecureRound, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run  # type: ignore[return-value]
+
+
 def threshold_for(neighbours: int, fraction: float) -> int:
     """t = ceil(fraction * k), at least 2 (at most k): a majority of the neighbours (fraction > 0.5) keeps a server
     that lies about who dropped out from collecting both shares of anyone."""
@@ -48,6 +64,7 @@ class SecureRound:
     seed: str  # the neighbour graph's seed (the round's session)
     length: int  # integers in a masked input: the model's parameters and the weight
     threshold_fraction: float = 0.6
+    parameters: int = 0  # the model's parameters (0: length less the weight and norm, no rotation)
     neighbours_wanted: int = 0  # 0: `graph.neighbour_count`
     stage: str = "advertise"
     adverts: dict[str, Advert] = field(default_factory=dict)
@@ -60,9 +77,11 @@ class SecureRound:
     _sum: np.ndarray | None = None
     revealed: dict[str, dict[str, tuple[int, str, bytes]]] = field(default_factory=dict)
     _asked: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)  # revealer -> (survivors, dropped)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     # --- stage 1: adverts -------------------------------------------------------------------------
 
+    @_locked
     def advert(self, client: str, advert: Advert) -> None:
         self._expect("advertise", client, self.selected)
         if client in self.adverts:
@@ -71,6 +90,7 @@ class SecureRound:
             raise Refused("sender", f"an advert for {advert.client} from {client}")
         self.adverts[client] = advert
 
+    @_locked
     def close_adverts(self) -> dict[str, tuple[list[Advert], dict[str, int], int]]:
         """{device: (its neighbours' adverts, every neighbour's Shamir point and its own, the threshold)}."""
         clients = sorted(self.adverts)
@@ -87,6 +107,7 @@ class SecureRound:
 
     # --- stage 2: shares --------------------------------------------------------------------------
 
+    @_locked
     def shares(self, client: str, sealed: dict[str, bytes]) -> None:
         self._expect("share", client, set(self.adverts))
         if client in self.dealers:
@@ -98,6 +119,7 @@ class SecureRound:
         for recipient, blob in sealed.items():
             self._sealed.setdefault(recipient, {})[client] = blob
 
+    @_locked
     def close_shares(self) -> dict[str, dict[str, bytes]]:
         """{device that dealt: the shares dealt to it by its neighbours that dealt too}; the others are out."""
         if len(self.dealers) < self.threshold + 1:
@@ -108,6 +130,7 @@ class SecureRound:
 
     # --- stage 3: masked inputs -------------------------------------------------------------------
 
+    @_locked
     def masked(self, client: str, values: np.ndarray) -> None:
         self._expect("masked", client, self.dealers)
         if client in self.senders:
@@ -118,6 +141,7 @@ class SecureRound:
         self.senders.add(client)
         self._sum = values.astype(np.uint64) if self._sum is None else masking.add(self._sum, values, self.plan.bits)
 
+    @_locked
     def close_masked(self) -> dict[str, tuple[set[str], set[str]]]:
         """{device that sent: (its neighbours whose self-mask shares it is to reveal, those whose mask-key shares
         it is to reveal)}: survivors sent their masked input, drop-outs dealt shares but sent none."""
@@ -131,6 +155,7 @@ class SecureRound:
 
     # --- stage 4: unmasking -----------------------------------------------------------------------
 
+    @_locked
     def reveal(self, client: str, shares: dict[str, tuple[int, str, bytes]]) -> None:
         self._expect("unmask", client, self.senders)
         if client in self.revealed:
@@ -142,9 +167,10 @@ class SecureRound:
                 raise Refused("malformed", f"{client} revealed a {kind} share of {owner} (asked: {expected})")
         self.revealed[client] = shares
 
-    def finish(self) -> tuple[np.ndarray, float, int]:
-        """(the weighted mean delta, flat; the total weight; how many inputs it sums); RoundAborted if too few
-        reveals arrived or the shares do not rebuild what was advertised."""
+    @_locked
+    def unmasked(self) -> tuple[np.ndarray, int]:
+        """(the survivors' signed integer sum, how many inputs it sums); RoundAborted if too few reveals arrived or
+        the shares do not rebuild what was advertised."""
         if self._sum is None:
             raise RoundAborted("no masked input")
         dropped = self.dealers - self.senders
@@ -153,9 +179,24 @@ class SecureRound:
                                set(self.senders), dropped, self.revealed)
         except UnmaskError as exc:
             raise RoundAborted(f"unmasking failed: {exc}") from None
+        most = len(self.senders) * self.plan.levels  # the weight and norm coordinates are each in [0, L]
+        if not (0 <= int(total[-quantize.TAIL]) <= most and 0 <= int(total[-1]) <= most):
+            raise RoundAborted("the unmasked sum is out of range (an input was tampered with or lost)")
         self.stage = "done"
-        mean, weight = quantize.decode(total, self.plan)
-        return mean, weight, len(self.senders)
+        return total, len(self.senders)
+
+    def finish(self) -> tuple[np.ndarray, float, int]:
+        """(the weighted mean delta, flat; the total weight; how many inputs it sums): `unmasked`, decoded."""
+        total, count = self.unmasked()
+        mean, weight = quantize.decode(total, self.plan, self.parameters or self.length - quantize.TAIL)
+        return mean, weight, count
+
+    @_locked
+    def admits(self, stage: str, client: str) -> None:
+        """Refused unless `client` may send a `stage` message now (before its payload is decoded)."""
+        allowed = {"advertise": self.selected, "share": set(self.adverts), "masked": self.dealers,
+                   "unmask": self.senders}.get(stage, set())
+        self._expect(stage, client, allowed)
 
     def _expect(self, stage: str, client: str, allowed: set[str] | frozenset[str]) -> None:
         if self.stage != stage:

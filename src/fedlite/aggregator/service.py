@@ -80,6 +80,7 @@ class Aggregator:
         self.kpis = KpiTracker(config.kpis)
         self.fleet_writer = FleetWriter(self.state_dir / "fleet.json", self.federation, self.fleet, self.kpis)
         self.current: RoundAttempt | None = None
+        self.secure: Any = None  # secure_exchange.SecureExchange while a secure round runs
         self.limits = Limits(max_payload_bytes=config.server.max_update_bytes)
         self.test_set = load_test_set(config.evaluation.test_data)
         self.notifier = Notifier()
@@ -94,6 +95,7 @@ class Aggregator:
         self.retained.attach(self.link)
         self.cluster = ClusterCoordinator(self, signer) if config.cluster.member and signer else None
         self.dispatch.cluster = self.cluster
+        self.dispatch.secure = lambda: self.secure
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -184,6 +186,8 @@ class Aggregator:
         self.link.subscribe(topics.all_updates(self.federation, share))
         # with several aggregators the coordinator alone reads the reports: its closing rule counts them
         self.link.subscribe(topics.all_reports(self.federation, None if self.cluster else share))
+        if self.config.secure_aggregation.enabled:
+            self.link.subscribe(topics.all_secagg(self.federation))
         for topic in self.cluster.subscriptions() if self.cluster else []:
             self.link.subscribe(topic)
         self.link.connect()

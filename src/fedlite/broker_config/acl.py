@@ -35,14 +35,14 @@ def device_owned(federation: str, client_id: str) -> list[str]:
         topics.update_topic(federation, client_id),
         topics.status_topic(federation, client_id),
         topics.report_topic(federation, client_id),
+        topics.secagg_topic(federation, client_id),
     ]
 
 
 def device_rules(federation: str, client_id: str) -> list[str]:
-    """ACL lines for a device: read the aggregator's topics, write only its own."""
-    return [f"topic read {t}" for t in aggregator_owned(federation)] + [
-        f"topic write {t}" for t in device_owned(federation, client_id)
-    ]
+    """ACL lines for a device: read the aggregator's topics and its own relay topic, write only its own."""
+    reads = [*aggregator_owned(federation), topics.relay_topic(federation, client_id)]
+    return [f"topic read {t}" for t in reads] + [f"topic write {t}" for t in device_owned(federation, client_id)]
 
 
 def aggregator_rules(federation: str) -> list[str]:
@@ -52,8 +52,9 @@ def aggregator_rules(federation: str) -> list[str]:
         topics.all_updates(federation),
         topics.all_statuses(federation),
         topics.all_reports(federation),
+        topics.all_secagg(federation),
     ]
-    owned = [*aggregator_owned(federation), topics.cluster_subtree(federation)]
+    owned = [*aggregator_owned(federation), topics.cluster_subtree(federation), topics.all_relays(federation)]
     return [f"topic readwrite {t}" for t in owned] + [f"topic read {t}" for t in device_topics]
 
 

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="realistic: some devices busy, on battery, metered or vanishing; steady: none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dp", action="store_true", help="DP-FedAvg: clip updates, add Gaussian noise, report ε")
+    parser.add_argument("--secagg", action="store_true",
+                        help="secure aggregation (SecAgg+): the aggregator sees only the sum of the updates")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="with --dp: noise std / clip norm")
     parser.add_argument("--clip-norm", type=float, default=0.3, help="with --dp: L2 bound of each update")
     from fedlite.aggregator.config import DEFAULT_ENCODING
@@ -63,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if args.codec not in UPLINK:
         print(f"fedlite demo: unknown codec {args.codec!r}; choose from {', '.join(UPLINK)}")
         return 2
+    if args.secagg and (args.mode == "fedbuff" or args.aggregators > 1):
+        print("fedlite demo: --secagg needs --mode sync and one aggregator (a masked sum is one cohort's, in one "
+              "place)")
+        return 2
     if args.dp and args.mode == "fedbuff":
         print("fedlite demo: --dp cannot be combined with --mode fedbuff yet")
         return 2
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_dir = (args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     plan = DemoPlan(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
-                    alpha=args.alpha, local_epochs=args.local_epochs, seed=args.seed, dp=args.dp,
+                    alpha=args.alpha, local_epochs=args.local_epochs, seed=args.seed, dp=args.dp, secagg=args.secagg,
                     noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, codec=args.codec,
                     mode=args.mode, stragglers=args.stragglers, batch_seconds=args.batch_seconds,
                     aggregators=args.aggregators, lr=args.lr, learning_rate_decay=args.lr_decay,

@@ -45,6 +45,7 @@ class DemoPlan:
     seed: int = 0
     export_every: int = 1
     dp: bool = False  # DP-FedAvg: the aggregator's [privacy] section
+    secagg: bool = False  # secure aggregation: the aggregator's [secure_aggregation] section
     noise_multiplier: float = 1.0
     clip_norm: float = 0.3
     codec: str = DEFAULT_ENCODING  # the update encoding of the training plan ([training] encoding)
@@ -151,6 +152,8 @@ def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir
                   "encoding": plan.codec, "learning_rate_decay": plan.learning_rate_decay},
         evaluation={"test_data": str(run_dir / "data" / "test.npz")},
         **_privacy_table(plan), **fed.cluster_tables(plan.aggregators),
+        # short key stages: the demo's vanishing and busy devices would otherwise hold each stage for 15 s
+        **({"secure_aggregation": {"enabled": True, "stage_seconds": 3.0}} if plan.secagg else {}),
     )
 
 
@@ -211,7 +214,7 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
         "int8_model": str(final / "infer_int8.tflite") if final else None,
         "trainable_model": str(final / "train.tflite") if final else None,
         "epsilon": last.epsilon if last else None, "delta": last.delta if last else None,
-        "kpis": summarize(history),
+        "kpis": summarize(history), "secure_aggregation": plan.secagg, **_secure_costs(history),
     })
     say("")
     say(f"federated accuracy {summary['final_accuracy']:.3f}   centralized {baseline['accuracy']:.3f}   "
@@ -219,9 +222,27 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     say(f"bytes up {human_bytes(summary['bytes_up'])} ({plan.codec}, "
         f"{human_bytes(summary['bytes_up_per_update'] or 0)} per update), down {human_bytes(summary['bytes_down'])} "
         f"({human_bytes(summary['bytes_down_per_device_round'] or 0)} per device and round)")
+    if plan.secagg and "secure_device_bytes_up_per_round" in summary:
+        say(f"secure aggregation: each device sent {human_bytes(summary['secure_device_bytes_up_per_round'])} and "
+            f"received {human_bytes(summary['secure_device_relay_bytes_per_round'])} of stages per round, "
+            f"{summary['secure_device_cpu_seconds_per_round'] * 1000:.0f} ms CPU on them")
     say(f"int8 inference model: {summary['int8_model']}")
     say(f"report: {run_dir / 'report'} (summary.json and plots)")
     return summary
+
+
+def _secure_costs(history: list[RoundRecord]) -> dict[str, Any]:
+    """Secure rounds: what the stages cost each participating device per round, in bytes (up: everything it sent;
+    down: the relays) and in CPU seconds (keys, shares, masking; as the devices report it)."""
+    rounds = [r for r in history if r.complete and r.secure_aggregation]
+    if not rounds:
+        return {}
+    devices = sum(r.secure_aggregation["survivors"] + r.secure_aggregation["dropped"] for r in rounds)
+    return {"secure_device_bytes_up_per_round": round(sum(r.bytes_up for r in rounds) / max(1, devices)),
+            "secure_device_relay_bytes_per_round": round(sum(r.secure_aggregation.get("relay_bytes", 0)
+                                                              for r in rounds) / max(1, devices)),
+            "secure_device_cpu_seconds_per_round": round(sum(r.secure_aggregation.get("device_cpu_seconds", 0.0)
+                                                             for r in rounds) / len(rounds), 4)}
 
 
 def _updates_by_aggregator(history: list[RoundRecord]) -> dict[str, int]:

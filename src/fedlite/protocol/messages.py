@@ -1,4 +1,5 @@
-"""JSON control messages: round announcements, device status, device reports and deployment instructions.
+"""JSON control messages: round announcements, device status, device reports, deployment instructions and the
+stages of secure aggregation.
 
 Every message is one UTF-8 JSON object with ``"type"`` and ``"protocol"`` fields. Unknown fields are
 ignored (forward compatible); missing or mistyped fields raise `MessageError`.
@@ -41,6 +42,20 @@ class TrainingPlan:
     # version it fetched while later ones are announced, and its update counts while it is at most this many
     # versions behind
     max_staleness: int = 0
+
+
+@dataclass
+class SecurePlan:
+    """A secure-aggregation round's arithmetic and pace (`RoundAnnouncement.secure`; see `protocol.secagg`)."""
+
+    clip: float  # L2 bound C of each device's delta
+    bound: float  # per-coordinate clamp B of the rotated, weighted delta
+    levels: int  # L: [-B, B] maps to integers in [-L, L]
+    max_examples: int  # n_cap: a device's weight is min(n, n_cap) / n_cap
+    participants: int  # N: the ring Z_2^bits holds the sum of N inputs
+    bits: int  # k of the ring (what `Quantization.bits` gives for N and L)
+    rotation: str  # the rotation's public seed
+    stage_seconds: float  # how long the aggregator waits for each key stage
 
 
 # What the round topic says (`RoundAnnouncement.state`) and why an attempt closed (`RoundAnnouncement.reason`).
@@ -88,6 +103,9 @@ class RoundAnnouncement:
     # open: delta frames to this round start at round `delta_base` + 1 (0: none); a device holding the weights of
     # round v, delta_base <= v < round, may apply the deltas of rounds v + 1 .. round instead of the full weights
     delta_base: int = 0
+    # open: the round is a secure-aggregation round (the selected devices run its stages, `SecureMessage`); None:
+    # devices send their updates in the clear
+    secure: SecurePlan | None = None
     type: str = "round"
     protocol: int = PROTOCOL_VERSION
 
@@ -132,6 +150,93 @@ class DeviceReport:
     session: str = ""  # the announcement's session: a report for another attempt is refused as late
     type: str = "report"
     protocol: int = PROTOCOL_VERSION
+
+
+@dataclass
+class RevealedShare:
+    """One share a device reveals in the unmask stage: its Shamir point, "self" or "mask", the share (base64)."""
+
+    point: int
+    kind: str
+    share: str
+
+
+SECURE_STAGES = ("advertise", "share", "masked", "unmask")
+
+
+@dataclass
+class SecureMessage:
+    """A device's message in a secure-aggregation round, on its secagg topic. Stage fields:
+
+    - ``advertise``: `encryption_key`, `mask_key` (X25519 public keys) and `seed_commitment`, base64;
+    - ``share``: `shares`, {neighbour: its sealed shares of my self-mask seed and mask key, base64};
+    - ``masked``: `length` and `bits` of the packed masked input that follows the JSON after one newline byte,
+      `bytes_down` (what the device received for the round) and `cpu_seconds` (spent on the secure stages);
+    - ``unmask``: `revealed`, {neighbour: the share of its secret the aggregator asked for}.
+    """
+
+    client_id: str
+    run: str
+    round: int
+    session: str
+    stage: str  # SECURE_STAGES
+    encryption_key: str = ""
+    mask_key: str = ""
+    seed_commitment: str = ""
+    shares: dict[str, str] = field(default_factory=dict)
+    length: int = 0
+    bits: int = 0
+    bytes_down: int = 0
+    cpu_seconds: float = 0.0  # masked: the CPU the device spent on the secure stages so far (not training)
+    revealed: dict[str, RevealedShare] = field(default_factory=dict)
+    type: str = "secagg"
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass
+class AdvertEntry:
+    """A neighbour's advertised keys, as the aggregator relays them (base64)."""
+
+    client: str
+    encryption_key: str
+    mask_key: str
+    seed_commitment: str
+
+
+RELAY_STAGES = ("share", "masked", "unmask", "abort")
+
+
+@dataclass
+class RelayMessage:
+    """The aggregator's signed message to one device of a secure round, on that device's relay topic. Stages:
+
+    - ``share``: `threshold`, `points` (each neighbour's Shamir point and the device's own) and `neighbours`;
+    - ``masked``: `shares`, {dealer: the sealed shares it dealt to this device}; send the masked input;
+    - ``unmask``: `survivors` (reveal their self-mask seed shares) and `dropped` (their mask-key shares);
+    - ``abort``: the round cannot go on (`reason`): forget its keys and shares.
+    """
+
+    federation: str
+    run: str
+    round: int
+    session: str
+    stage: str  # RELAY_STAGES
+    threshold: int = 0
+    points: dict[str, int] = field(default_factory=dict)
+    neighbours: list[AdvertEntry] = field(default_factory=list)
+    shares: dict[str, str] = field(default_factory=dict)
+    survivors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    reason: str = ""
+    issued_at: float = 0.0
+    type: str = "relay"
+    protocol: int = PROTOCOL_VERSION
+
+
+def split_frame(payload: bytes) -> tuple[bytes, bytes]:
+    """(the JSON, the binary body) of a message that may carry one after a newline byte (a masked input)."""
+    head, _, body = payload.partition(b"\n")
+    return head, body
 
 
 @dataclass

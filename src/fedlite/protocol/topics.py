@@ -121,3 +121,21 @@ def parse(topic: str) -> tuple[str, str, str] | None:
     if len(parts) != 4 or parts[0] != ROOT or not parts[1] or not parts[3]:
         return None
     return parts[1], parts[2], parts[3]
+
+
+def secagg_topic(federation: str, client_id: str) -> str:
+    """A device's secure-aggregation messages (keys, shares, masked input, revealed shares); only it may write."""
+    return f"{ROOT}/{federation}/secagg/{client_id}"
+
+
+def all_secagg(federation: str) -> str:
+    return f"{ROOT}/{federation}/secagg/+"
+
+
+def relay_topic(federation: str, client_id: str) -> str:
+    """The aggregator's signed messages to one device of a secure round; only that device may read it."""
+    return f"{ROOT}/{federation}/relay/{client_id}"
+
+
+def all_relays(federation: str) -> str:
+    return f"{ROOT}/{federation}/relay/+"

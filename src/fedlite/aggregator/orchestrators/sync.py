@@ -104,4 +104,13 @@ class SyncRounds:
         return round_context(self.config, self.host.manifest, number, selected, self.host.run_id())
 
 
-register("sync", SyncRounds)
+def _make(host: Aggregator) -> SyncRounds:
+    """Synchronous rounds, secure ones under [secure_aggregation] enabled (same selection, another collection)."""
+    if host.config.secure_aggregation.enabled:
+        from fedlite.aggregator.orchestrators.secure import SecureRounds
+
+        return SecureRounds(host)
+    return SyncRounds(host)
+
+
+register("sync", _make)

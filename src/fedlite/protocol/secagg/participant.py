@@ -50,8 +50,17 @@ class Participant:
     def advert(self) -> Advert:
         return Advert(self.me, self._c.public, self._s.public, commitment(self.context, self._b))
 
-    def meet(self, neighbours: list[Advert], points: dict[str, int]) -> None:
-        """Stage 2 opens: my neighbours' adverts (as the server relays them) and their Shamir points."""
+    def meet(self, neighbours: list[Advert], points: dict[str, int], threshold: int | None = None) -> None:
+        """Stage 2 opens: my neighbours' adverts (as the server relays them), their Shamir points and mine, and the
+        round's threshold (when the server fixes it only now)."""
+        if threshold is not None:
+            self.threshold = threshold
+        if self.me in points:
+            self.point = points[self.me]
+        if self.threshold < 2:
+            raise StageError(f"a threshold of {self.threshold} protects nothing")
+        if any(c not in points for c in [a.client for a in neighbours]):
+            raise StageError("a neighbour without a Shamir point")
         self.neighbours = {a.client: a for a in neighbours if a.client != self.me}
         if len(self.neighbours) < self.threshold:
             raise StageError(f"{len(self.neighbours)} neighbours, fewer than the threshold {self.threshold}")
@@ -100,3 +109,8 @@ class Participant:
 
     def _associated(self, sender: str, recipient: str) -> bytes:
         return self.context + b"/" + sender.encode() + b"->" + recipient.encode()
+
+
+def round_context(federation: str, run: str, number: int, session: str) -> bytes:
+    """What binds a secure round's keys, shares and masks to it: a replay into another round opens nothing."""
+    return f"fedlite-secagg/{federation}/{run}/{number}/{session}".encode()

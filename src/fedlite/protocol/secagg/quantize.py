@@ -7,6 +7,12 @@ becomes round_stochastic(x * L / B) in [-L, L], unbiased. Weighting, when the su
 device pre-multiplies its clipped delta by w = min(n, n_cap) / n_cap (its example count n under the round's cap)
 and appends w itself as one more coordinate, so the unmasked sum holds sum(w x) and sum(w), and their ratio is
 the example-weighted mean (FedAvg's, with counts capped as `influence` caps them in the clear).
+
+Two more coordinates follow the weight: the device's norm, min(|x|, 2C) / 2C scaled to L (the sum gives the mean
+norm, from which the aggregator sets the next round's C without seeing any one norm).
+
+With a `rotation` seed the clipped delta is first rotated (`rotation`, zero-padded to whole blocks): its
+coordinates are then near Gaussian with variance |x|^2 / block, so B = a few C / sqrt(block) clamps almost nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from fedlite.protocol.secagg import rotation as rotations
+
+TAIL = 2  # the weight and the norm, after the delta
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,11 @@ class Quantization:
     levels: int  # L: a coordinate in [-B, B] maps to an integer in [-L, L]
     max_examples: int  # n_cap: the example count at which the weight reaches 1
     participants: int  # N: how many masked inputs may be summed
+    rotation: str = ""  # the public seed of the random rotation ("" none)
+
+    def length(self, parameters: int) -> int:
+        """Integers in one device's vector for a model of `parameters`: the (rotated, padded) delta and the weight."""
+        return (rotations.padded_length(parameters) if self.rotation else parameters) + TAIL
 
     @property
     def bits(self) -> int:
@@ -43,25 +58,40 @@ class Quantization:
 
 def encode(delta: np.ndarray, examples: int, plan: Quantization, rng: np.random.Generator) -> np.ndarray:
     """The device's integer vector (int64, each in [-L, L]): its flat delta clipped to C, weighted, clamped to B,
-    scaled and stochastically rounded; the weight is the last coordinate."""
+    scaled and stochastically rounded; the weight and the norm are the last two coordinates."""
     flat = np.asarray(delta, dtype=np.float64).ravel()
     norm = float(np.linalg.norm(flat))
     if not math.isfinite(norm):
         raise ValueError("the update is not finite")
     if norm > plan.clip:
         flat = flat * (plan.clip / norm)
+    if plan.rotation:
+        flat = rotations.rotate(flat, plan.rotation)
     weight = min(max(examples, 0), plan.max_examples) / plan.max_examples
-    values = np.append(np.clip(flat * weight, -plan.bound, plan.bound) * (plan.levels / plan.bound),
-                       weight * plan.levels)
+    values = np.concatenate([np.clip(flat * weight, -plan.bound, plan.bound) * (plan.levels / plan.bound),
+                             [weight * plan.levels, min(norm, 2 * plan.clip) / (2 * plan.clip) * plan.levels]])
     floor = np.floor(values)
     rounded = floor + (rng.random(values.shape) < values - floor)
     return np.clip(rounded, -plan.levels, plan.levels).astype(np.int64)
 
 
-def decode(total: np.ndarray, plan: Quantization) -> tuple[np.ndarray, float]:
+def decode(total: np.ndarray, plan: Quantization, parameters: int | None = None) -> tuple[np.ndarray, float]:
     """(the weighted mean delta, flat float32; the total weight) from the signed integer sum; the mean is zeros
-    when no weight arrived."""
-    weight = float(total[-1]) / plan.levels
-    summed = total[:-1].astype(np.float64) * (plan.bound / plan.levels)
+    when no weight arrived. `parameters`: the model's (needed to undo a rotation)."""
+    summed, weight = decode_sum(total, plan, parameters)
     mean = summed / weight if weight > 0 else np.zeros_like(summed)
     return mean.astype(np.float32), weight
+
+
+def decode_sum(total: np.ndarray, plan: Quantization, parameters: int | None = None) -> tuple[np.ndarray, float]:
+    """(the weighted sum of the deltas, float64, in the model's coordinates; the total weight)."""
+    weight = float(total[-TAIL]) / plan.levels
+    summed = total[:-TAIL].astype(np.float64) * (plan.bound / plan.levels)
+    if plan.rotation:
+        summed = rotations.unrotate(summed, plan.rotation, parameters if parameters is not None else len(summed))
+    return summed, weight
+
+
+def mean_norm(total: np.ndarray, plan: Quantization, count: int) -> float:
+    """The mean of min(|x|, 2C) over the `count` inputs the sum holds."""
+    return float(total[-1]) / plan.levels * 2 * plan.clip / max(1, count)
