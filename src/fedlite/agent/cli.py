@@ -16,7 +16,8 @@ DATA_ERROR = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="agent TOML file, e.g. /etc/fedlite/agent.toml")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="the least severe log lines written")
     parser.add_argument("--check", action="store_true",
                         help="check the config, data, pinned keys, gates, broker login and the data against the "
                              "broker's model, one line each, and exit (non-zero if any check fails)")
