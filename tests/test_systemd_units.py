@@ -162,6 +162,9 @@ def test_install_script_dry_run(role: str, extra: str) -> None:
     out = result.stdout
     assert f"pip install --quiet --upgrade {SYSTEMD_DIR.parent}\\[{extra}\\]" in out  # the checkout by default
     assert f"/etc/fedlite/{role}.toml.example" in out
+    dropin = "write /etc/systemd/system/mosquitto.service.d/fedlite.conf: ExecStart=/usr/sbin/mosquitto -c " \
+             "/var/lib/fedlite-broker/mosquitto.conf"
+    assert (dropin in out) == (role == "aggregator"), out
     assert f"/etc/systemd/system/fedlite-{role}.service" in out
     assert "install -d -m 0750 -o root -g fedlite /etc/fedlite" in out
     assert f"systemctl enable fedlite-{role}.service" in out or f"enable --now fedlite-{role}" in out
