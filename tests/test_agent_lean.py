@@ -48,3 +48,42 @@ def test_a_server_command_on_an_agent_only_install_says_what_to_install_in_one_l
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().endswith("pip install 'fedlite[server]'") and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+HIDE_RUNTIMES = (
+    "import importlib.abc, sys\n"
+    "class NoRuntime(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path, target=None):\n"
+    "        if name.split('.')[0] in ('ai_edge_litert', 'tflite_runtime'):\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, NoRuntime())\n"
+    "from fedlite.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_an_agent_without_a_tflite_runtime_says_what_to_install_for_this_python_in_one_line(tmp_path) -> None:
+    from fedlite.runtime.interpreter import missing_runtime_message
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\nclient_id = "d"\nfederation = "f"\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[data]\nsource = "npz"\npath = "{tmp_path / "data.npz"}"\n[trust]\nallow_unsigned = true\n')
+    agent = subprocess.run([sys.executable, "-c", HIDE_RUNTIMES, "agent", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    expected = missing_runtime_message()
+    assert agent.returncode == 2, agent.stderr  # a config of the machine: fedlite-agent.service does not restart
+    assert agent.stderr.splitlines() == [f"fedlite agent: {expected}"], agent.stderr
+    major, minor = sys.version_info[:2]
+    assert f"Python {major}.{minor}" in expected and "pip install 'fedlite[agent]'" in expected
+    check = subprocess.run([sys.executable, "-c", HIDE_RUNTIMES, "agent", "--check", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert f"FAIL  runtime: {expected}" in check.stdout.splitlines() and check.returncode == 1, check.stdout
+
+
+def test_the_missing_runtime_message_names_the_extra_that_has_wheels_for_the_python() -> None:
+    from fedlite.runtime.interpreter import missing_runtime_message
+
+    newer = missing_runtime_message((3, 12))
+    assert "'fedlite[agent]'" in newer and "'fedlite[agent-legacy]' installs none on Python 3.12" in newer
+    older = missing_runtime_message((3, 11))
+    assert "'fedlite[agent-legacy]' (tflite-runtime 2.14 with numpy<2, Python 3.11)" in older
+    assert "\n" not in newer + older

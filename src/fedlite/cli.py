@@ -25,6 +25,40 @@ SERVER_PACKAGES = {"tensorflow", "prometheus_client", "sklearn", "matplotlib", "
                    "uvicorn"}
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless there is none to show (None, False, "") or it names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        default = action.default
+        if "default" in help_.lower() or default is None or default is False or default in ("", argparse.SUPPRESS):
+            return help_
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return help_  # a required positional: its default is never used
+        return f"{help_} (default: %(default)s)"
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `fedlite <name>`, its subcommands' parsers formatted alike."""
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"fedlite {name}", description=SUBCOMMANDS[name][1],
+                                     formatter_class=DefaultsHelpFormatter)
+    module.add_arguments(parser)
+    for sub in subparsers(parser):
+        sub.formatter_class = DefaultsHelpFormatter
+    return parser
+
+
+def subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser` (subcommands, their subcommands, ...)."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # an alias maps to the same parser
+                found += [sub, *subparsers(sub)]
+    return found
+
+
 def _usage() -> str:
     lines = ["usage: fedlite <command> [options]", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
@@ -46,12 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlite: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(SUBCOMMANDS[name][0])
-        parser = argparse.ArgumentParser(prog=f"fedlite {name}", description=SUBCOMMANDS[name][1],
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(parser)
+        parser = build_parser(name)
         args = parser.parse_args(rest)
-        return int(module.run(args) or 0)
+        return int(importlib.import_module(SUBCOMMANDS[name][0]).run(args) or 0)
     except ModuleNotFoundError as exc:
         root = (exc.name or "").split(".")[0]
         if root not in SERVER_PACKAGES:

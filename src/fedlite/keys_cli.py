@@ -9,10 +9,10 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     generate = actions.add_parser("generate", help="write NAME.key (private, 0600) and NAME.pub into DIR")
-    generate.add_argument("directory", type=Path)
-    generate.add_argument("--name", default="aggregator")
+    generate.add_argument("directory", type=Path, help="where the key files go (made if missing)")
+    generate.add_argument("--name", default="aggregator", help="the key files' name: NAME.key and NAME.pub")
     show = actions.add_parser("show", help="print the key id of a public or private key file")
-    show.add_argument("path", type=Path)
+    show.add_argument("path", type=Path, help="a private key (.key) or public key (.pub) file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ DATA_ERROR = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="agent TOML file, e.g. /etc/fedlite/agent.toml")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="the least severe log lines written")
     parser.add_argument("--check", action="store_true",
                         help="check the config, data, pinned keys, gates, broker login and the data against the "
                              "broker's model, one line each, and exit (non-zero if any check fails)")
@@ -45,12 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from fedlite.agent.service import Agent
     from fedlite.logs import configure_logging
     from fedlite.protocol.transport import LinkError
+    from fedlite.runtime.interpreter import RuntimeMissing, runtime_name
     from fedlite.settings import ConfigError
 
     configure_logging(args.log_level)
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        runtime_name()  # an install without a TFLite runtime: a restart would not bring one
+    except (ConfigError, RuntimeMissing) as exc:
         print(f"fedlite agent: {exc}", file=sys.stderr)
         return CONFIG_ERROR
     try:

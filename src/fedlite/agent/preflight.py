@@ -44,12 +44,21 @@ def run_checks(config_path: str | Path) -> list[Check]:
                                     f"{config.device.federation}")]
     data, data_check = _data(config)
     verifier, trust_check = _trust(config)
-    checks += [data_check, trust_check, *_gates(config)]
+    checks += [_runtime(), data_check, trust_check, *_gates(config)]
     login, models = _broker(config)
     checks.append(login)
     if login.status == PASS:
         checks.append(_fit(data, models, verifier))
     return checks
+
+
+def _runtime() -> Check:
+    from fedlite.runtime.interpreter import RuntimeMissing, runtime_name
+
+    try:
+        return Check(PASS, "runtime", runtime_name())
+    except RuntimeMissing as exc:
+        return Check(FAIL, "runtime", str(exc))
 
 
 def _data(config: Any) -> tuple[Any, Check]:

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="aggregator TOML file")
     parser.add_argument("--member", default="", metavar="NAME",
                         help="this aggregator's name among several on one federation (sets [cluster] member)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="the least severe log lines written")
     parser.add_argument("--reset", action="store_true",
                         help="start the federation over: move the state directory's checkpoints, history, exported "
                              "rounds and registry aside (into state_dir/previous-<time>/) first")

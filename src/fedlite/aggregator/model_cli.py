@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub = commands.add_parser(name, help=help_)
         sub.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="the aggregator's [federation] state_dir")
         if name in ("show", "promote"):
-            sub.add_argument("version", type=int)
+            sub.add_argument("version", type=int, help="the registry's version number (see `fedlite model list`)")
         if name == "rollback":
-            sub.add_argument("version", type=int, nargs="?")
+            sub.add_argument("version", type=int, nargs="?",
+                             help="the version to deploy (default: the previously deployed one)")
         if name in ("promote", "rollback"):
             sub.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the aggregator to act")
             sub.add_argument("--queue", action="store_true",

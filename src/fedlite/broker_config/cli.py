@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", default="127.0.0.1", help="address of the TLS listener (0.0.0.0 for devices)")
     p.add_argument("--device-port", type=int, default=None,
                    help="also a plain listener for devices on loopback (simulated fleets; 0: a free port)")
-    p.add_argument("--max-queued-messages", type=int, default=100_000)
+    p.add_argument("--max-queued-messages", type=int, default=100_000,
+                   help="messages the broker queues per offline persistent session before it drops new ones")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--max-packet-size", type=int, metavar="BYTES", default=None,
                       help=f"largest MQTT packet (default {limits.DEFAULT_MAX_PACKET_SIZE}: a float32 model "
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         p = sub.add_parser(action, help=help_)
         _add_common(p, what)
-        p.add_argument("--federation", required=True)
+        p.add_argument("--federation", required=True, help="the federation it may take part in")
         p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
         p.add_argument("--force", action="store_true",
                        help="enrol a name that is already enrolled: a new password (its current credentials stop "

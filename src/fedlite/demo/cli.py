@@ -10,7 +10,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="digits", help="digits (images), health (tabular) or wine")
     parser.add_argument("--clients", type=int, default=10, help="device agents, each its own process")
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=40, help="training rounds (FedBuff: model versions)")
     parser.add_argument("--partition", default="dirichlet", choices=["dirichlet", "shards", "mcmahan", "iid"],
                         help="shards: label-aligned two-shard split; mcmahan: McMahan et al. 2017's exactly (sorted "
                              "by label, 2 equal shards per client)")
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a JSON list of per-client index lists into the task's training set (instead of "
                              "--partition)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skew)")
-    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=3, help="epochs each device trains per round")
     parser.add_argument("--lr", type=float, default=0.0, help="devices' (and the baseline's) SGD learning rate "
                         "(default: the task's)")
     parser.add_argument("--lr-decay", type=float, default=0.97, help="learning rate multiplier per round")
@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", type=float, default=0.2, help="each device's held-out fraction (evaluation)")
     parser.add_argument("--devices", default="realistic", choices=["realistic", "steady"],
                         help="realistic: some devices busy, on battery, metered or vanishing; steady: none")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the data split, the partition, the initial weights, selection and the devices' "
+                             "shuffles")
     parser.add_argument("--dp", action="store_true", help="DP-FedAvg: clip updates, add Gaussian noise, report ε")
     parser.add_argument("--secagg", action="store_true",
                         help="secure aggregation (SecAgg+): the aggregator sees only the sum of the updates")

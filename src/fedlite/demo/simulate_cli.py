@@ -11,7 +11,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=100, help="virtual devices (default 100)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds to run")
     parser.add_argument("--processes", type=int, default=4, help="processes the virtual devices share")
     parser.add_argument("--clients-per-round", type=int, default=0, help="K (default: every client)")
     parser.add_argument("--deadline", type=float, default=300.0, help="round deadline in seconds")

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--builder", metavar="MODULE:FUNCTION",
                       help="your own builder(input_shape, classes, **options) -> ModelDef")
     parser.add_argument("--input-shape", type=_shape, required=True, help="e.g. 64 or 8,8,1 or 32,3")
-    parser.add_argument("--classes", type=_classes, required=True)
+    parser.add_argument("--classes", type=_classes, required=True, help="number of output classes (at least 2)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--hidden", type=_shape, help="dense hidden sizes, e.g. 64,32")
     parser.add_argument("--filters", type=_shape, help="conv filters per block (cnn, conv1d), e.g. 8,16")

@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+# The Python versions tflite-runtime has wheels for: the `agent-legacy` extra installs it on these only.
+LEGACY_RUNTIME_PYTHONS = ((3, 11),)
+
+
+class RuntimeMissing(ImportError):
+    """No TFLite runtime is importable; the message says what to install for this Python."""
+
+
+def missing_runtime_message(version: tuple[int, int] | None = None) -> str:
+    """One line: what gives this Python (3.x) a TFLite runtime."""
+    major, minor = version or sys.version_info[:2]
+    if (major, minor) > LEGACY_RUNTIME_PYTHONS[-1]:
+        return (f"no TFLite runtime installed: pip install 'fedlite[agent]' (ai-edge-litert); 'fedlite[agent-legacy]' "
+                f"installs none on Python {major}.{minor} (tflite-runtime has no wheels after Python 3.11)")
+    return (f"no TFLite runtime installed: pip install 'fedlite[agent]' (ai-edge-litert), or on older Pi OS "
+            f"'fedlite[agent-legacy]' (tflite-runtime 2.14 with numpy<2, Python {major}.{minor})")
 
 
 @cache
@@ -21,11 +39,11 @@ def _interpreter_class() -> tuple[type, str]:
 
         return Interpreter, "tflite-runtime"
     except ImportError as e:
-        raise ImportError("no TFLite runtime: install ai-edge-litert (or tflite-runtime with numpy<2)") from e
+        raise RuntimeMissing(missing_runtime_message()) from e
 
 
 def runtime_name() -> str:
-    """`ai-edge-litert` or `tflite-runtime`: the runtime `load_interpreter` uses."""
+    """`ai-edge-litert` or `tflite-runtime`: the runtime `load_interpreter` uses; RuntimeMissing if there is none."""
     return _interpreter_class()[1]
 
 
