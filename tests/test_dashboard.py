@@ -284,7 +284,13 @@ def test_stale_devices_are_judged_when_read_and_greyed_out_in_chromium(tmp_path:
                  {**device, "client_id": "ended", "stale": False, "last_seen": now - 410},  # fresh when written
                  {**device, "client_id": "gone", "stale": True, "last_seen": now - 95}]}
     (tmp_path / "fleet.json").write_text(json.dumps(fleet))
+    round_ = {"status": "complete", "selected": 5, "accepted": 3, "declined": 0, "aborted": 0, "accuracy": 0.8}
+    history = [{**round_, "round": 1, "close_reason": "deadline", "timed_out": 2},  # written before cut_off
+               {**round_, "round": 2, "close_reason": "quorum", "timed_out": 0, "cut_off": 2}]
+    (tmp_path / "history.json").write_text(json.dumps(history))
     snap = DashboardState(tmp_path).snapshot()
+    assert [(r["timed_out"], r["cut_off"]) for r in snap["rounds"]] == [(2, 0), (0, 2)]
+    assert (snap["totals"]["timed_out"], snap["totals"]["cut_off"]) == (2, 2)
     assert {d["client_id"]: d["stale"] for d in snap["fleet"]["devices"]} == {"fresh": False, "ended": True,
                                                                               "gone": True}
     browser = None
@@ -303,6 +309,15 @@ def test_stale_devices_are_judged_when_read_and_greyed_out_in_chromium(tmp_path:
                        for cid, row in rows.items()}
             assert opacity["fresh"] == 1.0 and opacity["ended"] < 1.0 and opacity["gone"] < 1.0
             assert "stale" in rows["ended"].text and "stale" not in rows["fresh"].text
+            cells = {(row.get_attribute("data-round"), td.get_attribute("data-field")): td.text
+                     for row in browser.find_elements("css selector", "#rounds-table tbody tr")
+                     for td in row.find_elements("css selector", "td[data-field]")}
+            fields = ("timed_out", "cut_off", "close_reason")
+            assert [cells["1", f] for f in fields] == ["2", "0", "deadline"]
+            assert [cells["2", f] for f in fields] == ["0", "2", "K updates"]
+            headers = [th.text for th in browser.find_elements("css selector", "#rounds-table th")]
+            assert "TIMED OUT" in headers and "CUT OFF" in headers, headers
+            assert "2 timed out · 2 cut off" in browser.find_element("id", "participation-sub").text
             errors = [entry for entry in browser.get_log("browser") if entry.get("level") == "SEVERE"]
             assert not errors, f"console errors: {errors}"
         finally:

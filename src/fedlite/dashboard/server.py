@@ -14,13 +14,15 @@ Endpoints (all ``GET``/``HEAD``; any other method gets ``405``; with a token set
           "now": unix seconds (server clock: the page computes "12 s ago" against it),
           "state_dir": str,
           "files": {"history"|"fleet"|"registry": {"present": bool, "stale": bool, "error": str|null}},
-          "rounds": [ {round, status, selected, accepted, declined, declined_by_gate {gate: n}, aborted,
-                       timed_out, rejected {reason: n}, bytes_up, bytes_down, accuracy, loss, duration_seconds,
+          "rounds": [ {round, status, close_reason, selected, accepted, declined, declined_by_gate {gate: n}, aborted,
+                       timed_out (silent when the deadline passed), cut_off (still training when the round closed
+                       before it, having its K updates; 0 in history written before it was counted),
+                       rejected {reason: n}, bytes_up, bytes_down, accuracy, loss, duration_seconds,
                        started_at, completed_at, epsilon, delta,
                        kpis: {successful_client_rounds, cumulative_successful_client_rounds,
                               bytes_per_accuracy_point, epsilon, client_accuracy_mean, client_accuracy_std,
                               client_accuracy_p10, present: bool}} ... ],   (fields absent from the file are absent)
-          "totals": {rounds, complete, abandoned, successful_client_rounds, bytes_up, bytes_down,
+          "totals": {rounds, complete, abandoned, successful_client_rounds, bytes_up, bytes_down, timed_out, cut_off,
                      declined_by_gate, rejected, accuracy, loss, epsilon, bytes_per_accuracy_point},
           "latest": null | {round, client_accuracies [..], client_metrics {client: {metric: value}},
                             update_norms {client: norm}, cosine_similarity {client: value}, drift_flags [..],

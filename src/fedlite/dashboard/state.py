@@ -30,9 +30,9 @@ from fedlite.aggregator.ledger import run_totals
 FILES = ("history", "fleet", "registry")
 
 # Per-round fields the charts use, copied as they are when present.
-ROUND_FIELDS = ("round", "status", "selected", "accepted", "declined", "declined_by_gate", "aborted", "timed_out",
-                "rejected", "refusals", "clipped", "examples", "bytes_up", "bytes_down", "accuracy", "loss",
-                "duration_seconds", "started_at", "completed_at", "epsilon", "delta")
+ROUND_FIELDS = ("round", "status", "close_reason", "selected", "accepted", "declined", "declined_by_gate", "aborted",
+                "timed_out", "cut_off", "rejected", "refusals", "clipped", "examples", "bytes_up", "bytes_down",
+                "accuracy", "loss", "duration_seconds", "started_at", "completed_at", "epsilon", "delta")
 # KPI fields kept for every round (the bulky per-client ones only for the latest round).
 ROUND_KPIS = ("successful_client_rounds", "cumulative_successful_client_rounds", "bytes_per_accuracy_point",
               "epsilon", "client_accuracy_mean", "client_accuracy_std", "client_accuracy_p10")
@@ -132,6 +132,7 @@ def fairness(accuracies: list[float]) -> dict[str, float | None]:
 def summarize_round(record: dict[str, Any]) -> dict[str, Any]:
     """What the per-round charts need from one history record; KPIs filled in from raw fields when absent."""
     out = {k: _clean(record[k]) for k in ROUND_FIELDS if k in record}
+    out.setdefault("cut_off", 0)  # history written before cut-off rounds were counted apart
     kpis = record.get("kpis") if isinstance(record.get("kpis"), dict) else {}
     derived = fairness(client_accuracies(record))
     out["kpis"] = {k: _clean(kpis[k]) if k in kpis else derived.get(k) for k in ROUND_KPIS}
@@ -178,6 +179,8 @@ def totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "successful_client_rounds": sum(int(_number(r.get("accepted")) or 0) for r in complete),
         "bytes_up": sum(int(_number(r.get("bytes_up")) or 0) for r in rounds),
         "bytes_down": sum(int(_number(r.get("bytes_down")) or 0) for r in rounds),
+        "timed_out": sum(int(_number(r.get("timed_out")) or 0) for r in rounds),
+        "cut_off": sum(int(_number(r.get("cut_off")) or 0) for r in rounds),
         "declined_by_gate": gates,
         "rejected": reasons,
         "refused": run_totals(rounds),

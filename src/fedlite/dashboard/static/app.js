@@ -3,7 +3,8 @@
  * Everything from the server is inserted with textContent (never innerHTML): device ids and reasons are data.
  * Rendered counts are exposed as data attributes for tests and scripts:
  *   body[data-rounds|data-complete|data-updates|data-status], #chart-*[data-points],
- *   #fleet-table[data-devices] (each row tr[data-client][data-stale]), #registry[data-versions].
+ *   #rounds[data-rounds] (each row tr[data-round], cells td[data-field]),
+ *   #fleet-table[data-devices] (each row tr[data-client][data-stale][data-liveness]), #registry[data-versions].
  */
 "use strict";
 
@@ -12,7 +13,7 @@ const PALETTE = ["#2563eb", "#d97706", "#7c3aed", "#0d9488", "#db2777", "#65a30d
   "#be123c"];
 const COLORS = {
   accuracy: "#2563eb", loss: "#dc2626", accepted: "#16a34a", declined: "#d97706", aborted: "#a855f7",
-  timed_out: "#64748b", rejected: "#dc2626", up: "#0d9488", down: "#2563eb", epsilon: "#7c3aed",
+  timed_out: "#64748b", cut_off: "#cbd5e1", rejected: "#dc2626", up: "#0d9488", down: "#2563eb", epsilon: "#7c3aed",
   mean: "#2563eb", band: "rgba(37, 99, 235, 0.14)", p10: "#d97706", hist: "#0d9488",
 };
 
@@ -188,6 +189,7 @@ function renderCharts(rounds, latest) {
     bars("declined", rounds.map((r) => n(r, "declined")), COLORS.declined),
     bars("aborted", rounds.map((r) => n(r, "aborted")), COLORS.aborted),
     bars("timed out", rounds.map((r) => n(r, "timed_out")), COLORS.timed_out),
+    bars("cut off (not needed)", rounds.map((r) => n(r, "cut_off")), COLORS.cut_off),
     bars("rejected", rounds.map(rejectedTotal), COLORS.rejected),
   ]);
   show("chart-participation", rounds.length, rounds.length > 0);
@@ -247,6 +249,33 @@ function renderCharts(rounds, latest) {
       .map((r) => ({ x: r.round, y: r.kpis.client_accuracy_p10 * 100 })), COLORS.p10, { borderDash: [5, 4] }),
   ]);
   show("chart-fairness", fair.length, fair.length > 0);
+}
+
+/* ---------- rounds ---------- */
+
+const CLOSED_BY = { quorum: "K updates", deadline: "deadline", abandoned: "abandoned", failed: "failed" };
+
+function renderRounds(state) {
+  const rounds = state.rounds;
+  const t = state.totals;
+  setText("participation-sub", rounds.length
+    ? `this run: ${t.timed_out ?? 0} timed out · ${t.cut_off ?? 0} cut off (not needed)` : "");
+  const n = (v) => (isNum(v) ? String(v) : "–");
+  const rows = [...rounds].reverse().map((r) => {
+    const rejected = Object.values(r.rejected || {}).reduce((a, b) => a + (isNum(b) ? b : 0), 0);
+    const cell = (field, text, cls = "num") => el("td", { class: cls, "data-field": field, text });
+    return el("tr", { "data-round": String(r.round), class: r.status === "complete" ? "" : "row-abandoned" },
+      cell("round", String(r.round)),
+      el("td", { "data-field": "status" }, badge(String(r.status ?? "?"), r.status === "complete" ? "yes" : "no")),
+      cell("close_reason", CLOSED_BY[r.close_reason] || String(r.close_reason || "–"), ""),
+      cell("selected", n(r.selected)), cell("accepted", n(r.accepted)), cell("declined", n(r.declined)),
+      cell("aborted", n(r.aborted)), cell("timed_out", n(r.timed_out)), cell("cut_off", n(r.cut_off)),
+      cell("rejected", String(rejected)), cell("accuracy", pct(r.accuracy)),
+      cell("duration_seconds", isNum(r.duration_seconds) ? `${r.duration_seconds.toFixed(1)} s` : "–"));
+  });
+  $("rounds-table").querySelector("tbody").replaceChildren(...rows);
+  $("rounds").dataset.rounds = String(rows.length);
+  $("rounds-empty").hidden = rows.length > 0;
 }
 
 /* ---------- tiles and header ---------- */
@@ -466,6 +495,7 @@ function render(state) {
   renderHeader(state);
   renderTiles(state);
   renderCharts(rounds, state.latest);
+  renderRounds(state);
   renderFleet(state);
   renderRegistry(state);
   const b = document.body.dataset;
