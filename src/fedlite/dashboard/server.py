@@ -27,8 +27,13 @@ Endpoints (all ``GET``/``HEAD``; any other method gets ``405``; with a token set
           "latest": null | {round, client_accuracies [..], client_metrics {client: {metric: value}},
                             update_norms {client: norm}, cosine_similarity {client: value}, drift_flags [..],
                             anomaly_flags [..], client_accuracy_mean, client_accuracy_std, client_accuracy_p10},
-          "fleet": null | fleet.json as written by the aggregator, each device's ``stale`` judged again now
-                   (its ``last_seen`` older than the file's ``status_ttl_seconds``: e.g. once the run has ended),
+          "fleet": null | fleet.json as written by the aggregator, judged again now (`state.judge_liveness`):
+                   each device gets ``liveness`` (online | training | stale | offline) and ``liveness_reason``:
+                   offline if its last status said so; stale once the run has ended (``run_ended``: the
+                   file's ``ended_at``, or its ``updated_at`` once older than ``status_ttl_seconds``) or when its
+                   ``last_seen`` is older than ``status_ttl_seconds`` ([rounds] status_ttl_seconds, 90 s by
+                   default); ``stale`` is true unless online or training; ``counts`` are recounted from them
+                   (known, online, eligible, training, stale, offline),
           "registry": null | registry.json as written by the model registry
         }
 
