@@ -16,7 +16,8 @@ from fedlite.aggregator.record import RoundRecord
 from fedlite.aggregator.rounds import RoundAttempt
 from fedlite.aggregator.strategies import make_aggregator
 from fedlite.aggregator.validation import RoundContext
-from fedlite.protocol.codec import Limits
+from fedlite.protocol.codec import Header, Limits, encode_update
+from fedlite.protocol.layout import weight_specs
 from fedlite.protocol.messages import DeviceReport
 from fedlite.settings import ConfigError
 
@@ -81,6 +82,47 @@ def test_the_round_wait_returns_at_the_deadline() -> None:
     attempt = _attempt(deadline=time.time() + 0.2)
     assert attempt.wait(30) == "abandoned"
     assert attempt.close().record.close_reason == "abandoned"
+
+
+def _three_selected(deadline: float, clients_per_round: int) -> RoundAttempt:
+    """Selected a, b, c on a one-tensor model; K = `clients_per_round`, quorum 1."""
+    manifest = {"weights": [{"name": "w", "shape": [4, 2]}], "model_hash": "h"}
+    selected = frozenset("abc")
+    context = RoundContext(federation="f", round=1, model_hash="h", manifest=manifest, selected=selected)
+    return RoundAttempt(number=1, session="s", selected=selected, deadline=deadline,
+                        clients_per_round=clients_per_round, quorum=1, context=context,
+                        aggregator=make_aggregator("mean", weight_specs(manifest)), limits=Limits())
+
+
+def _update(attempt: RoundAttempt, client: str) -> None:
+    delta = {"w": np.full((4, 2), 0.01, np.float32)}
+    attempt.offer(encode_update(delta, Header(kind="update", federation="f", round=1, model_hash="h",
+                                              client_id=client, num_examples=10)), client)
+
+
+def test_devices_still_training_when_a_round_has_its_k_updates_are_cut_off_not_timed_out() -> None:
+    attempt = _three_selected(deadline=time.time() + 60, clients_per_round=1)
+    _update(attempt, "a")
+    attempt.report(DeviceReport("b", 1, "declined", reason="idle: busy", session="s"))
+    assert attempt.wait(5) == "complete"
+    record = attempt.close().record
+    assert (record.close_reason, record.accepted, record.declined) == ("quorum", 1, 1)
+    assert (record.cut_off, record.timed_out) == (1, 0)  # c was still training: not needed, not late
+
+
+def test_devices_silent_when_the_deadline_passes_are_timed_out() -> None:
+    attempt = _three_selected(deadline=time.time() + 0.3, clients_per_round=3)
+    _update(attempt, "a")
+    assert attempt.wait(30) == "complete"  # the quorum (1) at the deadline
+    record = attempt.close().record
+    assert (record.close_reason, record.timed_out, record.cut_off) == ("deadline", 2, 0)
+
+
+def test_history_written_before_cut_off_was_counted_reads_as_none_cut_off() -> None:
+    old = {"round": 2, "session": "s", "status": "complete", "close_reason": "quorum", "selected": 5,
+           "accepted": 3, "timed_out": 2}
+    record = RoundRecord.from_dict(old)
+    assert (record.timed_out, record.cut_off) == (2, 0) and record.to_dict()["cut_off"] == 0
 
 
 def test_an_unknown_rounds_mode_is_a_one_line_config_error_listing_the_known(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from fedlite.dashboard.state import DashboardState
 TOKEN = "s3cret-token-for-the-dashboard-test"
 ROUNDS = 8
 CLIENTS = 10
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -195,6 +196,14 @@ def _wait(condition: Any, timeout: float, what: str, demo: subprocess.Popen | No
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
 
 
+def _texts(browser: Any, selector: str, attribute: str | None = None) -> list[str]:
+    """The text (or `attribute`) of every element matching `selector`, read in one script: the page re-renders its
+    tables at each poll, so elements found one call earlier may be gone."""
+    script = ("return [...document.querySelectorAll(arguments[0])]"
+              ".map((e) => arguments[1] ? e.getAttribute(arguments[1]) : e.textContent);")
+    return browser.execute_script(script, selector, attribute)
+
+
 def _history(state_dir: Path) -> list[dict[str, Any]]:
     try:
         return json.loads((state_dir / "history.json").read_text())
@@ -247,15 +256,41 @@ def test_dashboard_in_chromium_during_a_demo(tmp_path: Path) -> None:
                    for row in browser.find_elements("css selector", "#fleet-table tbody tr")}
         assert clients == {f"device-{i:02d}" for i in range(CLIENTS)}
         assert int(body.get_attribute("data-rounds")) == len(_history(state_dir))
-        assert browser.find_element("id", "status-pill").text in ("live", "aggregator idle", "partial read")
+        assert browser.find_element("id", "status-pill").text in ("live", "aggregator idle", "partial read",
+                                                                  "run ended")
         assert browser.execute_script("return typeof Chart") == "function"  # the bundled chart library loaded
         labels = [e.text for e in browser.find_elements("css selector", ".tile-label")]
         assert "PRIVACY BUDGET ε" in labels, labels  # rendered in capitals, the symbol kept (not "E")
 
+        # after the run: no device shown online, every exported version listed, each round's counts in its row
+        _wait(lambda: demo.poll() is not None, 90, "the demo to finish", demo, log)
+        assert demo.returncode == 0, log.read_text()[-3000:]
+        pill = browser.find_element("id", "status-pill")
+        _wait(lambda: pill.text == "run ended", 15, "the page to show the run has ended")
+        liveness = _texts(browser, "#fleet-table tbody tr", "data-liveness")
+        assert len(liveness) == CLIENTS and set(liveness) <= {"stale", "offline"}, liveness
+        weights = _texts(browser, "#fleet-table td[data-field=weights_round]")
+        assert any(w.startswith("round ") for w in weights), weights  # the global weights each device holds
+        exported = [m for m in state_dir.glob("models/round-*/metrics.json") if m.parent.name != "round-00000"]
+        assert len(exported) == ROUNDS  # round 0, the initial model, is not a version
+        registry = browser.find_element("id", "registry")
+        _wait(lambda: registry.get_attribute("data-versions") == str(ROUNDS), 15,
+              f"the registry to list all {ROUNDS} exported versions")
+        history = _history(state_dir)
+        table = browser.find_element("id", "rounds")
+        assert table.get_attribute("data-rounds") == str(len(history))
+        for field in ("cut_off", "timed_out"):
+            shown = [int(t) for t in _texts(browser, f"#rounds-table td[data-field={field}]")]
+            assert shown == [r.get(field, 0) for r in reversed(history)], field
+
         screenshot = run_dir / "report" / "dashboard.png"
         screenshot.parent.mkdir(parents=True, exist_ok=True)
-        screenshot.write_bytes(_full_page_png(browser))
+        shot = _full_page_png(browser)
+        screenshot.write_bytes(shot)
         print(f"dashboard screenshot: {screenshot}")
+        assert shot[:8] == PNG_SIGNATURE and len(shot) > 50_000
+        page = body.text
+        assert "run ended" in page and "CUT OFF" in page and "stale" in page
 
         errors = [entry for entry in browser.get_log("browser") if entry.get("level") == "SEVERE"]
         assert not errors, f"console errors: {errors}"
@@ -272,37 +307,116 @@ def test_dashboard_in_chromium_during_a_demo(tmp_path: Path) -> None:
                 demo.wait()
 
 
-# ---------- stale devices ----------
+# ---------- liveness, deployed models, the registry and the rounds table ----------
 
 
-def test_stale_devices_are_judged_when_read_and_greyed_out_in_chromium(tmp_path: Path) -> None:
+def _fleet(now: float, ended_at: float | None = None) -> dict[str, Any]:
+    """Four devices as the aggregator writes them: fresh (v2 installed), training (a model the registry does not
+    know), silent for longer than the 90 s window, and one that said offline."""
+    device = {"stale": False, "eligible": True, "failed_gates": {}, "flags": [], "weights_run": "r1"}
+    return {"updated_at": now - 1, "ended_at": ended_at, "federation": "f", "status_ttl_seconds": 90.0,
+            "counts": {"known": 4, "online": 3, "eligible": 2, "training": 1}, "current_round": None, "devices": [
+                {**device, "client_id": "fresh", "state": "online", "last_seen": now - 5, "deployed_model": "b" * 64,
+                 "weights_round": 12},
+                {**device, "client_id": "busy", "state": "training", "last_seen": now - 3,
+                 "deployed_model": "f" * 64, "weights_round": 11},
+                {**device, "client_id": "gone", "state": "online", "last_seen": now - 95, "deployed_model": "",
+                 "weights_round": 3},
+                {**device, "client_id": "quit", "state": "offline", "last_seen": now - 20, "deployed_model": "",
+                 "weights_round": 0}]}
+
+
+def _liveness(snap: dict[str, Any]) -> dict[str, str]:
+    return {d["client_id"]: d["liveness"] for d in snap["fleet"]["devices"]}
+
+
+def test_fleet_liveness_comes_from_last_seen_age_and_the_end_of_the_run(tmp_path: Path) -> None:
     now = time.time()
-    device = {"state": "online", "eligible": True, "failed_gates": {}, "deployed_model": "", "flags": []}
-    fleet = {"updated_at": now - 400, "federation": "f", "status_ttl_seconds": 90.0,  # the run ended 400 s ago
-             "counts": {"known": 3, "online": 2, "eligible": 2, "training": 0}, "current_round": None, "devices": [
-                 {**device, "client_id": "fresh", "stale": False, "last_seen": now - 5},
-                 {**device, "client_id": "ended", "stale": False, "last_seen": now - 410},  # fresh when written
-                 {**device, "client_id": "gone", "stale": True, "last_seen": now - 95}]}
-    (tmp_path / "fleet.json").write_text(json.dumps(fleet))
+    (tmp_path / "fleet.json").write_text(json.dumps(_fleet(now)))
     snap = DashboardState(tmp_path).snapshot()
-    assert {d["client_id"]: d["stale"] for d in snap["fleet"]["devices"]} == {"fresh": False, "ended": True,
-                                                                              "gone": True}
+    assert _liveness(snap) == {"fresh": "online", "busy": "training", "gone": "stale", "quit": "offline"}
+    assert snap["fleet"]["run_ended"] is None
+    assert snap["fleet"]["counts"] == {"known": 4, "online": 2, "eligible": 1, "training": 1, "stale": 1,
+                                       "offline": 1}
+    (tmp_path / "fleet.json").write_text(json.dumps(_fleet(now, ended_at=now - 1)))  # the aggregator said so
+    snap = DashboardState(tmp_path).snapshot()
+    assert _liveness(snap) == {"fresh": "stale", "busy": "stale", "gone": "stale", "quit": "offline"}
+    assert snap["fleet"]["counts"]["online"] == 0 and snap["fleet"]["run_ended"] == now - 1
+    killed = {**_fleet(now), "updated_at": now - 400}  # an aggregator that was killed: no ended_at, no rewrite
+    (tmp_path / "fleet.json").write_text(json.dumps(killed))
+    assert set(_liveness(DashboardState(tmp_path).snapshot()).values()) == {"stale", "offline"}
+
+
+def test_fleet_registry_and_rounds_render_in_chromium(tmp_path: Path) -> None:
+    now = time.time()
+    (tmp_path / "fleet.json").write_text(json.dumps(_fleet(now)))
+    versions = [{"version": v, "round": v, "sha256": f"{v:02d}" * 32, "accuracy": 0.5 + v / 40,
+                 "loss": 1.0 / v, "created_at": now - 600 + 10 * v, "path": f"/m/round-{v:05d}"} for v in range(1, 13)]
+    versions[1]["sha256"] = "b" * 64  # v2: what "fresh" has installed
+    (tmp_path / "registry.json").write_text(json.dumps({"versions": versions, "deployed": 2, "rollout": None,
+                                                        "requests": []}))
+    round_ = {"status": "complete", "selected": 5, "accepted": 3, "declined": 0, "aborted": 0, "accuracy": 0.8}
+    history = [{**round_, "round": 1, "close_reason": "deadline", "timed_out": 2},  # written before cut_off
+               {**round_, "round": 2, "close_reason": "quorum", "timed_out": 0, "cut_off": 2}]
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    snap = DashboardState(tmp_path).snapshot()
+    assert [(r["timed_out"], r["cut_off"]) for r in snap["rounds"]] == [(2, 0), (0, 2)]
+    assert (snap["totals"]["timed_out"], snap["totals"]["cut_off"]) == (2, 2)
     browser = None
     with start_dashboard(tmp_path, port=0) as handle:
         try:
             browser = _browser()
             browser.get(handle.url)
             table = browser.find_element("id", "fleet-table")
-            _wait(lambda: table.get_attribute("data-devices") == "3", 15, "the fleet table")
+            _wait(lambda: table.get_attribute("data-devices") == "4", 15, "the fleet table")
             rows = {row.get_attribute("data-client"): row
                     for row in browser.find_elements("css selector", "#fleet-table tbody tr")}
-            greyed = {cid: row.get_attribute("data-stale") == "true" and "stale" in row.get_attribute("class")
-                      for cid, row in rows.items()}
-            assert greyed == {"fresh": False, "ended": True, "gone": True}
+            assert {cid: row.get_attribute("data-liveness") for cid, row in rows.items()} == {
+                "fresh": "online", "busy": "training", "gone": "stale", "quit": "offline"}
+            greyed = {cid: "stale" in row.get_attribute("class") for cid, row in rows.items()}
+            assert greyed == {"fresh": False, "busy": False, "gone": True, "quit": True}
             opacity = {cid: float(row.find_element("tag name", "td").value_of_css_property("opacity"))
                        for cid, row in rows.items()}
-            assert opacity["fresh"] == 1.0 and opacity["ended"] < 1.0 and opacity["gone"] < 1.0
-            assert "stale" in rows["ended"].text and "stale" not in rows["fresh"].text
+            assert opacity["fresh"] == 1.0 and opacity["gone"] < 1.0
+
+            def cell(cid: str, field: str) -> str:
+                return rows[cid].find_element("css selector", f"td[data-field={field}]").text
+
+            assert [cell(c, "liveness") for c in ("fresh", "gone", "quit")] == ["online", "stale", "offline"]
+            assert cell("fresh", "deployed_model") == "v2 bbbbbbbb"
+            assert cell("busy", "deployed_model") == "ffffffff (not in the registry)"
+            assert cell("gone", "deployed_model") == "none"
+            assert [cell(c, "weights_round") for c in ("fresh", "quit")] == ["round 12", "–"]
+
+            registry = browser.find_element("id", "registry")
+            assert registry.get_attribute("data-versions") == "12"  # every version, not the latest few
+            listed = [r.get_attribute("data-version") for r in registry.find_elements("css selector", "tbody tr")]
+            assert listed == [str(v) for v in range(12, 0, -1)]
+
+            cells = {(row.get_attribute("data-round"), td.get_attribute("data-field")): td.text
+                     for row in browser.find_elements("css selector", "#rounds-table tbody tr")
+                     for td in row.find_elements("css selector", "td[data-field]")}
+            fields = ("timed_out", "cut_off", "close_reason")
+            assert [cells["1", f] for f in fields] == ["2", "0", "deadline"]
+            assert [cells["2", f] for f in fields] == ["0", "2", "K updates"]
+            headers = [th.text for th in browser.find_elements("css selector", "#rounds-table th")]
+            assert "TIMED OUT" in headers and "CUT OFF" in headers, headers
+            assert "2 timed out · 2 cut off" in browser.find_element("id", "participation-sub").text
+
+            # the run ends: every device that did not say offline is stale, none online
+            (tmp_path / "fleet.json").write_text(json.dumps(_fleet(time.time(), ended_at=time.time())))
+            pill = browser.find_element("id", "status-pill")
+            _wait(lambda: pill.text == "run ended", 15, "the page to show the run has ended")
+            liveness = {row.get_attribute("data-client"): row.get_attribute("data-liveness")
+                        for row in browser.find_elements("css selector", "#fleet-table tbody tr")}
+            assert liveness == {"fresh": "stale", "busy": "stale", "gone": "stale", "quit": "offline"}
+            assert browser.find_element("id", "t-fleet").text == "0 / 4"
+
+            shot = _full_page_png(browser)
+            (tmp_path / "dashboard.png").write_bytes(shot)
+            assert shot[:8] == PNG_SIGNATURE and len(shot) > 50_000, len(shot)
+            page = browser.find_element("tag name", "body").text
+            assert "run ended" in page and "v2 bbbbbbbb" in page and "CUT OFF" in page
             errors = [entry for entry in browser.get_log("browser") if entry.get("level") == "SEVERE"]
             assert not errors, f"console errors: {errors}"
         finally:

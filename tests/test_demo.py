@@ -50,7 +50,9 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
     assert kpis["successful_client_rounds"] == sum(r["accepted"] for r in complete)
     assert kpis["selected"] == sum(r["selected"] for r in history)
     assert kpis["declined"] == sum(r["declined"] for r in history) == sum(kpis["declined_by_gate"].values())
-    assert kpis["timed_out"] == sum(r["timed_out"] for r in history)
+    assert kpis["timed_out"] == sum(r["timed_out"] for r in history) == summary["timed_out"]
+    assert kpis["cut_off"] == sum(r["cut_off"] for r in history) == summary["cut_off"]
+    assert f"{summary['timed_out']} timed out (deadline passed), {summary['cut_off']} cut off" in result.stdout
     assert kpis["epsilon"] is None  # DP is off in the default demo
     client_accuracies = [m["eval_accuracy_before"] for m in last["client_metrics"].values()]
     assert kpis["client_accuracy_mean"] == pytest.approx(float(np.mean(client_accuracies)))
@@ -98,6 +100,7 @@ def test_demo_in_fedbuff_mode_with_a_straggler_makes_versions_of_buffered_update
     history = [r for r in records if r["status"] == "complete"]
     assert summary["mode"] == "fedbuff" and summary["stragglers"] == 1 and summary["rounds"] == len(history) == 8
     assert all(1 <= r["accepted"] <= 2 for r in history)  # a version is half the 4 devices of a round
+    assert sum(r["cut_off"] for r in history) > 0  # still training when a version took its buffer: not late
     accuracy = [r["accuracy"] for r in history]
     assert np.mean(accuracy[-3:]) > accuracy[0] + 0.05, accuracy  # versions of 2 non-IID updates swing: a mean
     assert (run_dir / "report" / "accuracy_time.png").stat().st_size > 1000
@@ -140,6 +143,8 @@ def test_simulate_runs_rounds_with_many_virtual_agents_on_two_aggregators(tmp_pa
     assert all(s > 0 for s in summary["round_seconds"]) and summary["updates_per_second"] > 0
     history = json.loads((tmp_path / "sim" / "aggregator" / "history.json").read_text())
     assert all(r["accepted"] >= 180 for r in history if r["status"] == "complete")
+    assert [summary["timed_out"], summary["cut_off"]] == [sum(r[k] for r in history) for k in ("timed_out", "cut_off")]
+    assert f"{summary['timed_out']} timed out (deadline passed), {summary['cut_off']} cut off" in result.stdout
     shares = summary["aggregators"]  # the broker deals the shared updates to both, each merged exactly once
     assert shares["a1"]["updates"] > 0 and shares["a2"]["updates"] > 0
     assert shares["a1"]["updates"] + shares["a2"]["updates"] == sum(r["accepted"] for r in history

@@ -69,11 +69,14 @@ def test_summary_totals_equal_the_history():
     history = []
     for n in range(1, 4):
         record = _record(n, {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, 0.2 * n)
+        record.cut_off = n - 1
         record.kpis = tracker.observe(record, {})
+        assert (record.kpis["cut_off"], record.kpis["timed_out"]) == (n - 1, 0)
         history.append(record.to_dict())
     history.append({"round": 4, "status": "abandoned", "selected": 3, "accepted": 1, "declined": 2,
-                    "declined_by_gate": {"charged": 2}, "timed_out": 0, "rejected": {}})
+                    "declined_by_gate": {"charged": 2}, "timed_out": 1, "rejected": {}})  # no cut_off: older
     summary = summarize(history)
+    assert (summary["cut_off"], summary["timed_out"]) == (3, 1)
     assert summary["successful_client_rounds"] == 6
     assert summary["selected"] == 12 and summary["declined"] == 5
     assert summary["declined_by_gate"] == {"idle": 3, "charged": 2}

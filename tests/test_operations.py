@@ -29,8 +29,8 @@ def _endpoint() -> dict[str, set[tuple[str, str]]]:
     metrics.serve(port)
     for status in ("complete", "failed"):
         metrics.round_closed(RoundRecord(round=1, session="s", status=status, close_reason="quorum", selected=5,
-                                         accepted=4, duration_seconds=3.0, accuracy=0.9, loss=0.3,
-                                         kpis={"epsilon": 1.5, "successful_client_rounds": 4}))
+                                         accepted=3, cut_off=1, timed_out=1, duration_seconds=3.0, accuracy=0.9,
+                                         loss=0.3, kpis={"epsilon": 1.5, "successful_client_rounds": 4}))
     metrics.refused("update", "stale")
     metrics.update_received(1000)
     metrics.fleet({"known": 10, "online": 8, "eligible": 5, "training": 2})
@@ -52,7 +52,7 @@ def _expressions() -> list[str]:
 
 def test_every_metric_and_label_value_the_dashboard_and_alerts_use_is_served_by_the_aggregator() -> None:
     samples, exprs = _endpoint(), _expressions()
-    assert len(exprs) >= 15
+    assert len(exprs) >= 18
     for expr in exprs:
         for name in METRIC.findall(expr):
             assert name in samples, f"{name} (in {expr!r}) is not on the metrics endpoint: {sorted(samples)}"
@@ -66,9 +66,20 @@ def test_each_alert_rule_is_complete_and_the_dashboard_is_grafana_json() -> None
     rules = yaml.safe_load((DEPLOY / "prometheus" / "fedlite-alerts.yml").read_text())["groups"][0]["rules"]
     names = {rule["alert"] for rule in rules}
     assert {"FedliteRoundsStalled", "FedliteHighRejectionRate", "FedliteEpsilonOverBudget",
-            "FedliteDevicesStale"} <= names
+            "FedliteDevicesStale", "FedliteDevicesTimingOut"} <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"], rule
     dashboard = json.loads((DEPLOY / "grafana" / "fedlite-dashboard.json").read_text())
     assert dashboard["uid"] and all(p["targets"] and p["gridPos"] for p in dashboard["panels"])
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_devices_cut_off_and_timed_out_are_counted_apart() -> None:
+    metrics = Metrics("f")
+    metrics.round_closed(RoundRecord(round=1, session="s", status="complete", close_reason="quorum", selected=6,
+                                     accepted=4, cut_off=2))
+    metrics.round_closed(RoundRecord(round=2, session="s", status="complete", close_reason="deadline", selected=6,
+                                     accepted=5, timed_out=1))
+    value = metrics.registry.get_sample_value
+    assert value("fedlite_devices_cut_off_total", {"federation": "f"}) == 2
+    assert value("fedlite_devices_timed_out_total", {"federation": "f"}) == 1

@@ -11,7 +11,16 @@ import pytest
 from fedlite.aggregator.record import records
 from fedlite.demo.baseline import centralized_accuracy
 from fedlite.demo.datasets import load_task
-from fedlite.demo.report import PLOTS, _caption, _int, float32_traffic, format_progress, human_bytes, write_report
+from fedlite.demo.report import (
+    PLOTS,
+    _caption,
+    _int,
+    float32_traffic,
+    format_progress,
+    human_bytes,
+    participation_figure,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +34,7 @@ def _history() -> list[dict]:
             "round": rnd, "status": "complete" if complete else "abandoned", "selected": 10,
             "accepted": 7 if complete else 1, "declined": 2 if complete else 8,
             "declined_by_gate": {"idle": 1, "charging": 1} if complete else {"battery": 5, "idle": 3},
-            "aborted": 1 if rnd == 4 else 0, "timed_out": 0 if complete else 1,
+            "aborted": 1 if rnd == 4 else 0, "timed_out": 0 if complete else 1, "cut_off": 1 if rnd in (2, 4) else 0,
             "rejected": {"norm": 1} if rnd == 5 else {}, "bytes_up": 7_000 * rnd + 123, "bytes_down": 250_000 + rnd,
             "downloads": 7 if complete else 1,
             "accuracy": 0.5 + 0.1 * rnd if complete else None, "loss": 1.5 - 0.2 * rnd if complete else None,
@@ -44,7 +53,7 @@ def test_write_report_totals_match_the_history(tmp_path: Path) -> None:
     assert summary["final_accuracy"] == pytest.approx(1.0)
     assert summary["centralized_accuracy"] == 0.95
     assert summary["rounds"] == 4 and summary["rounds_abandoned"] == 1
-    for key in ("bytes_up", "bytes_down", "selected", "accepted", "declined", "aborted", "timed_out"):
+    for key in ("bytes_up", "bytes_down", "selected", "accepted", "declined", "aborted", "timed_out", "cut_off"):
         assert summary[key] == sum(r[key] for r in history), key
     assert summary["declined_by_gate"] == {"battery": 5, "charging": 4, "idle": 7}
     assert summary["rejected"] == {"norm": 1}
@@ -68,6 +77,11 @@ def test_plots_are_readable_pngs(tmp_path: Path) -> None:
         image = matplotlib.image.imread(path)
         assert image.shape[0] >= 300 and image.shape[1] >= 600, (name, image.shape)
         assert image[..., :3].std() > 0.05, f"{name} looks blank"
+    top = participation_figure(records(_history())).axes[0]
+    legend = [text.get_text() for text in top.get_legend().get_texts()]
+    assert "timed out" in legend and "cut off (not needed)" in legend, legend
+    heights = {c.get_label(): [bar.get_height() for bar in c] for c in top.containers}
+    assert heights["cut off (not needed)"] == [0, 1, 0, 1, 0] and heights["timed out"] == [0, 0, 1, 0, 0]
 
 
 def test_the_caption_names_the_run_and_the_float32_traffic_counts_both_directions() -> None:
@@ -89,9 +103,9 @@ def test_report_of_an_empty_or_failed_run(tmp_path: Path) -> None:
 def test_format_progress_is_one_informative_line() -> None:
     line = format_progress({"round": 3, "status": "complete", "selected": 13, "accepted": 8, "declined": 3,
                             "declined_by_gate": {"idle": 2, "charged": 1}, "aborted": 0, "timed_out": 2,
-                            "rejected": {}, "bytes_up": 41_200, "bytes_down": 310_000, "accuracy": 0.8743,
+                            "cut_off": 1, "rejected": {}, "bytes_up": 41_200, "bytes_down": 310_000, "accuracy": 0.8743,
                             "loss": 0.4, "duration_seconds": 4.07}, total_rounds=20)
-    assert line == ("round  3/20  accepted 8/13  declined 3 (idle 2, charged 1)  timed out 2  acc 0.874  "
+    assert line == ("round  3/20  accepted 8/13  declined 3 (idle 2, charged 1)  timed out 2  cut off 1  acc 0.874  "
                     "up 41.2 kB  down 310.0 kB  4.1 s")
     abandoned = format_progress(_history()[2], total_rounds=5)
     assert "\n" not in abandoned and "ABANDONED" in abandoned and " acc " not in abandoned

@@ -34,6 +34,10 @@ class Metrics:
         self.retained_repairs = counter("fedlite_retained_repairs", "re-assertions of the aggregator's retained "
                                         "topics after a reconnect or an overwrite")
         self.reports = counter("fedlite_device_reports", "declines and aborts reported by devices", ("kind",))
+        self.timed_out = counter("fedlite_devices_timed_out", "selected devices that had not answered when a round's "
+                                 "deadline passed")
+        self.cut_off = counter("fedlite_devices_cut_off", "selected devices still training when a round closed before "
+                               "its deadline (it had its K updates): not needed, not a fault")
         self.bytes_in = counter("fedlite_bytes_in", "update payload bytes received")
         self.bytes_out = counter("fedlite_bytes_out", "model and weights bytes delivered to selected devices")
         self.current_round = gauge("fedlite_round", "last completed round")
@@ -97,6 +101,8 @@ class Metrics:
         self.selected.labels(fed).set(record.selected)
         self.participants.labels(fed).set(record.accepted)
         self.bytes_out.labels(fed).inc(record.bytes_down)
+        self.timed_out.labels(fed).inc(record.timed_out)
+        self.cut_off.labels(fed).inc(record.cut_off)
         if record.complete:
             self.current_round.labels(fed).set(record.round)
             self.updates_accepted.labels(fed).inc(record.accepted)

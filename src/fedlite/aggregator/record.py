@@ -14,7 +14,9 @@ class RoundRecord:
     """One round attempt, as written to history.json (`to_dict`) and read back (`from_dict`).
 
     ``status`` is complete | abandoned | failed; ``close_reason`` quorum (K accepted before the deadline),
-    deadline (the quorum at the deadline), abandoned or failed. Counts are devices; bytes are payload bytes.
+    deadline (the quorum at the deadline), abandoned or failed. Counts are devices; bytes are payload bytes. A
+    selected device that had not answered when the attempt closed is ``cut_off`` if it closed before its deadline
+    (it had K updates, or the aggregator stopped) and ``timed_out`` only if the deadline passed.
     The evaluation, privacy and KPI fields are filled by the commit of a complete round.
     """
 
@@ -27,7 +29,8 @@ class RoundRecord:
     declined: int = 0
     declined_by_gate: dict[str, int] = field(default_factory=dict)
     aborted: int = 0
-    timed_out: int = 0
+    timed_out: int = 0  # selected, silent at the deadline
+    cut_off: int = 0  # selected, still training when the attempt closed before its deadline (history before: 0)
     rejected: dict[str, int] = field(default_factory=dict)
     clipped: int = 0
     norm_bound: float | None = None

@@ -448,6 +448,7 @@ class RoundAttempt:
             return RemotePartial(self._partials.merged(), book, dict(self.sketches))
 
     def _record(self, complete: bool, now: float) -> RoundRecord:
+        """The attempt's record; the devices still silent are cut off if it closed early, else timed out."""
         early = len(self.accepted) >= self.clients_per_round or now < self.deadline
         silent = [c for c in self.selected if c not in self.accepted and c not in self.declined
                   and c not in self.aborted]
@@ -455,7 +456,8 @@ class RoundAttempt:
             round=self.number, session=self.session, status="complete" if complete else "abandoned",
             close_reason=("quorum" if early else "deadline") if complete else "abandoned",
             selected=len(self.selected), accepted=len(self.accepted), declined=len(self.declined),
-            declined_by_gate=gate_counts(self.declined), aborted=len(self.aborted), timed_out=len(silent),
+            declined_by_gate=gate_counts(self.declined), aborted=len(self.aborted),
+            timed_out=0 if early else len(silent), cut_off=len(silent) if early else 0,
             rejected=dict(self.rejected), clipped=self.clipped, norm_bound=self.norm_bound,
             norm_flagged=sorted(self.norm_flagged),
             norm_refused=sorted(c for c in self.norm_flagged if c not in self.accepted),

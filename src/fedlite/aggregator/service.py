@@ -135,6 +135,7 @@ class Aggregator:
                 self.announcer.done(self.config.rounds.total, complete[-1] if complete else None)
                 self.downlink.finish()
                 log.info("federation %s: all %d rounds done", self.federation, self.config.rounds.total)
+                self.fleet_writer.end()
                 self._serve_after_rounds()
         except StorageError as exc:
             self._storage_failed(exc)
@@ -145,6 +146,8 @@ class Aggregator:
             # pending exports are finished (feeding the watchdog), unless storage failed: then they are redone
             # at the next start
             exporter.close(self.notifier.ping, wait=self.storage_fault is None)
+            if self.storage_fault is None:
+                self._wrap_up()
             self.notifier.send("STOPPING=1")
             self.link.close()
         if self.storage_fault is not None:
@@ -220,6 +223,16 @@ class Aggregator:
                             outcome.record.accepted, self.config.rounds.min_accepted)
             self._record(outcome.record)
         raise RunFailed(f"round {number} was not completed in {self.config.rounds.max_attempts} attempts")
+
+    def _wrap_up(self) -> None:
+        """On the way out: register the exports that finished after the rollout thread stopped (the registry lists
+        every version), and mark fleet.json ended."""
+        try:
+            for version in self.rollout.registry.sync():
+                log.info("registered version %d", version)
+            self.fleet_writer.end()
+        except StorageError as exc:
+            log.error("could not record the end of the run: %s", exc)
 
     def _record(self, record: RoundRecord) -> None:
         """Append a round record, with every refusal since the previous one, and write history.json."""

@@ -14,19 +14,26 @@ Endpoints (all ``GET``/``HEAD``; any other method gets ``405``; with a token set
           "now": unix seconds (server clock: the page computes "12 s ago" against it),
           "state_dir": str,
           "files": {"history"|"fleet"|"registry": {"present": bool, "stale": bool, "error": str|null}},
-          "rounds": [ {round, status, selected, accepted, declined, declined_by_gate {gate: n}, aborted,
-                       timed_out, rejected {reason: n}, bytes_up, bytes_down, accuracy, loss, duration_seconds,
+          "rounds": [ {round, status, close_reason, selected, accepted, declined, declined_by_gate {gate: n}, aborted,
+                       timed_out (silent when the deadline passed), cut_off (still training when the round closed
+                       before it, having its K updates; 0 in history written before it was counted),
+                       rejected {reason: n}, bytes_up, bytes_down, accuracy, loss, duration_seconds,
                        started_at, completed_at, epsilon, delta,
                        kpis: {successful_client_rounds, cumulative_successful_client_rounds,
                               bytes_per_accuracy_point, epsilon, client_accuracy_mean, client_accuracy_std,
                               client_accuracy_p10, present: bool}} ... ],   (fields absent from the file are absent)
-          "totals": {rounds, complete, abandoned, successful_client_rounds, bytes_up, bytes_down,
+          "totals": {rounds, complete, abandoned, successful_client_rounds, bytes_up, bytes_down, timed_out, cut_off,
                      declined_by_gate, rejected, accuracy, loss, epsilon, bytes_per_accuracy_point},
           "latest": null | {round, client_accuracies [..], client_metrics {client: {metric: value}},
                             update_norms {client: norm}, cosine_similarity {client: value}, drift_flags [..],
                             anomaly_flags [..], client_accuracy_mean, client_accuracy_std, client_accuracy_p10},
-          "fleet": null | fleet.json as written by the aggregator, each device's ``stale`` judged again now
-                   (its ``last_seen`` older than the file's ``status_ttl_seconds``: e.g. once the run has ended),
+          "fleet": null | fleet.json as written by the aggregator, judged again now (`state.judge_liveness`):
+                   each device gets ``liveness`` (online | training | stale | offline) and ``liveness_reason``:
+                   offline if its last status said so; stale once the run has ended (``run_ended``: the
+                   file's ``ended_at``, or its ``updated_at`` once older than ``status_ttl_seconds``) or when its
+                   ``last_seen`` is older than ``status_ttl_seconds`` ([rounds] status_ttl_seconds, 90 s by
+                   default); ``stale`` is true unless online or training; ``counts`` are recounted from them
+                   (known, online, eligible, training, stale, offline),
           "registry": null | registry.json as written by the model registry
         }
 

@@ -30,9 +30,9 @@ from fedlite.aggregator.ledger import run_totals
 FILES = ("history", "fleet", "registry")
 
 # Per-round fields the charts use, copied as they are when present.
-ROUND_FIELDS = ("round", "status", "selected", "accepted", "declined", "declined_by_gate", "aborted", "timed_out",
-                "rejected", "refusals", "clipped", "examples", "bytes_up", "bytes_down", "accuracy", "loss",
-                "duration_seconds", "started_at", "completed_at", "epsilon", "delta")
+ROUND_FIELDS = ("round", "status", "close_reason", "selected", "accepted", "declined", "declined_by_gate", "aborted",
+                "timed_out", "cut_off", "rejected", "refusals", "clipped", "examples", "bytes_up", "bytes_down",
+                "accuracy", "loss", "duration_seconds", "started_at", "completed_at", "epsilon", "delta")
 # KPI fields kept for every round (the bulky per-client ones only for the latest round).
 ROUND_KPIS = ("successful_client_rounds", "cumulative_successful_client_rounds", "bytes_per_accuracy_point",
               "epsilon", "client_accuracy_mean", "client_accuracy_std", "client_accuracy_p10")
@@ -132,6 +132,7 @@ def fairness(accuracies: list[float]) -> dict[str, float | None]:
 def summarize_round(record: dict[str, Any]) -> dict[str, Any]:
     """What the per-round charts need from one history record; KPIs filled in from raw fields when absent."""
     out = {k: _clean(record[k]) for k in ROUND_FIELDS if k in record}
+    out.setdefault("cut_off", 0)  # history written before cut-off rounds were counted apart
     kpis = record.get("kpis") if isinstance(record.get("kpis"), dict) else {}
     derived = fairness(client_accuracies(record))
     out["kpis"] = {k: _clean(kpis[k]) if k in kpis else derived.get(k) for k in ROUND_KPIS}
@@ -178,6 +179,8 @@ def totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "successful_client_rounds": sum(int(_number(r.get("accepted")) or 0) for r in complete),
         "bytes_up": sum(int(_number(r.get("bytes_up")) or 0) for r in rounds),
         "bytes_down": sum(int(_number(r.get("bytes_down")) or 0) for r in rounds),
+        "timed_out": sum(int(_number(r.get("timed_out")) or 0) for r in rounds),
+        "cut_off": sum(int(_number(r.get("cut_off")) or 0) for r in rounds),
         "declined_by_gate": gates,
         "rejected": reasons,
         "refused": run_totals(rounds),
@@ -188,21 +191,57 @@ def totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def judge_staleness(fleet: dict[str, Any], now: float) -> dict[str, Any]:
-    """The fleet with each device's ``stale`` judged at `now`: stale as written, or its ``last_seen`` older than
-    ``status_ttl_seconds`` (fleet.json is no longer rewritten once the aggregator has stopped)."""
+LIVENESS = ("online", "training", "stale", "offline")
+
+
+def run_ended(fleet: dict[str, Any], now: float) -> float | None:
+    """When the run ended, if it has: fleet.json's ``ended_at`` (the aggregator's last write, once its rounds are
+    over or it stops), else its ``updated_at`` when that is older than ``status_ttl_seconds`` (an aggregator that
+    was killed writes no end); None while the aggregator is at work."""
+    ended, updated, ttl = (_number(fleet.get(k)) for k in ("ended_at", "updated_at", "status_ttl_seconds"))
+    if ended is not None:
+        return ended
+    return updated if updated is not None and ttl is not None and now - updated > ttl else None
+
+
+def liveness(device: dict[str, Any], ttl: float | None, ended: float | None, now: float) -> tuple[str, str]:
+    """A device's liveness at `now` and why: offline (its last status said so), stale (no status for longer than
+    ``status_ttl_seconds``, or the run has ended: nobody collects its status any more), else its reported state."""
+    seen = _number(device.get("last_seen"))
+    if device.get("state") == "offline":
+        return "offline", "its last status said offline"
+    if ended is not None:
+        return "stale", "the run has ended: its status is no longer collected"
+    if device.get("stale") or (ttl is not None and (seen is None or now - seen > ttl)):
+        return "stale", f"no status for over {ttl:g} s" if ttl is not None else "no recent status"
+    return ("training" if device.get("state") == "training" else "online"), ""
+
+
+def judge_liveness(fleet: dict[str, Any], now: float) -> dict[str, Any]:
+    """The fleet with each device's ``liveness`` (and ``stale``: not online or training) judged at `now`, its
+    ``counts`` recounted from them, and ``run_ended`` (unix seconds or None): fleet.json is no longer rewritten once
+    the aggregator has stopped, so what it last said of a device is history."""
     ttl = _number(fleet.get("status_ttl_seconds"))
     devices = fleet.get("devices")
     if not isinstance(devices, list):
         return fleet
+    ended = run_ended(fleet, now)
     judged = []
     for device in devices:
         if isinstance(device, dict):
-            seen = _number(device.get("last_seen"))
-            old = ttl is not None and (seen is None or now - seen > ttl)
-            device = {**device, "stale": bool(device.get("stale")) or old}
+            state, why = liveness(device, ttl, ended, now)
+            device = {**device, "liveness": state, "liveness_reason": why, "stale": state in ("stale", "offline")}
         judged.append(device)
-    return {**fleet, "devices": judged}
+    return {**fleet, "devices": judged, "run_ended": ended, "counts": recount(judged)}
+
+
+def recount(devices: list[Any]) -> dict[str, int]:
+    """The fleet's counts by judged liveness: known, online (training included), eligible, training, stale, offline."""
+    states = [d for d in devices if isinstance(d, dict)]
+    by = {state: sum(1 for d in states if d.get("liveness") == state) for state in LIVENESS}
+    return {"known": len(states), "online": by["online"] + by["training"],
+            "eligible": sum(1 for d in states if d.get("liveness") == "online" and d.get("eligible")),
+            "training": by["training"], "stale": by["stale"], "offline": by["offline"]}
 
 
 def _records(value: Any) -> list[dict[str, Any]]:
@@ -238,7 +277,7 @@ class DashboardState:
         rounds = [summarize_round(r) for r in records]
         latest = next((r for r in reversed(records) if r.get("status") == "complete"), None)
         now = time.time()
-        fleet = judge_staleness(reads["fleet"].value, now) if isinstance(reads["fleet"].value, dict) else None
+        fleet = judge_liveness(reads["fleet"].value, now) if isinstance(reads["fleet"].value, dict) else None
         registry = reads["registry"].value if isinstance(reads["registry"].value, dict) else None
         return {
             "now": now,

@@ -16,9 +16,12 @@ Record = RoundRecord
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
 PLOTS = ("accuracy_loss.png", "bytes.png", "participation.png", "bytes_accuracy.png", "accuracy_time.png")
-COUNTS = ("selected", "accepted", "declined", "aborted", "timed_out")
+COUNTS = ("selected", "accepted", "declined", "aborted", "timed_out", "cut_off")
+# a selected device that had not answered at the close: timed out (the deadline passed), or cut off (the round had
+# its K updates first: not needed, not a fault)
+LABELS = {"timed_out": "timed out", "cut_off": "cut off (not needed)"}
 COLORS = {"selected": "#444444", "accepted": "#2b8a3e", "declined": "#e8590c", "aborted": "#c92a2a",
-          "timed_out": "#868e96", "rejected": "#862e9c", "up": "#1c7ed6", "down": "#f59f00",
+          "timed_out": "#868e96", "cut_off": "#b2f2bb", "rejected": "#862e9c", "up": "#1c7ed6", "down": "#f59f00",
           "accuracy": "#1c7ed6", "loss": "#e03131", "baseline": "#343a40", "float32": "#adb5bd"}
 DPI = 110
 MANY_ROUNDS = 40  # beyond this, per-round bars get too thin: draw lines instead
@@ -146,7 +149,7 @@ def format_progress(record: Record | Mapping[str, Any], total_rounds: int | None
         gates = _counter(record, "declined_by_gate")
         detail = ", ".join(f"{g} {c}" for g, c in sorted(gates.items(), key=lambda kv: -kv[1]) if c)
         parts.append(f"declined {declined}" + (f" ({detail})" if detail else ""))
-    for key, label in (("aborted", "aborted"), ("timed_out", "timed out")):
+    for key, label in (("aborted", "aborted"), ("timed_out", "timed out"), ("cut_off", "cut off")):
         if _int(record, key):
             parts.append(f"{label} {_int(record, key)}")
     rejected = _counter(record, "rejected")
@@ -308,13 +311,18 @@ def plot_accuracy_time(path: Path, history: Sequence[Record], title: str = "") -
 
 
 def plot_participation(path: Path, history: Sequence[Record], title: str = "") -> None:
-    """Top: selected / accepted / declined / aborted / timed out per round. Bottom: declines by gate, rejections."""
+    """Top: selected / accepted / declined / aborted / timed out / cut off per round. Bottom: declines by gate."""
+    participation_figure(history, title).savefig(path)
+
+
+def participation_figure(history: Sequence[Record], title: str = "") -> Any:
+    """The participation plot's figure (`plot_participation` saves it)."""
     import numpy as np
 
     fig, axes = _figure(11, 7.2, 2, 1)
     top, bottom = axes[0][0], axes[1][0]
     rounds = np.array([r.round for r in history])
-    kinds = ["accepted", "declined", "aborted", "timed_out"]
+    kinds = ["accepted", "declined", "aborted", "timed_out", "cut_off"]
     rejected = np.array([sum(_counter(r, "rejected").values()) for r in history])
     if rejected.sum():
         kinds.append("rejected")
@@ -322,10 +330,10 @@ def plot_participation(path: Path, history: Sequence[Record], title: str = "") -
     for i, kind in enumerate(kinds):
         values = rejected if kind == "rejected" else np.array([_int(r, kind) for r in history])
         if len(rounds) > MANY_ROUNDS:
-            top.plot(rounds, values, lw=1.2, color=COLORS[kind], label=kind.replace("_", " "))
+            top.plot(rounds, values, lw=1.2, color=COLORS[kind], label=LABELS.get(kind, kind))
         else:
             top.bar(rounds + (i - (len(kinds) - 1) / 2) * width, values, width, color=COLORS[kind],
-                    label=kind.replace("_", " "))
+                    label=LABELS.get(kind, kind))
     top.step(rounds, [_int(r, "selected") for r in history], where="mid", color=COLORS["selected"], lw=1.5,
              label="selected")
     _mark_abandoned(top, history)
@@ -340,7 +348,7 @@ def plot_participation(path: Path, history: Sequence[Record], title: str = "") -
     _plot_gates(bottom, history, rounds)
     if title:
         fig.suptitle(title)
-    fig.savefig(path)
+    return fig
 
 
 def _plot_gates(ax: Any, history: Sequence[Record], rounds: Any) -> None:

@@ -222,6 +222,8 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     say(f"bytes up {human_bytes(summary['bytes_up'])} ({plan.codec}, "
         f"{human_bytes(summary['bytes_up_per_update'] or 0)} per update), down {human_bytes(summary['bytes_down'])} "
         f"({human_bytes(summary['bytes_down_per_device_round'] or 0)} per device and round)")
+    say(f"unanswered selections: {summary['timed_out']} timed out (deadline passed), {summary['cut_off']} cut off "
+        "(the round had its K updates first: not needed)")
     if plan.secagg and "secure_device_bytes_up_per_round" in summary:
         say(f"secure aggregation: each device sent {human_bytes(summary['secure_device_bytes_up_per_round'])} and "
             f"received {human_bytes(summary['secure_device_relay_bytes_per_round'])} of stages per round, "

@@ -188,6 +188,8 @@ def _summary(plan: SimulationPlan, per_round: int, history: list[RoundRecord], c
         "median_round_seconds": float(np.median(seconds)) if seconds else None,
         "updates_per_second": accepted / sum(seconds) if seconds else None,
         "bytes_up_per_round": [r.bytes_up for r in complete],
+        "timed_out": sum(r.timed_out for r in history),  # selected, silent when a round's deadline passed
+        "cut_off": sum(r.cut_off for r in history),  # selected, still training when a round had its K updates
         "accuracy": complete[-1].accuracy if complete else None,
         "cpu_seconds_per_round": {name: [c[name] for c in cycles] for name in (cycles[0] if cycles else {})
                                   if not name.startswith("aggregator ")},

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['clients']} clients, {result['clients_per_round']} per round: median round "
           f"{result['median_round_seconds']} s, {result['updates_per_second']:.0f} updates/s "
           f"through the broker and aggregator; rounds {result['round_seconds']}")
+    print(f"unanswered selections: {result['timed_out']} timed out (deadline passed), {result['cut_off']} cut off "
+          "(the round had its K updates first: not needed)")
     split = ", ".join(f"{name} {statistics.median(values):.2f}" for name, values in
                       result["cpu_seconds_per_round"].items() if values)
     if split:

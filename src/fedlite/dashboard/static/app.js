@@ -3,7 +3,9 @@
  * Everything from the server is inserted with textContent (never innerHTML): device ids and reasons are data.
  * Rendered counts are exposed as data attributes for tests and scripts:
  *   body[data-rounds|data-complete|data-updates|data-status], #chart-*[data-points],
- *   #fleet-table[data-devices] (each row tr[data-client][data-stale]), #registry[data-versions].
+ *   #rounds[data-rounds] (each row tr[data-round], cells td[data-field]),
+ *   #fleet-table[data-devices] (each row tr[data-client][data-stale][data-liveness], cells td[data-field]),
+ *   #registry[data-versions] (each row tr[data-version]).
  */
 "use strict";
 
@@ -12,7 +14,7 @@ const PALETTE = ["#2563eb", "#d97706", "#7c3aed", "#0d9488", "#db2777", "#65a30d
   "#be123c"];
 const COLORS = {
   accuracy: "#2563eb", loss: "#dc2626", accepted: "#16a34a", declined: "#d97706", aborted: "#a855f7",
-  timed_out: "#64748b", rejected: "#dc2626", up: "#0d9488", down: "#2563eb", epsilon: "#7c3aed",
+  timed_out: "#64748b", cut_off: "#cbd5e1", rejected: "#dc2626", up: "#0d9488", down: "#2563eb", epsilon: "#7c3aed",
   mean: "#2563eb", band: "rgba(37, 99, 235, 0.14)", p10: "#d97706", hist: "#0d9488",
 };
 
@@ -188,6 +190,7 @@ function renderCharts(rounds, latest) {
     bars("declined", rounds.map((r) => n(r, "declined")), COLORS.declined),
     bars("aborted", rounds.map((r) => n(r, "aborted")), COLORS.aborted),
     bars("timed out", rounds.map((r) => n(r, "timed_out")), COLORS.timed_out),
+    bars("cut off (not needed)", rounds.map((r) => n(r, "cut_off")), COLORS.cut_off),
     bars("rejected", rounds.map(rejectedTotal), COLORS.rejected),
   ]);
   show("chart-participation", rounds.length, rounds.length > 0);
@@ -249,6 +252,33 @@ function renderCharts(rounds, latest) {
   show("chart-fairness", fair.length, fair.length > 0);
 }
 
+/* ---------- rounds ---------- */
+
+const CLOSED_BY = { quorum: "K updates", deadline: "deadline", abandoned: "abandoned", failed: "failed" };
+
+function renderRounds(state) {
+  const rounds = state.rounds;
+  const t = state.totals;
+  setText("participation-sub", rounds.length
+    ? `this run: ${t.timed_out ?? 0} timed out · ${t.cut_off ?? 0} cut off (not needed)` : "");
+  const n = (v) => (isNum(v) ? String(v) : "–");
+  const rows = [...rounds].reverse().map((r) => {
+    const rejected = Object.values(r.rejected || {}).reduce((a, b) => a + (isNum(b) ? b : 0), 0);
+    const cell = (field, text, cls = "num") => el("td", { class: cls, "data-field": field, text });
+    return el("tr", { "data-round": String(r.round), class: r.status === "complete" ? "" : "row-abandoned" },
+      cell("round", String(r.round)),
+      el("td", { "data-field": "status" }, badge(String(r.status ?? "?"), r.status === "complete" ? "yes" : "no")),
+      cell("close_reason", CLOSED_BY[r.close_reason] || String(r.close_reason || "–"), ""),
+      cell("selected", n(r.selected)), cell("accepted", n(r.accepted)), cell("declined", n(r.declined)),
+      cell("aborted", n(r.aborted)), cell("timed_out", n(r.timed_out)), cell("cut_off", n(r.cut_off)),
+      cell("rejected", String(rejected)), cell("accuracy", pct(r.accuracy)),
+      cell("duration_seconds", isNum(r.duration_seconds) ? `${r.duration_seconds.toFixed(1)} s` : "–"));
+  });
+  $("rounds-table").querySelector("tbody").replaceChildren(...rows);
+  $("rounds").dataset.rounds = String(rows.length);
+  $("rounds-empty").hidden = rows.length > 0;
+}
+
 /* ---------- tiles and header ---------- */
 
 function renderTiles(state) {
@@ -275,7 +305,11 @@ function renderTiles(state) {
   if (fleet && fleet.counts) {
     const c = fleet.counts;
     setText("t-fleet", `${c.online ?? "–"} / ${c.known ?? "–"}`);
-    setText("t-fleet-sub", `online · ${c.eligible ?? 0} eligible · ${c.training ?? 0} training`);
+    const gone = [c.stale ? `${c.stale} stale` : "", c.offline ? `${c.offline} offline` : ""].filter(Boolean);
+    const sub = [isNum(fleet.run_ended) ? "online (run ended)" : "online", ...gone,
+      `${c.eligible ?? 0} eligible`, `${c.training ?? 0} training`].join(" · ");
+    setText("t-fleet-sub", sub);
+    $("t-fleet-sub").title = sub;
   } else {
     setText("t-fleet", "–");
     setText("t-fleet-sub", "no fleet status yet");
@@ -307,6 +341,7 @@ function renderHeader(state) {
   let pill = ["live", "pill-live"];
   if (!state.files.history.present && !state.files.fleet.present) pill = ["waiting for data", "pill-wait"];
   else if (stale.length) pill = ["partial read", "pill-stale"];
+  else if (fleet && isNum(fleet.run_ended)) pill = ["run ended", "pill-wait"];
   else if (fresh !== null && fresh > 30) pill = ["aggregator idle", "pill-stale"];
   const node = $("status-pill");
   node.textContent = pill[0];
@@ -328,7 +363,9 @@ function renderFleet(state) {
   const chips = [];
   if (fleet) {
     chips.push(chip("known", c.known ?? devices.length), chip("online", c.online ?? "–"),
-      chip("eligible", c.eligible ?? "–"), chip("training", c.training ?? "–"));
+      chip("eligible", c.eligible ?? "–"), chip("training", c.training ?? "–"), chip("stale", c.stale ?? 0),
+      chip("offline", c.offline ?? 0));
+    if (isNum(fleet.run_ended)) chips.push(chip(ago(state.now - fleet.run_ended), "run ended"));
     if (last) chips.push(chip(`declined in round ${last.round}`, last.declined ?? 0));
     const drift = devices.filter((d) => (d.flags || []).includes("drift")).length;
     const anomaly = devices.filter((d) => (d.flags || []).includes("anomaly")).length;
@@ -336,25 +373,28 @@ function renderFleet(state) {
   }
   $("fleet-counts").replaceChildren(...chips);
 
+  const versions = (state.registry && Array.isArray(state.registry.versions)) ? state.registry.versions : [];
+  const bySha = new Map(versions.filter((v) => v && v.sha256).map((v) => [v.sha256, v]));
   const rows = devices.map((d) => {
     const id = String(d.client_id ?? "?");
-    const stateName = ["online", "training", "offline"].includes(d.state) ? d.state : "offline";
+    // liveness is judged by the server from last-seen age and the end of the run (never "online" after it)
+    const stateName = ["online", "training", "stale", "offline"].includes(d.liveness) ? d.liveness : "stale";
     const gates = Object.entries(d.failed_gates || {}).map(([g, reason]) =>
       el("span", { class: "gate", title: String(reason) }, el("b", { text: g }), reason ? `: ${reason}` : ""));
     const flags = (d.flags || []).map((f) => badge(String(f), f === "anomaly" ? "anomaly" : "drift"));
-    const model = d.deployed_model ? el("span", { class: "mono", title: String(d.deployed_model) },
-      short(String(d.deployed_model))) : el("span", { class: "muted", text: "–" });
-    // a device whose last status is older than the aggregator's status window is greyed: its state is history
-    const stale = d.stale === true;
-    const ttl = isNum(fleet.status_ttl_seconds) ? ` (window ${Math.round(fleet.status_ttl_seconds)} s)` : "";
-    return el("tr", { "data-client": id, "data-stale": String(stale), class: stale ? "stale" : null,
-                      title: stale ? `stale: no status since ${clock(d.last_seen)}${ttl}` : null },
+    // a device that is stale or offline is greyed: what it last said is history
+    const stale = stateName === "stale" || stateName === "offline";
+    const why = d.liveness_reason ? `${stateName}: ${d.liveness_reason}; last status ${clock(d.last_seen)}` : null;
+    return el("tr", { "data-client": id, "data-stale": String(stale), "data-liveness": stateName,
+                      class: stale ? "stale" : null, title: why },
       el("td", { class: "mono", text: id }),
-      el("td", {}, badge(stateName, stateName), stale ? badge("stale", "stale") : null),
+      el("td", { "data-field": "liveness" }, badge(stateName, stateName)),
       el("td", {}, d.eligible ? badge("yes", "yes") : badge("no", "no")),
       el("td", {}, gates.length ? gates : el("span", { class: "muted", text: "–" })),
       el("td", { class: "num", title: clock(d.last_seen) }, ago(state.now - d.last_seen)),
-      el("td", {}, model),
+      el("td", { "data-field": "deployed_model" }, deployedModel(d.deployed_model, bySha)),
+      el("td", { class: "num", "data-field": "weights_round", title: d.weights_run ? `run ${d.weights_run}` : null },
+        isNum(d.weights_round) && d.weights_round > 0 ? `round ${d.weights_round}` : "–"),
       el("td", { class: "num" }, isNum(norms[id]) ? norms[id].toFixed(3) : "–"),
       el("td", { class: "num" }, isNum(cosines[id]) ? cosines[id].toFixed(2) : "–"),
       el("td", {}, flags.length ? flags : el("span", { class: "muted", text: "–" })));
@@ -362,6 +402,15 @@ function renderFleet(state) {
   $("fleet-table").querySelector("tbody").replaceChildren(...rows);
   $("fleet-table").dataset.devices = String(rows.length);
   $("fleet-empty").hidden = rows.length > 0;
+}
+
+// The model a device says it has installed (the sha256 in its status), as the registry version it is.
+function deployedModel(sha, bySha) {
+  if (!sha) return el("span", { class: "muted", text: "none" });
+  const version = bySha.get(String(sha));
+  return el("span", { title: String(sha) }, version ? el("b", { text: `v${version.version}` }) : null,
+    el("span", { class: "mono", text: ` ${short(String(sha), 8)}` }),
+    version ? null : el("span", { class: "muted", text: " (not in the registry)" }));
 }
 
 /* ---------- registry and rollout ---------- */
@@ -383,7 +432,7 @@ function renderRegistry(state) {
     if (v.version === deployed) status.push(badge("deployed", "deployed"));
     if (rollout && rollout.state === "canary" && v.version === rollout.candidate) status.push(badge("candidate", "candidate"));
     if (rollout && rollout.state === "canary" && v.version === rollout.previous) status.push(badge("previous", "previous"));
-    return el("tr", { class: v.version === deployed ? "row-deployed" : "" },
+    return el("tr", { class: v.version === deployed ? "row-deployed" : "", "data-version": String(v.version) },
       el("td", {}, el("b", { text: `v${v.version}` })),
       el("td", { class: "num" }, v.round ?? "–"),
       el("td", { class: "num" }, pct(v.accuracy)),
@@ -466,6 +515,7 @@ function render(state) {
   renderHeader(state);
   renderTiles(state);
   renderCharts(rounds, state.latest);
+  renderRounds(state);
   renderFleet(state);
   renderRegistry(state);
   const b = document.body.dataset;
