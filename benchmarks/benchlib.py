@@ -164,10 +164,24 @@ def _dirichlet_local(labels: np.ndarray, clients: int, alpha: float, rng: np.ran
     raise ValueError("no Dirichlet partition with enough examples per client")
 
 
+def cached(out: Path) -> bool:
+    """Whether `out` holds an export with this exporter's signatures (an older one, e.g. without train_plain, is
+    exported again)."""
+    import json
+
+    from fedlite.protocol.manifest import signature_specs
+
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+        return m["signatures"] == signature_specs(m["input"]["shape"], m["classes"], m["num_params"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def export(model: str, cache: Path) -> Path:
     """Export one of MODELS, or ``task-<name>`` (a demo task's model), into cache/<model> (once); its directory."""
     out = cache / model
-    if (out / "manifest.json").exists():
+    if cached(out):
         return out
     import contextlib
     import io
@@ -191,7 +205,7 @@ def export(model: str, cache: Path) -> Path:
 
 def export_in_child(models: Sequence[str], cache: Path) -> None:
     """Export the models in a separate process, so TensorFlow never loads into the caller."""
-    missing = [m for m in models if not (cache / m / "manifest.json").exists()]
+    missing = [m for m in models if not cached(cache / m)]
     if missing:
         run_child(BENCH_DIR / "benchlib.py", ["export", str(cache), *missing])
 

@@ -77,7 +77,7 @@ def test_manifest_is_consistent(exported: dict, key: str) -> None:
     assert manifest["classes"] == CLASSES
     assert manifest["num_params"] == sum(w["size"] for w in manifest["weights"])
     assert all(w["size"] == math.prod(w["shape"]) for w in manifest["weights"])
-    assert set(manifest["signatures"]) == {"train", "infer", "evaluate", "get_weights", "set_weights"}
+    assert set(manifest["signatures"]) == {"train", "train_plain", "infer", "evaluate", "get_weights", "set_weights"}
     assert manifest["signatures"]["get_weights"]["outputs"]["weights"]["shape"] == [manifest["num_params"]]
     assert manifest["model_hash"] == compute_model_hash(manifest)
     for key_, entry in manifest["files"].items():
@@ -100,14 +100,15 @@ def test_tflite_train_step_equals_tensorflow(exported: dict, key: str) -> None:
     module = make_module(resolve(arch, shape, CLASSES), seed=0)
     trainer = Trainer.from_dir(out)
     np.testing.assert_array_equal(trainer.get_weights(), module.get_weights()["weights"].numpy())
-    # Two steps with mu > 0: the second one has a non-zero FedProx gradient.
-    for step in range(2):
+    # Two steps with mu > 0 (the second one has a non-zero FedProx gradient), then one with mu = 0 (train_plain).
+    for step, mu in enumerate((0.5, 0.5, 0.0)):
         x, y = _batch(shape, 16, seed=step)
-        lite_loss = trainer.train_step(x, one_hot(y, CLASSES), lr=0.05, mu=0.5)
-        tf_loss = float(module.train(x, one_hot(y, CLASSES), np.float32(0.05), np.float32(0.5))["loss"])
+        lite_loss = trainer.train_step(x, one_hot(y, CLASSES), lr=0.05, mu=mu)
+        args = (x, one_hot(y, CLASSES), np.float32(0.05))
+        tf_loss = float((module.train(*args, np.float32(mu)) if mu else module.train_plain(*args))["loss"])
         assert abs(lite_loss - tf_loss) < 1e-5
     diff = np.max(np.abs(trainer.get_weights() - module.get_weights()["weights"].numpy()))
-    print(f"{key}: max |w_tflite - w_tf| after 2 steps = {diff:.2e}")
+    print(f"{key}: max |w_tflite - w_tf| after 3 steps = {diff:.2e}")
     assert diff < 1e-5
 
 

@@ -9,7 +9,7 @@ import pytest
 from helpers_models import digits_split, int8_accuracy
 
 from fedlite.model_export.convert import export_model
-from fedlite.protocol.manifest import flatten, read_model_file, unflatten
+from fedlite.protocol.manifest import PLAIN_TRAIN, SIGNATURE_NAMES, flatten, read_model_file, unflatten
 from fedlite.runtime.interpreter import runtime_name
 from fedlite.runtime.trainer import Trainer, local_update
 
@@ -100,7 +100,7 @@ def test_the_direct_train_step_trains_exactly_as_the_signature_runner_does(mlp_d
 
     x, y = digits[0][:250], digits[1][:250]  # 250: a short last batch, stepped in proportion
     fast, reference = Trainer.from_dir(mlp_dir), Trainer.from_dir(mlp_dir)
-    assert fast._step._wrapper is not None  # this runtime exposes its tensors: the direct path runs
+    assert fast._steps["train"]._wrapper is not None  # this runtime exposes its tensors: the direct path runs
     start = fast.get_weights()
     fast.set_weights(start)
     result = fast.train_epochs(x, y, 2, 32, 0.1, mu=0.01, rng=np.random.default_rng(3))
@@ -119,3 +119,27 @@ def test_the_direct_train_step_trains_exactly_as_the_signature_runner_does(mlp_d
                        lr=np.array(0.1 * len(batch) / 32, np.float32), mu=np.array(0.01, np.float32))
     assert result.steps == 2 * 8 and result.examples_seen == 500
     assert np.array_equal(fast.get_weights(), reference.get_weights())
+
+
+def test_mu_zero_runs_train_plain_with_the_weights_of_the_fedprox_signature(mlp_dir: Path, digits: tuple) -> None:
+    """mu = 0 trains through `train_plain` (no FedProx ops); a model exported before it (only the five
+    signatures, a real conversion) falls back to `train`; both end with the same weights, also after mu > 0."""
+    from fedlite.model_export.architectures import build
+    from fedlite.model_export.convert import convert_trainable
+    from fedlite.model_export.trainable import make_module
+
+    x, y = digits[0][:250], digits[1][:250]
+    new = Trainer.from_dir(mlp_dir)
+    older_manifest = {**new.manifest, "signatures": {k: new.manifest["signatures"][k] for k in SIGNATURE_NAMES}}
+    older = Trainer(convert_trainable(make_module(build("mlp", (64,), 10)), SIGNATURE_NAMES), older_manifest)
+    assert PLAIN_TRAIN in new.interpreter.get_signature_list()
+    assert PLAIN_TRAIN not in older.interpreter.get_signature_list()
+    assert (new.train_signature(0.0), new.train_signature(0.5), older.train_signature(0.0)) == \
+        (PLAIN_TRAIN, "train", "train")
+    start = new.get_weights()
+    for trainer in (new, older):
+        trainer.set_weights(start)
+        for seed, mu in ((5, 0.0), (6, 0.5), (7, 0.0)):  # switching signatures in between
+            trainer.train_epochs(x, y, 1, 32, 0.1, mu=mu, rng=np.random.default_rng(seed))
+    assert not np.array_equal(new.get_weights(), start)
+    np.testing.assert_array_equal(new.get_weights(), older.get_weights())

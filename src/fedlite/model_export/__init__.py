@@ -2,10 +2,12 @@
 
 from fedlite.protocol.manifest import ManifestError, flatten, load_manifest, unflatten
 
+from . import layer_stack  # noqa: F401  (registers the `keras` architecture)
 from .architectures import ModelDef, available, build, register_architecture
+from .keras_import import KerasImportError, from_keras
 
-__all__ = ["ModelDef", "ManifestError", "available", "build", "export_model", "flatten", "load_manifest",
-           "register_architecture", "unflatten"]
+__all__ = ["KerasImportError", "ModelDef", "ManifestError", "available", "build", "export_model", "flatten",
+           "from_keras", "load_manifest", "register_architecture", "unflatten"]
 
 
 def __getattr__(name: str):

@@ -28,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--arch", help="registered architecture: mlp, cnn, conv1d")
     what.add_argument("--builder", metavar="MODULE:FUNCTION",
                       help="your own builder(input_shape, classes, **options) -> ModelDef")
-    parser.add_argument("--input-shape", type=_shape, required=True, help="e.g. 64 or 8,8,1 or 32,3")
-    parser.add_argument("--classes", type=_classes, required=True, help="number of output classes (at least 2)")
+    what.add_argument("--keras", type=Path, metavar="MODEL.keras",
+                      help="a saved tf.keras Sequential or functional model (its input shape, classes and weights)")
+    parser.add_argument("--input-shape", type=_shape, help="e.g. 64 or 8,8,1 or 32,3 (not with --keras)")
+    parser.add_argument("--classes", type=_classes, help="number of output classes, at least 2 (not with --keras)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--hidden", type=_shape, help="dense hidden sizes, e.g. 64,32")
     parser.add_argument("--filters", type=_shape, help="conv filters per block (cnn, conv1d), e.g. 8,16")
@@ -63,24 +65,55 @@ def _calibration(path: Path) -> Any:
         raise ValueError(f"calibration file {path}: {exc}") from None
 
 
+def _usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the combination of options, if anything."""
+    if args.keras:
+        given = [flag for flag, value in (("--input-shape", args.input_shape), ("--classes", args.classes),
+                                          ("--hidden", args.hidden), ("--filters", args.filters)) if value]
+        if given:
+            return f"{', '.join(given)} cannot be used with --keras (the Keras model defines its layers)"
+        if not args.keras.is_file():
+            return f"no Keras model file at {args.keras}"
+        return None
+    missing = [flag for flag, value in (("--input-shape", args.input_shape), ("--classes", args.classes))
+               if value is None]
+    verb = "is" if len(missing) == 1 else "are"
+    return f"{' and '.join(missing)} {verb} required with --arch or --builder" if missing else None
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from .builders import load_builder
+    from .convert import calibration_samples, export_model
+    from .keras_import import from_keras, load, translate
+
+    representative = _calibration(args.calibration) if args.calibration else None
+    if args.keras:
+        model = load(args.keras)
+        if representative is not None:
+            calibration_samples(translate(model)[0].input_shape, representative, args.seed)
+        return dict(from_keras(model, args.out, representative=representative, seed=args.seed))
+    builder = load_builder(args.builder) if args.builder else None
+    if representative is not None:
+        calibration_samples(args.input_shape, representative, args.seed)  # the shape, before TensorFlow loads
+    return export_model(args.builder or args.arch, args.input_shape, args.classes, args.out,
+                        representative=representative, seed=args.seed, options=_options(args), builder=builder)
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from .architectures import available
-    from .builders import BuilderError, load_builder
-    from .convert import ConversionError, calibration_samples, export_model
+    from .builders import BuilderError
+    from .convert import ConversionError
+    from .keras_import import KerasImportError
 
     if args.arch and args.arch not in available():
         return _error(f"unknown architecture {args.arch!r}; choose from {', '.join(available())} (or --builder)")
+    if (problem := _usage(args)) is not None:
+        return _error(problem)
     try:
-        builder = load_builder(args.builder) if args.builder else None
-        representative = _calibration(args.calibration) if args.calibration else None
-        if representative is not None:
-            calibration_samples(args.input_shape, representative, args.seed)  # the shape, before TensorFlow loads
-        manifest = export_model(args.builder or args.arch, args.input_shape, args.classes, args.out,
-                                representative=representative, seed=args.seed, options=_options(args),
-                                builder=builder)
-    except (BuilderError, ConversionError, OSError, TypeError, ValueError) as exc:
+        manifest = _export(args)
+    except (BuilderError, ConversionError, KerasImportError, OSError, TypeError, ValueError) as exc:
         return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     print(f"exported {manifest['arch']} {manifest['input']['shape']} -> {manifest['classes']} classes, "
           f"{manifest['num_params']} params, model_hash {manifest['model_hash'][:16]}")

@@ -73,12 +73,13 @@ def check_builtins_only(ops: Sequence[str], what: str = "model") -> None:
 # ---------------------------------------------------------------- conversion
 
 
-def _convert_trainable(module: Any) -> bytes:
+def convert_trainable(module: Any, signatures: Sequence[str] = mf.EXPORTED_SIGNATURES) -> bytes:
+    """The TFLite model of a TrainableModel with the given signatures (builtins only)."""
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix="fedlite-savedmodel-") as tmp:
-        tf.saved_model.save(module, tmp, signatures=module.signatures())
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(mf.SIGNATURE_NAMES))
+        tf.saved_model.save(module, tmp, signatures=module.signatures(signatures))
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(signatures))
         converter.experimental_enable_resource_variables = True
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         try:
@@ -212,7 +213,7 @@ def export_model(arch: str, input_shape: Sequence[int], classes: int, out_dir: s
     params = initial_weights(model_def, weights, seed)
     manifest = _manifest(model_def, arch)
 
-    train = _convert_trainable(make_module(model_def, params))
+    train = convert_trainable(make_module(model_def, params))
     check_builtins_only(tflite_ops(train), "train.tflite")
     _check_signatures(train, manifest["signatures"])
     samples, calibration = calibration_samples(model_def.input_shape, representative, seed)

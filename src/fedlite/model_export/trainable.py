@@ -5,6 +5,8 @@ Signatures (batch axis dynamic, all tensors float32 unless noted; `P` = num_para
     train(x [N, *input_shape], y [N, C] one-hot, lr [], mu []) -> {"loss": []}
         One SGD step on mean softmax cross-entropy + mu/2 * sum ||w - anchor||^2 (FedProx);
         the returned loss is the cross-entropy part, computed before the step.
+    train_plain(x, y, lr) -> {"loss": []}
+        The same step without the FedProx term (no anchor ops in its graph): what a device runs when mu = 0.
     infer(x [N, *input_shape]) -> {"logits": [N, C], "probabilities": [N, C]}
     evaluate(x [N, *input_shape], y [N, C] one-hot) -> {"loss": [], "accuracy": []}   (batch means)
     get_weights() -> {"weights": [P]}          all weights flattened in manifest order, concatenated
@@ -18,12 +20,13 @@ describes the same interface in the manifest.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from fedlite.protocol.manifest import SIGNATURE_NAMES
+from fedlite.protocol.manifest import EXPORTED_SIGNATURES, PLAIN_TRAIN
 
 from .architectures import ModelDef
 
@@ -48,8 +51,9 @@ class TrainableModel(tf.Module):
         x = tf.TensorSpec([None, *model_def.input_shape], tf.float32, name="x")
         y = tf.TensorSpec([None, model_def.classes], tf.float32, name="y")
         flat = tf.TensorSpec([self.num_params], tf.float32, name="weights")
-        self.train = tf.function(self._train, input_signature=[x, y, tf.TensorSpec([], tf.float32, name="lr"),
-                                                               tf.TensorSpec([], tf.float32, name="mu")])
+        lr = tf.TensorSpec([], tf.float32, name="lr")
+        self.train = tf.function(self._train, input_signature=[x, y, lr, tf.TensorSpec([], tf.float32, name="mu")])
+        setattr(self, PLAIN_TRAIN, tf.function(self._train_plain, input_signature=[x, y, lr]))
         self.infer = tf.function(self._infer, input_signature=[x])
         self.evaluate = tf.function(self._evaluate, input_signature=[x, y])
         self.get_weights = tf.function(self._get_weights, input_signature=[])
@@ -64,10 +68,21 @@ class TrainableModel(tf.Module):
         return loss, logits
 
     def _train(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor, mu: tf.Tensor) -> dict[str, tf.Tensor]:
+        def proximal(loss: tf.Tensor) -> tf.Tensor:
+            prox = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in zip(self.vars, self.anchors, strict=True)])
+            return loss + 0.5 * mu * prox
+
+        return self._sgd_step(x, y, lr, proximal)
+
+    def _train_plain(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._sgd_step(x, y, lr, lambda loss: loss)
+
+    def _sgd_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor,
+                  objective: Callable[[tf.Tensor], tf.Tensor]) -> dict[str, tf.Tensor]:
+        """One SGD step on `objective(cross-entropy)`; returns the cross-entropy before the step."""
         with tf.GradientTape() as tape:
             loss, _ = self._cross_entropy(x, y)
-            prox = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in zip(self.vars, self.anchors, strict=True)])
-            total = loss + 0.5 * mu * prox
+            total = objective(loss)
         grads = tape.gradient(total, self.vars)
         for var, grad in zip(self.vars, grads, strict=True):
             var.assign_sub(lr * grad)
@@ -94,8 +109,9 @@ class TrainableModel(tf.Module):
             offset += size
         return {"num_params": tf.size(weights)}
 
-    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
-        return {name: getattr(self, name).get_concrete_function() for name in SIGNATURE_NAMES}
+    def signatures(self, names: Sequence[str] = EXPORTED_SIGNATURES) -> dict[str, Any]:
+        """The concrete functions of `names`, by name."""
+        return {name: getattr(self, name).get_concrete_function() for name in names}
 
 
 def initial_weights(model_def: ModelDef, weights: Mapping[str, np.ndarray] | None, seed: int) -> dict[str, np.ndarray]:

@@ -14,7 +14,11 @@ between that vector and a dict of named arrays.
 sha256 hex of the canonical JSON (sorted keys, no whitespace) of
 {arch, options, input, classes, weights layout, exporter_version, signatures}. Two exports of the
 same architecture, shape and options share it whatever their weights; any change to the program's
-interface or the exporter's version changes it.
+interface or the exporter's version changes it (a model with `train_plain` and one without it have different
+hashes). The bytes of each file are covered by its own sha256 under `files`, not by `model_hash`.
+
+Every model has the signatures SIGNATURE_NAMES; models exported since `train_plain` (one SGD step without the
+FedProx term, used by a device whenever mu = 0) have it too and list it under `signatures`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ EXPORTER_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
 TRAIN_FILE = "train.tflite"
 INFER_INT8_FILE = "infer_int8.tflite"
-SIGNATURE_NAMES = ("train", "infer", "evaluate", "get_weights", "set_weights")
+SIGNATURE_NAMES = ("train", "infer", "evaluate", "get_weights", "set_weights")  # every model has these
+PLAIN_TRAIN = "train_plain"  # `train` without the FedProx term; models exported before it lack it
+EXPORTED_SIGNATURES = (*SIGNATURE_NAMES, PLAIN_TRAIN)  # what the exporter writes
 
 REQUIRED_KEYS = ("format", "format_version", "arch", "options", "input", "classes", "weights", "num_params",
                  "signatures", "files", "model_hash", "exporter_version")
@@ -59,6 +65,7 @@ def signature_specs(input_shape: Sequence[int], classes: int, num_params: int) -
     scalar = _spec([])
     return {
         "train": {"inputs": {"x": x, "y": y, "lr": scalar, "mu": scalar}, "outputs": {"loss": scalar}},
+        PLAIN_TRAIN: {"inputs": {"x": x, "y": y, "lr": scalar}, "outputs": {"loss": scalar}},
         "infer": {"inputs": {"x": x}, "outputs": {"logits": y, "probabilities": y}},
         "evaluate": {"inputs": {"x": x, "y": y}, "outputs": {"loss": scalar, "accuracy": scalar}},
         "get_weights": {"inputs": {}, "outputs": {"weights": _spec([num_params])}},

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.protocol.manifest import load_manifest, read_model_file, unflatten
+from fedlite.protocol.manifest import PLAIN_TRAIN, load_manifest, read_model_file, unflatten
 from fedlite.runtime.interpreter import load_interpreter
 
 ShouldContinue = Callable[[], bool]
@@ -42,12 +42,13 @@ def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
 
 
 class TrainStep:
-    """The `train` signature called directly: inputs resized (and the subgraph's tensors allocated) only when the
-    batch's shape changes, instead of at every step as the signature runner does. Falls back to the runner where a
-    runtime's runner does not expose its tensors."""
+    """A train signature (`train`, or `train_plain` without mu) called directly: inputs resized (and the subgraph's
+    tensors allocated) only when the batch's shape changes, instead of at every step as the signature runner does.
+    Falls back to the runner where a runtime's runner does not expose its tensors."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, scalars: tuple[str, ...] = ("lr", "mu")) -> None:
         self._runner = runner
+        self._names = scalars  # the scalar inputs besides x and y, in the order __call__ takes them
         try:
             self._wrapper = runner._interpreter_wrapper
             self._inputs: dict[str, int] = dict(runner._inputs)
@@ -56,27 +57,30 @@ class TrainStep:
         except (AttributeError, KeyError, TypeError):
             self._wrapper = None
         self._shape: tuple[int, ...] | None = None
-        self._scalars: tuple[float, float] | None = None
+        self._scalars: tuple[float, ...] | None = None
 
     def invalidate(self) -> None:
         """Another signature ran: resize, allocate and set the scalars again at the next step."""
         self._shape = None
 
     def __call__(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float) -> float:
+        values = dict(zip(("lr", "mu"), (lr, mu), strict=True))
+        scalars = tuple(values[name] for name in self._names)
         if self._wrapper is None:
-            return float(self._runner(x=x, y=y, lr=np.array(lr, np.float32), mu=np.array(mu, np.float32))["loss"])
+            feed = {name: np.array(v, np.float32) for name, v in zip(self._names, scalars, strict=True)}
+            return float(self._runner(x=x, y=y, **feed)["loss"])
         wrapper, inputs, subgraph = self._wrapper, self._inputs, self._subgraph
         if x.shape != self._shape:
             scalar = np.array((), dtype=np.int32)
-            for name, shape in (("x", x.shape), ("y", y.shape), ("lr", ()), ("mu", ())):
+            for name, shape in (("x", x.shape), ("y", y.shape), *((n, ()) for n in self._names)):
                 wrapper.ResizeInputTensor(inputs[name], np.array(shape, dtype=np.int32) if shape else scalar, False,
                                           subgraph)
             wrapper.AllocateTensors(subgraph)
             self._shape, self._scalars = x.shape, None
-        if self._scalars != (lr, mu):  # the learning rate changes for a short last batch only
-            wrapper.SetTensor(inputs["lr"], np.array(lr, np.float32), subgraph)
-            wrapper.SetTensor(inputs["mu"], np.array(mu, np.float32), subgraph)
-            self._scalars = (lr, mu)
+        if self._scalars != scalars:  # the learning rate changes for a short last batch only
+            for name, value in zip(self._names, scalars, strict=True):
+                wrapper.SetTensor(inputs[name], np.array(value, np.float32), subgraph)
+            self._scalars = scalars
         wrapper.SetTensor(inputs["x"], x, subgraph)
         wrapper.SetTensor(inputs["y"], y, subgraph)
         wrapper.Invoke(subgraph)
@@ -97,7 +101,25 @@ class Trainer:
         if missing:
             raise ValueError(f"model lacks the signatures {missing} its manifest lists")
         self._runners = {name: self.interpreter.get_signature_runner(name) for name in manifest["signatures"]}
-        self._step = TrainStep(self._runners["train"])
+        self._steps = {name: TrainStep(self._runners[name], tuple(n for n in manifest["signatures"][name]["inputs"]
+                                                                   if n not in ("x", "y")))
+                       for name in ("train", PLAIN_TRAIN) if name in self._runners}
+        self._last: str | None = None
+
+    def _invalidate(self) -> None:
+        for step in self._steps.values():
+            step.invalidate()
+
+    def train_signature(self, mu: float) -> str:
+        """`train_plain` when mu = 0 and the model has it (exported since it exists), else `train`."""
+        return PLAIN_TRAIN if mu == 0 and PLAIN_TRAIN in self._steps else "train"
+
+    def _step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float) -> float:
+        name = self.train_signature(mu)
+        if name != self._last:  # the other train signature ran last
+            self._invalidate()
+            self._last = name
+        return self._steps[name](x, y, lr, mu)
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike[str], num_threads: int = 1) -> Trainer:
@@ -108,7 +130,7 @@ class Trainer:
     # ------------------------------------------------------------ weights
 
     def get_weights(self) -> np.ndarray:
-        self._step.invalidate()
+        self._invalidate()
         return np.array(self._runners["get_weights"]()["weights"], dtype=np.float32, copy=True)
 
     def set_weights(self, flat: np.ndarray) -> None:
@@ -116,7 +138,7 @@ class Trainer:
         flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
         if flat.size != self.num_params:
             raise ValueError(f"expected {self.num_params} weights, got {flat.size}")
-        self._step.invalidate()
+        self._invalidate()
         self._runners["set_weights"](weights=flat)
 
     # ------------------------------------------------------------ training and evaluation
@@ -161,7 +183,7 @@ class Trainer:
     def evaluate(self, x: np.ndarray, y_int: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) over all examples."""
         x, y = self._inputs(x), one_hot(y_int, self.classes)
-        self._step.invalidate()
+        self._invalidate()
         loss_sum, hits = 0.0, 0.0
         for start in range(0, len(x), batch_size):
             out = self._runners["evaluate"](x=x[start:start + batch_size], y=y[start:start + batch_size])
@@ -173,7 +195,7 @@ class Trainer:
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities [N, classes]."""
         x = self._inputs(x)
-        self._step.invalidate()
+        self._invalidate()
         parts = [np.array(self._runners["infer"](x=x[s:s + batch_size])["probabilities"], copy=True)
                  for s in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, self.classes), np.float32)
