@@ -58,6 +58,14 @@ def test_unknown_names_are_value_errors_naming_the_valid_ones(arguments, names):
     assert "\n" not in message and all(name in message for name in names), message
 
 
+def test_a_round_that_never_completes_stops_the_run_saying_why(model):
+    """FedAdam at the default server learning rate of 1 overshoots: the commit refuses round 1's step each time."""
+    with pytest.raises(RuntimeError, match=r"^round 1 was not completed in 3 attempts \(last attempt: the step's "
+                       r"norm [\d.]+ exceeds 1 x the weights' norm [\d.]+\)$"):
+        simulation.run(model=model, partitions=simulation.Partition("digits", clients=5), rounds=3,
+                       strategy="fedadam")
+
+
 def test_processes_run_the_same_federation_as_the_in_process_mode(model, tmp_path):
     """A real Mosquitto, aggregator and agent processes: the same rounds, weights and traffic as in process."""
     arguments = {"model": model, "partitions": simulation.Partition("digits", clients=3), "rounds": 2,

@@ -223,7 +223,8 @@ class InProcessFederation:
                     weights, opt_state = committed
                     break
             else:
-                raise RunFailed(f"round {number} was not completed in {self.config.rounds.max_attempts} attempts")
+                raise RunFailed(f"round {number} was not completed in {self.config.rounds.max_attempts} attempts "
+                                f"({_why(records[-1], self.config.rounds.min_accepted)})")
         self.announcer.done(self.config.rounds.total, records[-1] if records else None)
         self.downlink.finish()
         return records, weights
@@ -245,6 +246,15 @@ class InProcessFederation:
         record.kpis = self.kpis.observe(record, outcome.cosines)
         record.completed_at = time.time()
         return new_weights, new_state
+
+
+def _why(record: RoundRecord, quorum: int) -> str:
+    """What the last attempt of a round that never completed says about it, in a few words."""
+    if record.reason:
+        return f"last attempt: {record.reason}"
+    refused = ", ".join(f"{n} {reason}" for reason, n in sorted(record.rejected.items()))
+    return (f"last attempt: {record.accepted} of {record.selected} updates accepted, quorum {quorum}"
+            + (f"; refused: {refused}" if refused else ""))
 
 
 def run_in_process(config: AggregatorConfig, devices: dict[str, Arrays], test: Arrays | None, model_dir: Path | None,
