@@ -45,6 +45,15 @@ def test_in_process_rounds_on_digits_raise_accuracy_and_come_back_typed(model):
     assert set(history.weights) == {w["name"] for w in load_manifest(model)["weights"]}
 
 
+def test_a_builder_of_ones_own_is_found_from_the_current_directory(monkeypatch):
+    monkeypatch.chdir(ROOT / "tests")
+    history = simulation.run(model={"builder": "helpers_models.py:softmax_regression", "arch": "softmax"},
+                             partitions=simulation.Partition("wine", clients=3), rounds=3)
+    assert sorted(history.weights) == ["linear/bias", "linear/kernel"]
+    assert history.weights["linear/kernel"].shape == (13, 3)  # wine: 13 features, 3 cultivars
+    assert history.final_accuracy > history.initial_accuracy + 0.2
+
+
 @pytest.mark.parametrize(("arguments", "names"), [
     ({"codec": "int3"}, ["int8", "int4", "ternary-ef"]),
     ({"strategy": "fedsgd"}, ["fedavg", "fedadam", "trimmed_mean"]),

@@ -95,7 +95,9 @@ def model_table(model: ModelArg, devices: dict[str, Arrays], test: Arrays | None
     else:
         raise ValueError("model must be an architecture name, an exported model directory or a dict of "
                          f"{', '.join(MODEL_KEYS)}")
-    if not table.get("builder"):
+    if table.get("builder"):
+        table["builder"] = _builder(str(table["builder"]))
+    else:
         _check_arch(str(table.get("arch", "mlp")))
         if task is not None and table.get("arch", "mlp") == task.arch and "options" not in table:
             table["options"] = dict(task.options)
@@ -108,6 +110,17 @@ def _check_arch(name: str) -> None:
     if name not in available():
         raise ValueError(f"unknown model {name!r}; choose an architecture ({', '.join(available())}), an exported "
                          "model directory (with manifest.json) or {'builder': 'module:function'}")
+
+
+def _builder(spec: str) -> str:
+    """A builder spec found from the current directory, as `fedlite export` finds it, in a form that resolves from
+    anywhere (the aggregator process reads it from its configuration file's directory)."""
+    from fedlite.model_export.builders import BuilderError, canonical
+
+    try:
+        return canonical(spec, Path.cwd())
+    except BuilderError as exc:
+        raise ValueError(f"model builder: {exc}") from None
 
 
 def _exported(folder: Path, input_shape: list[int], classes: int) -> tuple[dict[str, Any], Path]:
