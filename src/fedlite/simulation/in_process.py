@@ -33,6 +33,7 @@ from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome
 from fedlite.aggregator.run_identity import RunIdentity
 from fedlite.aggregator.strategies import make_server_optimizer
 from fedlite.aggregator.validation import Rejected
+from fedlite.demo.cluster import agent_seed
 from fedlite.demo.retained_store import RetainedStore
 from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import Header, Limits, encode_model, encode_update_with_residual, update_limits
@@ -41,7 +42,6 @@ from fedlite.protocol.messages import DeviceReport, DeviceStatus, RoundAnnouncem
 from fedlite.protocol.selection import is_selected
 from fedlite.protocol.signing import Signer, generate_keypair
 from fedlite.runtime.trainer import Trainer, local_update
-from fedlite.simulation.options import shuffle_seed
 
 log = logging.getLogger("fedlite.simulation")
 Weights = dict[str, np.ndarray]
@@ -59,7 +59,7 @@ class VirtualDevice:
         home.mkdir(parents=True, exist_ok=True)
         self.held = HeldWeights(home / "held_weights.npz")
         self.residuals = ResidualStore(home / "residual.npz")
-        self.rng = np.random.default_rng(shuffle_seed(seed, client_id))  # as an agent's with that [agent] seed
+        self.rng = np.random.default_rng(agent_seed(seed, client_id))  # as an agent's with that [agent] seed
         self.has_model = False
 
     def status(self) -> DeviceStatus:

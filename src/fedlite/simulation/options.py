@@ -3,7 +3,6 @@ aggregator's configuration tables (a name nobody registered is a ValueError nami
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,11 +163,6 @@ def server_table(strategy: StrategyArg) -> tuple[str, dict[str, Any]]:
     if options:
         table[name] = options
     return name, table
-
-
-def shuffle_seed(seed: int, device: str) -> int:
-    """A device's `[agent] seed` (its local shuffles) for the run's `seed`: the demo's rule, in both modes."""
-    return 1 + int.from_bytes(hashlib.sha256(f"{seed}/{device}".encode()).digest()[:6], "big")
 
 
 def check_codec(codec: str) -> str:
