@@ -32,9 +32,11 @@ class Partition:
 
 def devices_of(partitions: Partition | Sequence[Arrays], test: Arrays | None,
                seed: int) -> tuple[dict[str, Arrays], Arrays | None, Any]:
-    """({device: (x, y)}, the test set, the task or None) from a spec or from per-device arrays."""
+    """({device: (x, y)}, the test set, the task or None) from a spec or from per-device arrays; a given `test`
+    replaces a spec's test split."""
     if isinstance(partitions, Partition):
-        return _from_spec(partitions, seed)
+        devices, task_test, task = _from_spec(partitions, seed)
+        return devices, task_test if test is None else _pair(test, "test"), task
     if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Sequence) or not partitions:
         raise ValueError("partitions must be a Partition spec or a non-empty list of (x, y) arrays, one per device")
     devices = {}
