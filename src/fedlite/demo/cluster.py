@@ -4,6 +4,7 @@ a Mosquitto each, bridged to the central one, with a site aggregator)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -307,6 +308,12 @@ class LocalFederation:
 def _signal_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
+
+
+def agent_seed(seed: int, device: str) -> int:
+    """A device's `[agent] seed` (its local shuffles) for a run's `seed`: a run with the same seed repeats its
+    devices' batches."""
+    return 1 + int.from_bytes(hashlib.sha256(f"{seed}/{device}".encode()).digest()[:6], "big")
 
 
 def write_shard(path: Path, x: np.ndarray, y: np.ndarray) -> Path:

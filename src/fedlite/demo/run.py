@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -16,7 +15,7 @@ import numpy as np
 from fedlite.aggregator.config import DEFAULT_ENCODING
 from fedlite.aggregator.record import RoundRecord
 from fedlite.dashboard.embed import start_for_demo
-from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, follow_history, write_shard
+from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, agent_seed, follow_history, write_shard
 from fedlite.demo.datasets import Task, load_task
 from fedlite.demo.partition import describe, format_description, from_file, partition
 from fedlite.demo.report import format_progress, human_bytes, write_report
@@ -127,9 +126,8 @@ def _with_overrides(task: Task, plan: DemoPlan) -> Task:
 
 def _start_agent(fed: LocalFederation, device: str, shard: Path, holdout: float = 0.2, seed: int = 0) -> None:
     """An agent whose shuffles follow the demo's --seed (a run with the same seed repeats its devices' batches)."""
-    shuffle = 1 + int.from_bytes(hashlib.sha256(f"{seed}/{device}".encode()).digest()[:6], "big")
     fed.start(device, "agent", fed.agent_config(device, shard, data={"holdout_fraction": holdout},
-                                                agent={"seed": shuffle}))
+                                                agent={"seed": agent_seed(seed, device)}))
 
 
 def clients_per_round(plan: DemoPlan) -> int:
