@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -20,14 +21,20 @@ def _children_named(fragment: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if fragment in " ".join(p.info["cmdline"] or [])]
 
 
-def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
-    run_dir = tmp_path / "demo"
+def test_demo_matches_centralized_accuracy_within_three_points_and_secure_aggregation_within_one(tmp_path):
+    """The default demo, and beside it (same seed, at the same time) `fedlite demo --secagg`."""
+    run_dir, secure_dir = tmp_path / "demo", tmp_path / "secagg"
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(run_dir)],
-                            capture_output=True, text=True, timeout=600)
+    demos = [subprocess.Popen([sys.executable, "-m", "fedlite.cli", "demo", "--run-dir", str(folder), *flags],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for folder, flags in ((run_dir, []), (secure_dir, ["--secagg"]))]
+    outputs = [demo.communicate(timeout=900) for demo in demos]
     seconds = time.time() - started
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert seconds < 300, f"the demo took {seconds:.0f} s"
+    for demo, (out, err) in zip(demos, outputs, strict=True):
+        assert demo.returncode == 0, out[-3000:] + err[-3000:]
+    assert seconds < 400, f"the two demos side by side took {seconds:.0f} s"
+    result = subprocess.CompletedProcess([], 0, *outputs[0])
+    _check_secure_demo(json.loads((run_dir / "report" / "summary.json").read_text()), secure_dir, outputs[1][0])
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
     history = json.loads((run_dir / "aggregator" / "history.json").read_text())
     complete = [r for r in history if r["status"] == "complete"]
@@ -68,6 +75,22 @@ def test_demo_matches_centralized_accuracy_within_three_points(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (run_dir / "aggregator" / "models" / "round-00040" / "infer_int8.tflite").stat().st_size > 0
     assert not _children_named(str(run_dir)), "processes of the demo are still running"
+
+
+def _check_secure_demo(plain: dict, secure_dir: Path, stdout: str) -> None:
+    """The secure demo: within 1 point of the plain one's final accuracy, every round a secure one that kept nothing
+    per device, its stages' costs reported."""
+    summary = json.loads((secure_dir / "report" / "summary.json").read_text())
+    assert summary["secure_aggregation"] is True and plain["secure_aggregation"] is False
+    assert summary["final_accuracy"] >= plain["final_accuracy"] - 0.01, (summary["final_accuracy"],
+                                                                         plain["final_accuracy"])
+    complete = [r for r in json.loads((secure_dir / "aggregator" / "history.json").read_text())
+                if r["status"] == "complete"]
+    assert len(complete) == 40 and all(r["secure_aggregation"]["survivors"] >= 3 for r in complete)
+    assert not any(r["client_metrics"] or r["update_norms"] for r in complete)
+    assert summary["secure_device_bytes_up_per_round"] > summary["params"]  # a masked input: >= 8 bits a parameter
+    assert summary["secure_device_relay_bytes_per_round"] > 0 and summary["secure_device_cpu_seconds_per_round"] > 0
+    assert "secure aggregation: per device and round" in stdout
 
 
 def test_demo_with_a_ternary_codec_on_two_aggregators_sends_a_fraction_of_int8s_bytes(tmp_path):

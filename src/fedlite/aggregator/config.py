@@ -208,11 +208,11 @@ class SecureAggregationSection:
     # about drop-outs)
     threshold: Annotated[float, Range(gt=0.5, le=1)] = 0.6
     neighbours: Annotated[int, Range(ge=2, special=0, means="2 ceil(1.5 log2 N), all pairs at N <= 10")] = 0
-    levels: Annotated[int, Range(ge=1)] = 32  # L: a coordinate in [-B, B] becomes an integer in [-L, L]
+    levels: Annotated[int, Range(ge=1)] = 64  # L: a coordinate in [-B, B] becomes an integer in [-L, L]
     # C of round 1; later rounds use clip_multiple x the previous round's mean norm (without privacy)
     clip_norm: Annotated[float, Range(gt=0)] = 5.0
     clip_multiple: Annotated[float, Range(ge=1, special=0, means="clip_norm in every round")] = 2.0
-    coordinate_bound: Annotated[float, Range(gt=0)] = 4.0  # B = this x C / sqrt(block) (rotated coordinates)
+    coordinate_bound: Annotated[float, Range(gt=0)] = 3.0  # B = this x C / sqrt(block) (rotated coordinates)
     stage_seconds: Annotated[float, Range(gt=0)] = 15.0  # each key stage's deadline (and the unmask stage's)
 
 
@@ -327,10 +327,10 @@ class AggregatorConfig:
                 "aggregators)")
         require(not self.kpis.exclude_flagged, f"{need} kpis.exclude_flagged (anomaly flags need each update's "
                 "norm and direction)")
-        most = math.ceil(self.rounds.clients_per_round * (1 + self.rounds.over_selection))
+        most = self.rounds.clients_per_round  # a round sums at most K masked inputs
         bits = math.ceil(math.log2(2 * most * self.secure_aggregation.levels + 1))
-        require(bits <= 32, f"secure_aggregation.levels = {self.secure_aggregation.levels} with up to {most} devices "
-                f"per round needs {bits}-bit sums (at most 32): lower the levels")
+        require(bits <= 32, f"secure_aggregation.levels = {self.secure_aggregation.levels} with {most} inputs per "
+                f"round needs {bits}-bit sums (at most 32): lower the levels")
 
     def _validate_cluster(self) -> None:
         if not self.cluster.member:

@@ -135,6 +135,8 @@ class SecureRound:
         self._expect("masked", client, self.dealers)
         if client in self.senders:
             raise Refused("duplicate", f"a second masked input from {client}")
+        if len(self.senders) >= self.plan.participants:  # the ring holds this many: the stage is full
+            raise Refused("late", f"masked input from {client}: {self.plan.participants} are already in")
         if values.shape != (self.length,) or (values.size and int(values.max()) >= 1 << self.plan.bits):
             raise Refused("shape", f"masked input from {client}: {values.shape}, not ({self.length},) values "
                                    f"under 2^{self.plan.bits}")

@@ -223,9 +223,9 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
     say(f"unanswered selections: {summary['timed_out']} timed out (deadline passed), {summary['cut_off']} cut off "
         "(the round had its K updates first: not needed)")
     if plan.secagg and "secure_device_bytes_up_per_round" in summary:
-        say(f"secure aggregation: each device sent {human_bytes(summary['secure_device_bytes_up_per_round'])} and "
-            f"received {human_bytes(summary['secure_device_relay_bytes_per_round'])} of stages per round, "
-            f"{summary['secure_device_cpu_seconds_per_round'] * 1000:.0f} ms CPU on them")
+        say(f"secure aggregation: per device and round {human_bytes(summary['secure_device_bytes_up_per_round'])} "
+            f"sent (masked input and key stages), {human_bytes(summary['secure_device_relay_bytes_per_round'])} of "
+            f"relays received, {summary['secure_device_cpu_seconds_per_round'] * 1000:.0f} ms CPU on the stages")
     say(f"int8 inference model: {summary['int8_model']}")
     say(f"report: {run_dir / 'report'} (summary.json and plots)")
     return summary

@@ -107,7 +107,7 @@ class SecureRounds(SyncRounds):
             max_examples = max(1, int(min(max(advertised), cap)))
         block = rotation.block_size(num_params(self.host.manifest))
         q = quantize.Quantization(clip, sa.coordinate_bound * clip / math.sqrt(block), sa.levels, max_examples,
-                                  len(selected), session)
+                                  min(len(selected), cfg.rounds.clients_per_round), session)
         q.check()
         return q
 
