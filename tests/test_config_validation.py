@@ -267,3 +267,16 @@ def test_training_learning_rate_decay_sets_each_rounds_plan_and_is_bounded(tmp_p
     assert "learning_rate_decay" not in to_json(plans[0]).decode()
     message = refusal(tmp_path, "aggregator", {"training.learning_rate_decay": 1.5})
     assert message.startswith("training.learning_rate_decay must be") and message.endswith("not 1.5"), message
+
+
+def test_secure_aggregation_refuses_what_needs_single_updates_in_one_line(tmp_path: Path) -> None:
+    on = {"secure_aggregation.enabled": True}
+    assert "trimmed mean and median rank individual updates" in refusal(
+        tmp_path, "aggregator", {**on, "server.aggregation": "median"})
+    assert "rounds.mode = 'fedbuff'" in refusal(tmp_path, "aggregator", {**on, "rounds.mode": "fedbuff"})
+    assert "kpis.exclude_flagged" in refusal(tmp_path, "aggregator", {**on, "kpis.exclude_flagged": True})
+    assert "needs 35-bit sums (at most 32): lower the levels" in refusal(
+        tmp_path, "aggregator", {**on, "rounds.clients_per_round": 1000, "secure_aggregation.levels": 2 ** 24})
+    assert refusal(tmp_path, "aggregator", {**on, "secure_aggregation.threshold": 0.5}).startswith(
+        "secure_aggregation.threshold must be in (0.5, 1]")
+    assert loads(tmp_path, "aggregator", {**on, "privacy.enabled": True}).secure_aggregation.enabled

@@ -253,3 +253,27 @@ def test_a_secure_round_refuses_replays_strangers_and_wrong_stage_messages() -> 
     with pytest.raises(Refused) as info:  # a masked input from a device that never dealt its shares
         server.masked("a", np.zeros(11, dtype=np.uint64))
     assert info.value.reason == "stage"
+
+
+def test_a_secure_rounds_aggregate_is_the_weighted_mean_or_with_privacy_the_noised_sum_over_k() -> None:
+    """What the orchestrator commits from an unmasked sum: Σwx / Σw; with [privacy], (Σx + N(0, (zS)^2)) / K, the
+    DP-FedAvg mechanism the accountant charges, drawn from the round's noise generator."""
+    from types import SimpleNamespace
+
+    from fedlite.aggregator.config import AggregatorConfig, FederationSection, PrivacySection
+    from fedlite.aggregator.orchestrators.secure import SecureRounds
+    from fedlite.aggregator.secure_exchange import SecureResult
+
+    summed = np.random.default_rng(1).normal(size=100_000)
+    result = SecureResult(summed, weight=4.0, mean_norm=1.0, senders={"a", "b", "c", "d"}, dropped=set())
+    plain = AggregatorConfig(FederationSection("f"))
+    assert np.allclose(SecureRounds(SimpleNamespace(config=plain))._aggregate(3, result), summed / 4.0)
+    private = AggregatorConfig(FederationSection("f"), privacy=PrivacySection(enabled=True, clip_norm=0.5,
+                                                                              noise_multiplier=2.0, seed=7))
+    private.rounds.clients_per_round = 8
+    rounds = SecureRounds(SimpleNamespace(config=private))
+    noised = rounds._aggregate(3, result)
+    noise = noised * 8 - summed
+    assert abs(float(np.std(noise)) - 2.0 * 0.5) < 0.01 and abs(float(np.mean(noise))) < 0.01
+    assert np.array_equal(noised, rounds._aggregate(3, result))  # the seeded noise of round 3, again
+    assert not np.array_equal(noised, rounds._aggregate(4, result))
