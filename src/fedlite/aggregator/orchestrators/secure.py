@@ -4,8 +4,6 @@ stages, and the round's aggregate is the unmasked sum; no single update is ever 
 from __future__ import annotations
 
 import math
-import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -13,7 +11,7 @@ import numpy as np
 from fedlite.aggregator.influence import weight_cap
 from fedlite.aggregator.orchestrators.sync import SyncRounds
 from fedlite.aggregator.record import RoundRecord, records
-from fedlite.aggregator.rounds import RoundAttempt, RoundOutcome
+from fedlite.aggregator.rounds import RoundOutcome
 from fedlite.aggregator.secure_exchange import SecureExchange, SecureResult
 from fedlite.aggregator.secure_round import RoundAborted, SecureRound
 from fedlite.aggregator.strategies import dp
@@ -32,12 +30,7 @@ class SecureRounds(SyncRounds):
     def _collect(self, number: int, selected: frozenset[str], selection: Selection,
                  weights: Weights) -> RoundOutcome | None:
         host, cfg = self.host, self.config
-        attempt = RoundAttempt(
-            number=number, session=uuid.uuid4().hex[:12], selected=selected, selection=selection,
-            deadline=time.time() + cfg.rounds.deadline_seconds, clients_per_round=cfg.rounds.clients_per_round,
-            quorum=cfg.rounds.min_accepted, context=self._context(number, selected), limits=host.limits,
-            aggregator=self._reducer(number),
-        )
+        attempt = self._attempt(number, selected, selection)  # its bookkeeping; the exchange collects
         q = self._quantization(selected, attempt.session)
         parameters, sa = num_params(host.manifest), cfg.secure_aggregation
         plan = SecurePlan(clip=q.clip, bound=q.bound, levels=q.levels, max_examples=q.max_examples,

@@ -59,12 +59,7 @@ class SyncRounds:
     def _collect(self, number: int, selected: frozenset[str], selection: Selection,
                  weights: Weights) -> RoundOutcome | None:
         host, cfg = self.host, self.config
-        attempt = RoundAttempt(
-            number=number, session=uuid.uuid4().hex[:12], selected=selected, selection=selection,
-            deadline=time.time() + cfg.rounds.deadline_seconds, clients_per_round=cfg.rounds.clients_per_round,
-            quorum=cfg.rounds.min_accepted, context=self._context(number, selected), limits=host.limits,
-            aggregator=self._reducer(number), sketcher=host.sketcher, **self._influence(selected),
-        )
+        attempt = self._attempt(number, selected, selection, sketcher=host.sketcher, **self._influence(selected))
         sent = host.downlink.publish(number, weights)
         host.current = attempt
         if host.cluster is not None:
@@ -85,6 +80,16 @@ class SyncRounds:
             host.refuse("update", "norm_outlier", f"update from {client}: its norm is an outlier", number)
         host.downlink.withdraw(number)
         return outcome
+
+    def _attempt(self, number: int, selected: frozenset[str], selection: Selection, **bounds: Any) -> RoundAttempt:
+        """A new attempt at round `number` for the devices `selected` (a new session, the round's deadline)."""
+        cfg = self.config
+        return RoundAttempt(
+            number=number, session=uuid.uuid4().hex[:12], selected=selected, selection=selection,
+            deadline=time.time() + cfg.rounds.deadline_seconds, clients_per_round=cfg.rounds.clients_per_round,
+            quorum=cfg.rounds.min_accepted, context=self._context(number, selected), limits=self.host.limits,
+            aggregator=self._reducer(number), **bounds,
+        )
 
     def _influence(self, selected: frozenset[str]) -> dict[str, Any]:
         """The round's bounds on one device's influence (see `influence`): weight cap and adaptive norm bound."""
