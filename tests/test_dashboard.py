@@ -282,6 +282,12 @@ def test_dashboard_in_chromium_during_a_demo(tmp_path: Path) -> None:
         for field in ("cut_off", "timed_out"):
             shown = [int(t) for t in _texts(browser, f"#rounds-table td[data-field={field}]")]
             assert shown == [r.get(field, 0) for r in reversed(history)], field
+        # the demo's devices personalize: the tile shows the A/B of the last complete round's KPIs
+        ab = next(r for r in reversed(history) if r["status"] == "complete")["kpis"]["personalization"]
+        assert ab["devices"] >= 1
+        gain = f"{'+' if ab['mean_gain'] >= 0 else ''}{100 * ab['mean_gain']:.1f} pt"
+        _wait(lambda: browser.find_element("id", "t-personal").text == gain, 15, f"the personalization tile: {gain}")
+        assert f"of {ab['devices']} devices" in browser.find_element("id", "t-personal-sub").text
 
         screenshot = run_dir / "report" / "dashboard.png"
         screenshot.parent.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,19 @@ def test_summary_totals_equal_the_history():
     assert summary["rejected"] == {"stale": 3}
     assert summary["bytes_per_accuracy_point"] == history[2]["kpis"]["bytes_per_accuracy_point"]
     assert [r["round"] for r in summary["per_round"]] == [1, 2, 3]
+
+
+def test_the_personalization_kpis_are_the_mean_gain_the_win_share_and_the_worst_decile() -> None:
+    from fedlite.aggregator.kpis import KpiTracker, personalization
+
+    tracker = KpiTracker()
+    assert not tracker.evaluation("d0", {"accuracy": 0.5})  # not a personalization report
+    for i, (p, g) in enumerate([(0.9, 0.8), (0.7, 0.75), (0.95, 0.85), (0.6, 0.6)]):
+        assert tracker.evaluation(f"d{i}", {"personalized_accuracy": p, "global_accuracy": g})
+    tracker.evaluation("d0", {"personalized_accuracy": 0.92, "global_accuracy": 0.8})  # the latest counts
+    ab = personalization(tracker.evaluations)
+    gains = [0.12, -0.05, 0.10, 0.0]
+    assert ab["devices"] == 4 and ab["win_share"] == 0.5
+    assert abs(ab["mean_gain"] - sum(gains) / 4) < 1e-12
+    assert abs(ab["gain_p10"] - float(np.percentile(gains, 10))) < 1e-12
+    assert personalization({}) == {"devices": 0, "mean_gain": None, "win_share": None, "gain_p10": None}

@@ -77,7 +77,8 @@ def test_manifest_is_consistent(exported: dict, key: str) -> None:
     assert manifest["classes"] == CLASSES
     assert manifest["num_params"] == sum(w["size"] for w in manifest["weights"])
     assert all(w["size"] == math.prod(w["shape"]) for w in manifest["weights"])
-    assert set(manifest["signatures"]) == {"train", "train_plain", "infer", "evaluate", "get_weights", "set_weights"}
+    assert set(manifest["signatures"]) == {"train", "train_plain", "train_head", "infer", "evaluate", "get_weights",
+                                           "set_weights"}
     assert manifest["signatures"]["get_weights"]["outputs"]["weights"]["shape"] == [manifest["num_params"]]
     assert manifest["model_hash"] == compute_model_hash(manifest)
     for key_, entry in manifest["files"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,32 @@ def test_mu_zero_runs_train_plain_with_the_weights_of_the_fedprox_signature(mlp_
             trainer.train_epochs(x, y, 1, 32, 0.1, mu=mu, rng=np.random.default_rng(seed))
     assert not np.array_equal(new.get_weights(), start)
     np.testing.assert_array_equal(new.get_weights(), older.get_weights())
+
+
+def test_train_head_moves_the_last_layer_alone_and_personalization_serves_the_better_model(
+        mlp_dir: Path, digits: tuple, tmp_path: Path) -> None:
+    """`train_head` changes only the output layer's kernel and bias; on a device whose data has 3 of the 10 digits,
+    the head fine-tuned from a global model beats it on that device's held-out data, and is the one served."""
+    from fedlite.agent.config import PersonalizationSection
+    from fedlite.agent.data import LocalData
+    from fedlite.agent.personalize import SERVING_FILE, keep, personalize
+
+    x_train, y_train, x_test, y_test = digits
+    trainer = Trainer.from_dir(mlp_dir)
+    assert trainer.trains_head
+    trainer.train_epochs(x_train, y_train, 3, 32, 0.1, rng=np.random.default_rng(0))  # a global model
+    global_flat = trainer.get_weights()
+    head = sum(int(np.prod(w["shape"])) for w in trainer.manifest["weights"][-2:])
+    local = np.isin(y_train, [1, 4, 7])
+    held = np.isin(y_test, [1, 4, 7])
+    data = LocalData(x_train[local], y_train[local], x_test[held], y_test[held])
+    done = personalize(trainer, global_flat, data, PersonalizationSection(enabled=True, epochs=3), 32, 0.1,
+                       np.random.default_rng(1), lambda: True, ("run", 5, "hash"))
+    assert done is not None
+    comparison, personalized = done
+    assert np.array_equal(personalized[:-head], global_flat[:-head])  # the body as it was
+    assert not np.array_equal(personalized[-head:], global_flat[-head:])
+    assert comparison.personalized_accuracy > comparison.global_accuracy, comparison
+    assert comparison.serving == "personalized"
+    keep(tmp_path, comparison, personalized)
+    assert json.loads((tmp_path / SERVING_FILE).read_text())["serving"] == "personalized"

@@ -71,6 +71,18 @@ class AgentSection:
 
 
 @dataclass
+class PersonalizationSection:
+    """On-device personalization (`agent.personalize`): after each round, fine-tune a copy of the global model."""
+
+    enabled: bool = False
+    epochs: Annotated[int, Range(ge=1)] = 3
+    learning_rate: Annotated[float, Range(ge=0, special=0, means="the round plan's")] = 0.0
+    head_only: bool = True  # the last layer alone (train_head); false: every weight
+    # serve the personalized model when its held-out accuracy beats the global model's by more than this
+    min_gain: Annotated[float, Range(ge=0, le=1)] = 0.0
+
+
+@dataclass
 class TrustSection:
     aggregator_keys: list[str] = field(default_factory=list)  # PEM Ed25519 public keys (several while rotating)
     allow_unsigned: bool = False  # accept unsigned broadcasts: only for a closed test network
@@ -102,6 +114,7 @@ class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     trust: TrustSection = field(default_factory=TrustSection)
     deploy: Annotated[DeploySection, DEPLOY_RANGES] = field(default_factory=DeploySection)
+    personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
 
     def validate(self) -> None:
         self.trust.validate()

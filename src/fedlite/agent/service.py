@@ -111,7 +111,10 @@ class Agent:
         self.residuals = ResidualStore(self.state_dir / RESIDUAL_FILE)  # error feedback, per model
         self.held = HeldWeights(self.state_dir / HELD_FILE)  # the base of the next downlink deltas
         self._received = 0  # payload bytes received for the round being trained (model, weights, deltas)
-        self._rng = np.random.default_rng(_shuffle_seed(config.agent.seed, self.client_id))
+        seed = _shuffle_seed(config.agent.seed, self.client_id)
+        self._rng = np.random.default_rng(seed)
+        # personalization's own shuffles: turning it on leaves the rounds' shuffles as they were
+        self._personal_rng = np.random.default_rng(None if seed is None else [seed, 1])
         self._verifier = Verifier.from_files(config.trust.aggregator_keys) if config.trust.aggregator_keys else None
         self.deployer = Deployer(config.deploy, self.state_dir, self.client_id, self.federation)
         self.link = Link(
@@ -240,16 +243,50 @@ class Agent:
                 self._finish(a)
                 log.info("round %d: sent a masked input of %d B after %d steps (%d B in the secure stages)",
                          a.round, sent, steps, secure.sent_bytes + secure.received_bytes)
+                self._personalize(a, trainer, global_flat)
                 return
             payload = self._encode(a, delta, examples, metrics)
             self._publish_update(a, payload)
             self.residuals.commit()  # what the sent update left out, for the next one
             self._finish(a)
             log.info("round %d: sent update of %d B after %d steps", a.round, len(payload), steps)
+            self._personalize(a, trainer, global_flat)
         except StageFailed as exc:
             self._abandon(a, RoundAbandoned("aborted", f"secure aggregation: {exc}"))
         except RoundAbandoned as exc:
             self._abandon(a, exc)
+
+    def _personalize(self, a: RoundAnnouncement, trainer: Any, global_flat: np.ndarray) -> None:
+        """With [personalization]: fine-tune a copy of this round's global model, keep it, report both accuracies."""
+        settings = self.config.personalization
+        if not settings.enabled:
+            return
+        from fedlite.agent.personalize import keep, personalize
+
+        checked = [time.monotonic()]
+
+        def gates_open() -> bool:  # read at most every GATE_CHECK_SECONDS, like training
+            if time.monotonic() - checked[0] < GATE_CHECK_SECONDS:
+                return not self.stop_event.is_set()
+            checked[0] = time.monotonic()
+            self.notifier.ping()
+            return not self.stop_event.is_set() and not failed_gates(self.state.read(), self.config.gates)
+
+        with self.models.lock:
+            done = personalize(trainer, global_flat, self.data, settings, a.plan.batch_size, a.plan.learning_rate,
+                               self._personal_rng, gates_open, (a.run, a.round, a.model_hash))
+        if done is None:
+            return
+        comparison, weights = done
+        keep(self.state_dir, comparison, weights)
+        log.info("round %d: personalized accuracy %.3f vs global %.3f on the held-out split: serving the %s model",
+                 a.round, comparison.personalized_accuracy, comparison.global_accuracy, comparison.serving)
+        report = DeviceReport(client_id=self.client_id, round=a.round, kind="evaluation", reason="personalization",
+                              metrics=comparison.metrics(), sent_at=time.time(), run=a.run, session=a.session)
+        try:
+            self.link.publish(topics.report_topic(self.federation, self.client_id), to_json(report), timeout=10)
+        except (PublishRefused, TimeoutError) as err:
+            log.warning("could not report the personalization of round %d: %s", a.round, err)
 
     def _finish(self, a: RoundAnnouncement) -> None:
         with self._mark_lock:

@@ -33,6 +33,7 @@ class Dispatcher:
         self.inbox = Inbox(self._handle_item, self._refuse_busy, workers=workers)
         self.cluster: Any = None  # cluster.coordinator.ClusterCoordinator when several aggregators share the work
         self.secure: Callable[[], Any] = lambda: None  # the secure round's exchange while one runs
+        self.on_evaluation: Callable[[str, dict[str, float]], bool] = lambda client, metrics: False
 
     # --- the network thread: classify and enqueue only ------------------------------------------
 
@@ -110,6 +111,15 @@ class Dispatcher:
             return
         if report.kind == "deployed":  # an inference model installed: the rollout's business, not a round's
             self.rollout.on_report(report)
+            return
+        if report.kind == "evaluation":  # a device's own numbers (personalization), not an answer to a round
+            if report.run != self.run():
+                self.refuse("report", "run", f"evaluation report from {report.client_id} for run {report.run[:16]!r}")
+            elif self.on_evaluation(report.client_id, report.metrics):
+                self.metrics.report(report.kind)
+            else:
+                self.refuse("report", "metrics", f"evaluation report from {report.client_id} without the "
+                            "personalized_accuracy and global_accuracy it needs")
             return
         attempt = self.current()
         if report.run != self.run():

@@ -1,4 +1,5 @@
-"""Per-round KPIs: participation, bytes per accuracy point, privacy spent, fairness, drift and anomalies.
+"""Per-round KPIs: participation, bytes per accuracy point, privacy spent, fairness, drift, anomalies and the
+devices' personalization A/B.
 
 Fairness is the global model's accuracy on each client's own held-out data (numbers the devices report,
 never data). Drift is a client's loss on its fresh local data rising over a window of rounds. Anomalies
@@ -11,6 +12,7 @@ product without bias, with a relative error of order 1/sqrt(m) for updates sprea
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,17 @@ def fairness(client_metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
             "client_accuracy_p10": float(np.percentile(arr, 10)), "client_accuracies": [float(a) for a in arr]}
 
 
+def personalization(latest: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """The devices' A/B of personalized vs global models on their own held-out data ({client: (personalized,
+    global) accuracy}, the latest each reported): mean gain, the share where personalization wins, the worst
+    decile of the gain."""
+    if not latest:
+        return {"devices": 0, "mean_gain": None, "win_share": None, "gain_p10": None}
+    gains = np.array([p - g for p, g in latest.values()])
+    return {"devices": len(gains), "mean_gain": float(gains.mean()), "win_share": float(np.mean(gains > 0)),
+            "gain_p10": float(np.percentile(gains, 10))}
+
+
 @dataclass
 class KpiTracker:
     """Running KPI state; rebuilt from the history after a restart (`replay`)."""
@@ -108,6 +121,17 @@ class KpiTracker:
     bytes_total: int = 0
     losses: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     outliers: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+    # personalization: each device's latest (personalized, global) held-out accuracy, from its evaluation reports
+    evaluations: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def evaluation(self, client: str, metrics: Mapping[str, float]) -> bool:
+        """A device's evaluation report (any thread); False if it holds no personalization A/B."""
+        if "personalized_accuracy" not in metrics or "global_accuracy" not in metrics:
+            return False
+        with self._lock:
+            self.evaluations[client] = (float(metrics["personalized_accuracy"]), float(metrics["global_accuracy"]))
+        return True
 
     def replay(self, history: Sequence[RoundRecord | dict[str, Any]]) -> None:
         for record in records(history):
@@ -140,7 +164,15 @@ class KpiTracker:
             "anomaly_flags": self.anomalous(),
             "round_outliers": sorted(outlier_now),
             "cosine_similarity": cosines,
+            "personalization": self._personalization(record),
         }
+
+    def _personalization(self, record: RoundRecord) -> dict[str, Any]:
+        """The A/B so far; on a replay, the one the record kept (reports are not in the history)."""
+        with self._lock:
+            if self.evaluations:
+                return personalization(self.evaluations)
+        return record.kpis.get("personalization") or personalization({})
 
     def _bytes_per_point(self, accuracy: float | None) -> float | None:
         if accuracy is None or self.initial_accuracy is None:
@@ -176,7 +208,7 @@ def summarize(history: Sequence[RoundRecord | dict[str, Any]]) -> dict[str, Any]
         for reason, n in record.rejected.items():
             rejected[reason] += n
     keys = ("bytes_per_accuracy_point", "epsilon", "client_accuracy_mean", "client_accuracy_std",
-            "client_accuracy_p10", "drift_flags", "anomaly_flags")
+            "client_accuracy_p10", "drift_flags", "anomaly_flags", "personalization")
     return {
         "successful_client_rounds": sum(r.accepted for r in complete),
         "selected": sum(r.selected for r in rounds),

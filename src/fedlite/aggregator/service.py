@@ -96,6 +96,7 @@ class Aggregator:
         self.cluster = ClusterCoordinator(self, signer) if config.cluster.member and signer else None
         self.dispatch.cluster = self.cluster
         self.dispatch.secure = lambda: self.secure
+        self.dispatch.on_evaluation = self.kpis.evaluation
 
     # --- the run ------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ ROUND_FIELDS = ("round", "status", "close_reason", "selected", "accepted", "decl
                 "accuracy", "loss", "duration_seconds", "started_at", "completed_at", "epsilon", "delta")
 # KPI fields kept for every round (the bulky per-client ones only for the latest round).
 ROUND_KPIS = ("successful_client_rounds", "cumulative_successful_client_rounds", "bytes_per_accuracy_point",
-              "epsilon", "client_accuracy_mean", "client_accuracy_std", "client_accuracy_p10")
+              "epsilon", "client_accuracy_mean", "client_accuracy_std", "client_accuracy_p10", "personalization")
 
 
 @dataclass
@@ -188,6 +188,7 @@ def totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "loss": last.get("loss"),
         "epsilon": last.get("epsilon"),
         "bytes_per_accuracy_point": (last.get("kpis") or {}).get("bytes_per_accuracy_point"),
+        "personalization": (last.get("kpis") or {}).get("personalization"),
     }
 
 

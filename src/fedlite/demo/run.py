@@ -127,7 +127,8 @@ def _with_overrides(task: Task, plan: DemoPlan) -> Task:
 def _start_agent(fed: LocalFederation, device: str, shard: Path, holdout: float = 0.2, seed: int = 0) -> None:
     """An agent whose shuffles follow the demo's --seed (a run with the same seed repeats its devices' batches)."""
     fed.start(device, "agent", fed.agent_config(device, shard, data={"holdout_fraction": holdout},
-                                                agent={"seed": agent_seed(seed, device)}))
+                                                agent={"seed": agent_seed(seed, device)},
+                                                personalization={"enabled": True}))
 
 
 def clients_per_round(plan: DemoPlan) -> int:
@@ -226,6 +227,12 @@ def _finish(task: Task, plan: DemoPlan, run_dir: Path, history: list[RoundRecord
         say(f"secure aggregation: per device and round {human_bytes(summary['secure_device_bytes_up_per_round'])} "
             f"sent (masked input and key stages), {human_bytes(summary['secure_device_relay_bytes_per_round'])} of "
             f"relays received, {summary['secure_device_cpu_seconds_per_round'] * 1000:.0f} ms CPU on the stages")
+    ab = (summary.get("kpis") or {}).get("personalization") or {}
+    if ab.get("devices"):
+        wins = round(ab["win_share"] * ab["devices"])
+        say(f"personalized models (the head fine-tuned on each device) vs the global model on the devices' own "
+            f"held-out data: mean gain {100 * ab['mean_gain']:+.1f} pt, better on {wins} of {ab['devices']} devices, "
+            f"worst decile {100 * ab['gain_p10']:+.1f} pt")
     say(f"int8 inference model: {summary['int8_model']}")
     say(f"report: {run_dir / 'report'} (summary.json and plots)")
     return summary

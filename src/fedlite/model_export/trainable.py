@@ -7,6 +7,9 @@ Signatures (batch axis dynamic, all tensors float32 unless noted; `P` = num_para
         the returned loss is the cross-entropy part, computed before the step.
     train_plain(x, y, lr) -> {"loss": []}
         The same step without the FedProx term (no anchor ops in its graph): what a device runs when mu = 0.
+    train_head(x, y, lr) -> {"loss": []}
+        `train_plain` on the head alone (the last layer: the last two weights in manifest order, or the last one
+        if it is not a bias); every other weight stays as it is. What on-device personalization runs.
     infer(x [N, *input_shape]) -> {"logits": [N, C], "probabilities": [N, C]}
     evaluate(x [N, *input_shape], y [N, C] one-hot) -> {"loss": [], "accuracy": []}   (batch means)
     get_weights() -> {"weights": [P]}          all weights flattened in manifest order, concatenated
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from fedlite.protocol.manifest import EXPORTED_SIGNATURES, PLAIN_TRAIN
+from fedlite.protocol.manifest import EXPORTED_SIGNATURES, HEAD_TRAIN, PLAIN_TRAIN
 
 from .architectures import ModelDef
 
@@ -54,6 +57,7 @@ class TrainableModel(tf.Module):
         lr = tf.TensorSpec([], tf.float32, name="lr")
         self.train = tf.function(self._train, input_signature=[x, y, lr, tf.TensorSpec([], tf.float32, name="mu")])
         setattr(self, PLAIN_TRAIN, tf.function(self._train_plain, input_signature=[x, y, lr]))
+        setattr(self, HEAD_TRAIN, tf.function(self._train_head, input_signature=[x, y, lr]))
         self.infer = tf.function(self._infer, input_signature=[x])
         self.evaluate = tf.function(self._evaluate, input_signature=[x, y])
         self.get_weights = tf.function(self._get_weights, input_signature=[])
@@ -77,14 +81,19 @@ class TrainableModel(tf.Module):
     def _train_plain(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> dict[str, tf.Tensor]:
         return self._sgd_step(x, y, lr, lambda loss: loss)
 
-    def _sgd_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor,
-                  objective: Callable[[tf.Tensor], tf.Tensor]) -> dict[str, tf.Tensor]:
-        """One SGD step on `objective(cross-entropy)`; returns the cross-entropy before the step."""
+    def _train_head(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._sgd_step(x, y, lr, lambda loss: loss, self.vars[-head_size(self.shapes):])
+
+    def _sgd_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor, objective: Callable[[tf.Tensor], tf.Tensor],
+                  trained: Sequence[tf.Variable] | None = None) -> dict[str, tf.Tensor]:
+        """One SGD step on `objective(cross-entropy)` for the `trained` variables (all by default); returns the
+        cross-entropy before the step."""
+        trained = list(self.vars if trained is None else trained)
         with tf.GradientTape() as tape:
             loss, _ = self._cross_entropy(x, y)
             total = objective(loss)
-        grads = tape.gradient(total, self.vars)
-        for var, grad in zip(self.vars, grads, strict=True):
+        grads = tape.gradient(total, trained)
+        for var, grad in zip(trained, grads, strict=True):
             var.assign_sub(lr * grad)
         return {"loss": loss}
 
@@ -112,6 +121,11 @@ class TrainableModel(tf.Module):
     def signatures(self, names: Sequence[str] = EXPORTED_SIGNATURES) -> dict[str, Any]:
         """The concrete functions of `names`, by name."""
         return {name: getattr(self, name).get_concrete_function() for name in names}
+
+
+def head_size(shapes: Sequence[Sequence[int]]) -> int:
+    """How many of the last weights are the head: the output layer's kernel and bias (2), or its kernel alone."""
+    return 2 if len(shapes) >= 2 and len(shapes[-1]) == 1 and len(shapes[-2]) >= 2 else 1
 
 
 def initial_weights(model_def: ModelDef, weights: Mapping[str, np.ndarray] | None, seed: int) -> dict[str, np.ndarray]:

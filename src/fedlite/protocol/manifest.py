@@ -18,7 +18,9 @@ interface or the exporter's version changes it (a model with `train_plain` and o
 hashes). The bytes of each file are covered by its own sha256 under `files`, not by `model_hash`.
 
 Every model has the signatures SIGNATURE_NAMES; models exported since `train_plain` (one SGD step without the
-FedProx term, used by a device whenever mu = 0) have it too and list it under `signatures`.
+FedProx term, used by a device whenever mu = 0) have it too and list it under `signatures`, and so do models
+exported since `train_head` (the same step on the head alone: the last layer's kernel and bias, the last two
+weights in manifest order; what on-device personalization trains).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ TRAIN_FILE = "train.tflite"
 INFER_INT8_FILE = "infer_int8.tflite"
 SIGNATURE_NAMES = ("train", "infer", "evaluate", "get_weights", "set_weights")  # every model has these
 PLAIN_TRAIN = "train_plain"  # `train` without the FedProx term; models exported before it lack it
-EXPORTED_SIGNATURES = (*SIGNATURE_NAMES, PLAIN_TRAIN)  # what the exporter writes
+HEAD_TRAIN = "train_head"  # `train_plain` on the last layer's weights alone (personalization); may be absent too
+EXPORTED_SIGNATURES = (*SIGNATURE_NAMES, PLAIN_TRAIN, HEAD_TRAIN)  # what the exporter writes
 
 REQUIRED_KEYS = ("format", "format_version", "arch", "options", "input", "classes", "weights", "num_params",
                  "signatures", "files", "model_hash", "exporter_version")
@@ -66,6 +69,7 @@ def signature_specs(input_shape: Sequence[int], classes: int, num_params: int) -
     return {
         "train": {"inputs": {"x": x, "y": y, "lr": scalar, "mu": scalar}, "outputs": {"loss": scalar}},
         PLAIN_TRAIN: {"inputs": {"x": x, "y": y, "lr": scalar}, "outputs": {"loss": scalar}},
+        HEAD_TRAIN: {"inputs": {"x": x, "y": y, "lr": scalar}, "outputs": {"loss": scalar}},
         "infer": {"inputs": {"x": x}, "outputs": {"logits": y, "probabilities": y}},
         "evaluate": {"inputs": {"x": x, "y": y}, "outputs": {"loss": scalar, "accuracy": scalar}},
         "get_weights": {"inputs": {}, "outputs": {"weights": _spec([num_params])}},

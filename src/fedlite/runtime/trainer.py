@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.protocol.manifest import PLAIN_TRAIN, load_manifest, read_model_file, unflatten
+from fedlite.protocol.manifest import HEAD_TRAIN, PLAIN_TRAIN, load_manifest, read_model_file, unflatten
 from fedlite.runtime.interpreter import load_interpreter
 
 ShouldContinue = Callable[[], bool]
@@ -103,7 +103,7 @@ class Trainer:
         self._runners = {name: self.interpreter.get_signature_runner(name) for name in manifest["signatures"]}
         self._steps = {name: TrainStep(self._runners[name], tuple(n for n in manifest["signatures"][name]["inputs"]
                                                                    if n not in ("x", "y")))
-                       for name in ("train", PLAIN_TRAIN) if name in self._runners}
+                       for name in ("train", PLAIN_TRAIN, HEAD_TRAIN) if name in self._runners}
         self._last: str | None = None
 
     def _invalidate(self) -> None:
@@ -114,8 +114,13 @@ class Trainer:
         """`train_plain` when mu = 0 and the model has it (exported since it exists), else `train`."""
         return PLAIN_TRAIN if mu == 0 and PLAIN_TRAIN in self._steps else "train"
 
-    def _step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float) -> float:
-        name = self.train_signature(mu)
+    @property
+    def trains_head(self) -> bool:
+        """Whether the model can train its head alone (`train_head`; models exported before it cannot)."""
+        return HEAD_TRAIN in self._steps
+
+    def _step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float, head: bool = False) -> float:
+        name = HEAD_TRAIN if head and self.trains_head else self.train_signature(mu)
         if name != self._last:  # the other train signature ran last
             self._invalidate()
             self._last = name
@@ -151,9 +156,10 @@ class Trainer:
 
     def train_epochs(self, x: np.ndarray, y_int: np.ndarray, epochs: int, batch_size: int, lr: float,
                      mu: float = 0.0, rng: np.random.Generator | None = None,
-                     should_continue: ShouldContinue | None = None) -> TrainResult:
+                     should_continue: ShouldContinue | None = None, head: bool = False) -> TrainResult:
         """SGD over shuffled minibatches; `should_continue()` is asked before every batch. Each epoch's shuffle is
-        applied once (one gather), so that every batch is a contiguous slice."""
+        applied once (one gather), so that every batch is a contiguous slice. `head`: the last layer alone
+        (`train_head`; the whole model on a model without it)."""
         x, y = self._inputs(x), one_hot(y_int, self.classes)
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
@@ -174,7 +180,7 @@ class Trainer:
                     return result(True, "stopped: should_continue() returned False")
                 xb, yb = xs[start:start + batch_size], ys[start:start + batch_size]
                 # a short last batch steps in proportion to its size: a full step on a few examples is noise
-                loss = self._step(xb, yb, lr * len(xb) / batch_size, mu)
+                loss = self._step(xb, yb, lr * len(xb) / batch_size, mu, head)
                 if not math.isfinite(loss):
                     return result(True, f"loss is not finite ({loss}) at step {steps + 1}")
                 steps, seen, loss_sum = steps + 1, seen + len(xb), loss_sum + loss * len(xb)

@@ -302,6 +302,11 @@ function renderTiles(state) {
   setText("t-epsilon", isNum(t.epsilon) ? t.epsilon.toPrecision(3) : (last ? "off" : "–"));
   const delta = last && isNum(last.delta) ? `at δ = ${last.delta}` : "";
   setText("t-epsilon-sub", isNum(t.epsilon) ? delta : (last ? "no differential privacy" : ""));
+  const ab = t.personalization;  // the devices' personalized vs global model on their own held-out data
+  const on = ab && ab.devices > 0 && isNum(ab.mean_gain);
+  setText("t-personal", on ? `${ab.mean_gain >= 0 ? "+" : ""}${(100 * ab.mean_gain).toFixed(1)} pt` : (last ? "off" : "–"));
+  setText("t-personal-sub", on ? `better on ${Math.round(ab.win_share * ab.devices)} of ${ab.devices} devices · `
+    + `worst decile ${(100 * ab.gain_p10).toFixed(1)} pt` : (last ? "no device reports personalization" : ""));
   if (fleet && fleet.counts) {
     const c = fleet.counts;
     setText("t-fleet", `${c.online ?? "–"} / ${c.known ?? "–"}`);
