@@ -204,6 +204,17 @@ def _texts(browser: Any, selector: str, attribute: str | None = None) -> list[st
     return browser.execute_script(script, selector, attribute)
 
 
+def _rows(browser: Any, selector: str, key: str) -> dict[str, dict[str, Any]]:
+    """Each row matching `selector` by its `key` attribute: its liveness, class, first cell's opacity and each
+    `td[data-field]`'s text, read in one script (rows found one call earlier may be gone at the next poll)."""
+    script = ("return [...document.querySelectorAll(arguments[0])].map((r) => [r.getAttribute(arguments[1]), {"
+              "liveness: r.getAttribute('data-liveness'), class: r.className,"
+              "opacity: r.querySelector('td') ? parseFloat(getComputedStyle(r.querySelector('td')).opacity) : null,"
+              "cells: Object.fromEntries([...r.querySelectorAll('td[data-field]')]"
+              ".map((td) => [td.getAttribute('data-field'), td.innerText]))}]);")
+    return dict(browser.execute_script(script, selector, key))
+
+
 def _history(state_dir: Path) -> list[dict[str, Any]]:
     try:
         return json.loads((state_dir / "history.json").read_text())
@@ -373,20 +384,17 @@ def test_fleet_registry_and_rounds_render_in_chromium(tmp_path: Path) -> None:
         try:
             browser = _browser()
             browser.get(handle.url)
-            table = browser.find_element("id", "fleet-table")
-            _wait(lambda: table.get_attribute("data-devices") == "4", 15, "the fleet table")
-            rows = {row.get_attribute("data-client"): row
-                    for row in browser.find_elements("css selector", "#fleet-table tbody tr")}
-            assert {cid: row.get_attribute("data-liveness") for cid, row in rows.items()} == {
+            _wait(lambda: browser.find_element("id", "fleet-table").get_attribute("data-devices") == "4", 15,
+                  "the fleet table")
+            rows = _rows(browser, "#fleet-table tbody tr", "data-client")  # read at once: the page re-renders
+            assert {cid: row["liveness"] for cid, row in rows.items()} == {
                 "fresh": "online", "busy": "training", "gone": "stale", "quit": "offline"}
-            greyed = {cid: "stale" in row.get_attribute("class") for cid, row in rows.items()}
+            greyed = {cid: "stale" in row["class"] for cid, row in rows.items()}
             assert greyed == {"fresh": False, "busy": False, "gone": True, "quit": True}
-            opacity = {cid: float(row.find_element("tag name", "td").value_of_css_property("opacity"))
-                       for cid, row in rows.items()}
-            assert opacity["fresh"] == 1.0 and opacity["gone"] < 1.0
+            assert rows["fresh"]["opacity"] == 1.0 and rows["gone"]["opacity"] < 1.0
 
             def cell(cid: str, field: str) -> str:
-                return rows[cid].find_element("css selector", f"td[data-field={field}]").text
+                return rows[cid]["cells"][field]
 
             assert [cell(c, "liveness") for c in ("fresh", "gone", "quit")] == ["online", "stale", "offline"]
             assert cell("fresh", "deployed_model") == "v2 bbbbbbbb"
@@ -396,15 +404,12 @@ def test_fleet_registry_and_rounds_render_in_chromium(tmp_path: Path) -> None:
 
             registry = browser.find_element("id", "registry")
             assert registry.get_attribute("data-versions") == "12"  # every version, not the latest few
-            listed = [r.get_attribute("data-version") for r in registry.find_elements("css selector", "tbody tr")]
-            assert listed == [str(v) for v in range(12, 0, -1)]
+            assert _texts(browser, "#registry tbody tr", "data-version") == [str(v) for v in range(12, 0, -1)]
 
-            cells = {(row.get_attribute("data-round"), td.get_attribute("data-field")): td.text
-                     for row in browser.find_elements("css selector", "#rounds-table tbody tr")
-                     for td in row.find_elements("css selector", "td[data-field]")}
+            rounds = _rows(browser, "#rounds-table tbody tr", "data-round")
             fields = ("timed_out", "cut_off", "close_reason")
-            assert [cells["1", f] for f in fields] == ["2", "0", "deadline"]
-            assert [cells["2", f] for f in fields] == ["0", "2", "K updates"]
+            assert [rounds["1"]["cells"][f] for f in fields] == ["2", "0", "deadline"]
+            assert [rounds["2"]["cells"][f] for f in fields] == ["0", "2", "K updates"]
             headers = [th.text for th in browser.find_elements("css selector", "#rounds-table th")]
             assert "TIMED OUT" in headers and "CUT OFF" in headers, headers
             assert "2 timed out · 2 cut off" in browser.find_element("id", "participation-sub").text
@@ -413,8 +418,8 @@ def test_fleet_registry_and_rounds_render_in_chromium(tmp_path: Path) -> None:
             (tmp_path / "fleet.json").write_text(json.dumps(_fleet(time.time(), ended_at=time.time())))
             pill = browser.find_element("id", "status-pill")
             _wait(lambda: pill.text == "run ended", 15, "the page to show the run has ended")
-            liveness = {row.get_attribute("data-client"): row.get_attribute("data-liveness")
-                        for row in browser.find_elements("css selector", "#fleet-table tbody tr")}
+            liveness = {cid: row["liveness"] for cid, row in _rows(browser, "#fleet-table tbody tr",
+                                                                   "data-client").items()}
             assert liveness == {"fresh": "stale", "busy": "stale", "gone": "stale", "quit": "offline"}
             assert browser.find_element("id", "t-fleet").text == "0 / 4"
 
