@@ -71,7 +71,7 @@ def _python_files(spec: ProjectSpec, task: Task) -> Files:
     shape = dict(input_shape=_shape(task), classes=task.classes)
     return {"model.py": _template("model.py.tmpl", **shape, hidden=list(task.options.get("hidden", [64, 32])),
                                   name=re.sub(r"[^A-Za-z0-9_]", "_", spec.name)),
-            "data.py": _template("data.py.tmpl", **shape)}
+            "data.py": _template("data.py.tmpl", **shape, task=task.name)}
 
 
 @writer
