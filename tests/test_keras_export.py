@@ -209,6 +209,7 @@ def _aggregator_toml(folder: Path, model: str, extra: str = "") -> Path:
 def test_the_aggregator_starts_from_a_keras_model_beside_its_config_with_its_weights(
         keras: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedlite.aggregator.bootstrap import initial_model
+    from fedlite.aggregator.checkpoint import ResumeRefused
     from fedlite.aggregator.config import load_config
 
     model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(5, activation="relu", name="h"),
@@ -228,6 +229,11 @@ def test_the_aggregator_starts_from_a_keras_model_beside_its_config_with_its_wei
     assert set(weights) == set(expected)
     for name, value in expected.items():  # the Keras weights, not the seed's initialisation
         np.testing.assert_array_equal(weights[name], value)
+    assert initial_model(load_config(path), tmp_path / "models", None)[0] == manifest  # a restart: the same run
+    keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(4, name="h"),
+                      keras.layers.Dense(3, name="out")]).save(project / "models/m.keras")
+    with pytest.raises(ResumeRefused, match="is not the model this run started from .* --reset"):
+        initial_model(load_config(path), tmp_path / "models", None)
 
 
 def test_a_missing_or_unsupported_keras_model_is_a_one_line_aggregator_config_error(

@@ -56,6 +56,7 @@ def initial_model(config: AggregatorConfig, models_dir: Path,
         log.info("exporting the initial model to %s", folder)
         export_round(config.model, folder, keras_model.initial_weights(config.model), representative)
     manifest = json.loads((folder / "manifest.json").read_text())
+    keras_model.check_same_model(config.model, manifest, folder)
     train_bytes = (folder / "train.tflite").read_bytes()
     return manifest, train_bytes, unflatten(Evaluator(train_bytes, manifest).get_weights(), manifest)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,3 +37,18 @@ def initial_weights(spec: ModelSection) -> dict[str, np.ndarray] | None:
     from fedlite.model_export.keras_import import load, translate
 
     return translate(load(spec.keras))[1]
+
+
+def check_same_model(spec: ModelSection, manifest: dict[str, Any], folder: Path) -> None:
+    """ResumeRefused unless the run's round-0 model in `folder` is the `[model] keras` model's architecture: a
+    changed model.keras starts a new run (`--reset`), it never re-exports old weights into a new architecture."""
+    if not spec.keras:
+        return
+    from fedlite.aggregator.checkpoint import ResumeRefused
+    from fedlite.protocol.manifest import json_safe
+
+    same = (manifest.get("arch") == "keras" and manifest.get("options") == json_safe(spec.options)
+            and manifest.get("input", {}).get("shape") == spec.input_shape and manifest.get("classes") == spec.classes)
+    if not same:
+        raise ResumeRefused(f"{spec.keras} is not the model this run started from ({folder}): start once with "
+                            "`fedlite aggregator --reset` to move the old state aside and begin a run from it", folder)
