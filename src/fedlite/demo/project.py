@@ -69,7 +69,8 @@ def _shape(task: Task) -> str:
 @writer
 def _python_files(spec: ProjectSpec, task: Task) -> Files:
     shape = dict(input_shape=_shape(task), classes=task.classes)
-    return {"model.py": _template("model.py.tmpl", **shape, hidden=list(task.options.get("hidden", [64, 32])),
+    hidden = list(task.options.get("hidden", [64, 32]))
+    return {"model.py": _template("model.py.tmpl", **shape, seed=spec.seed, hidden=hidden,
                                   name=re.sub(r"[^A-Za-z0-9_]", "_", spec.name)),
             "data.py": _template("data.py.tmpl", **shape, task=task.name)}
 
