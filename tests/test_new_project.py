@@ -120,6 +120,7 @@ def test_the_generated_configs_load_and_the_drop_ins_verify_on_fedlites_units(tm
         config = load_agent(path)
         assert config.data.path == f"data/{path.stem}.npz" and config.device.federation == "proj"
     assert read_toml(project / "aggregator.toml")["model"]["keras"] == "model.keras"
+    assert (project / "data").is_dir() and (project / "state").is_dir()  # the drop-ins' ReadWritePaths
     shards = [np.load(project / f"sample/{a.stem}.npz")["y"] for a in agents]
     assert len(set(np.concatenate(shards).tolist())) == 10 and min(len(s) for s in shards) > 300
     fedlite = str(BIN / "fedlite")

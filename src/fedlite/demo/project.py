@@ -18,6 +18,7 @@ from fedlite.protocol.topics import check_id
 from fedlite.settings import dump_toml
 
 AGGREGATOR = "aggregator"
+WRITABLE = ("data", "state")  # what the data hook and the services write, under the project directory
 EXPORT_EVERY = 5  # TFLite re-exports (deployable inference models) every 5th round and at the last one
 LOCAL_GATES = {"max_cpu_percent": 100.0, "max_load_per_cpu": 1000.0, "allowed_interfaces": ["lo", "eth*", "en*",
                                                                                             "wlan*", "wl*"]}
@@ -177,6 +178,8 @@ def write_project(spec: ProjectSpec) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(Path(relative))
+    for folder in WRITABLE:  # the drop-ins' ReadWritePaths, which must exist when a unit starts
+        (spec.root / folder).mkdir(parents=True, exist_ok=True)
     for relative, (x, y) in sample_data(spec, task).items():
         (spec.root / relative).parent.mkdir(parents=True, exist_ok=True)
         np.savez(spec.root / relative, x=x, y=y)
