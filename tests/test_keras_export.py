@@ -196,3 +196,62 @@ def test_cli_exports_a_saved_keras_model_and_refuses_bad_ones_in_one_line(
         assert main(["export", *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def _aggregator_toml(folder: Path, model: str, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "aggregator.toml"
+    path.write_text(f'[federation]\nname = "k"\nstate_dir = "{folder / "state"}"\n\n'
+                    f'[model]\nkeras = "{model}"\n{extra}')
+    return path
+
+
+def test_the_aggregator_starts_from_a_keras_model_beside_its_config_with_its_weights(
+        keras: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlite.aggregator.bootstrap import initial_model
+    from fedlite.aggregator.checkpoint import ResumeRefused
+    from fedlite.aggregator.config import load_config
+
+    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(5, activation="relu", name="h"),
+                              keras.layers.Dense(3, activation="softmax", name="out")])
+    project = tmp_path / "project"
+    path = _aggregator_toml(project, "models/m.keras")
+    (project / "models").mkdir()
+    model.save(project / "models/m.keras")
+    monkeypatch.chdir(tmp_path)  # resolved from the configuration's directory, not the working one
+    config = load_config(path)
+    spec = config.model
+    assert (spec.keras, spec.arch, spec.input_shape, spec.classes) == (
+        str(project / "models/m.keras"), "keras", [6], 3)
+    manifest, _, weights = initial_model(config, tmp_path / "models", None)
+    assert manifest["arch"] == "keras" and manifest["options"]["layers"] == spec.options["layers"]
+    expected = translate(model)[1]
+    assert set(weights) == set(expected)
+    for name, value in expected.items():  # the Keras weights, not the seed's initialisation
+        np.testing.assert_array_equal(weights[name], value)
+    assert initial_model(load_config(path), tmp_path / "models", None)[0] == manifest  # a restart: the same run
+    keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(4, name="h"),
+                      keras.layers.Dense(3, name="out")]).save(project / "models/m.keras")
+    with pytest.raises(ResumeRefused, match="is not the model this run started from .* --reset"):
+        initial_model(load_config(path), tmp_path / "models", None)
+
+
+def test_a_missing_or_unsupported_keras_model_is_a_one_line_aggregator_config_error(
+        keras: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedlite.cli import main
+
+    lstm = keras.Sequential([keras.Input(shape=(4, 2)), keras.layers.LSTM(3, name="lstm"),
+                             keras.layers.Dense(2, name="out")])
+    lstm.save(tmp_path / "lstm.keras")
+    (tmp_path / "text.keras").write_text("not a model")
+    cases = {"nothing.keras": "model.keras: no Keras model file at",
+             "lstm.keras": "model.keras: unsupported Keras layer LSTM (lstm)",
+             "text.keras": "model.keras: cannot load the Keras model"}
+    for name, message in cases.items():
+        path = _aggregator_toml(tmp_path / name.split(".")[0], f"../{name}")
+        assert main(["aggregator", "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    path = _aggregator_toml(tmp_path / "both", "../lstm.keras", 'builder = "x.py:f"\n')
+    assert main(["aggregator", "--config", str(path)]) == 2
+    assert "keras and builder exclude each other" in capsys.readouterr().err

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("fedlite.keys_cli", "the aggregator's signing keys: generate, show"),
     "demo": ("fedlite.demo.cli", "a complete federated training run on this machine"),
     "simulate": ("fedlite.demo.simulate_cli", "load-test rounds with many virtual agents"),
+    "new": ("fedlite.demo.new_cli", "write a ready project: Keras model, data hook, configs, systemd drop-ins"),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlite.aggregator import keras_model
 from fedlite.aggregator.config import AggregatorConfig
 from fedlite.aggregator.export import export_round, version_dir
 from fedlite.aggregator.state_dir import HISTORY_FILE, load_for_resume
@@ -53,8 +54,9 @@ def initial_model(config: AggregatorConfig, models_dir: Path,
     folder = version_dir(models_dir, 0)
     if not (folder / "manifest.json").is_file():
         log.info("exporting the initial model to %s", folder)
-        export_round(config.model, folder, None, representative)
+        export_round(config.model, folder, keras_model.initial_weights(config.model), representative)
     manifest = json.loads((folder / "manifest.json").read_text())
+    keras_model.check_same_model(config.model, manifest, folder)
     train_bytes = (folder / "train.tflite").read_bytes()
     return manifest, train_bytes, unflatten(Evaluator(train_bytes, manifest).get_weights(), manifest)
 

@@ -44,6 +44,9 @@ class ModelSection:
     classes: Annotated[int, Range(ge=2)] = 10
     options: dict = field(default_factory=dict)
     builder: str = ""  # "package.module:function" for a user's own architecture
+    # a saved tf.keras model (.keras or .h5; relative to this file): arch, input_shape, classes, options and the
+    # round-0 weights come from it
+    keras: str = ""
     seed: Annotated[int, SEED] = 0
     downlink_dtype: str = "float32"  # the full weights' encoding: float32 | float16 | int8 (codecs.DOWNLINK)
     # the step between consecutive rounds' weights, for devices that hold the previous ones: an update codec, or none
@@ -53,6 +56,8 @@ class ModelSection:
 
     def validate(self) -> None:
         require(bool(self.input_shape), "input_shape needs at least one size")
+        require(not (self.keras and self.builder), "keras and builder exclude each other (a Keras model is its own "
+                "architecture)")
         require(self.downlink_dtype in codecs.DOWNLINK,
                 f"downlink_dtype must be one of {', '.join(codecs.DOWNLINK)}, not {self.downlink_dtype!r}")
         require(self.downlink_delta in ("none", *codecs.UPLINK),
@@ -347,7 +352,7 @@ class AggregatorConfig:
 def load_config(path: str | Path, member: str = "") -> AggregatorConfig:
     """The configuration in `path`; `member` sets [cluster] member (several aggregators sharing one file). A
     `[model] builder` is found as `fedlite export` finds it (`model_export.builders`), from the file's directory,
-    and kept in a form that resolves from anywhere."""
+    and kept in a form that resolves from anywhere; so is a `[model] keras` file, whose model sets the architecture."""
     if not member:
         config = load_toml(AggregatorConfig, path)
     else:
@@ -361,4 +366,8 @@ def load_config(path: str | Path, member: str = "") -> AggregatorConfig:
             config.model.builder = canonical(config.model.builder, Path(path).resolve().parent)
         except BuilderError as exc:
             raise ConfigError(f"{path}: model.builder: {exc}") from None
+    if config.model.keras:
+        from fedlite.aggregator.keras_model import resolve
+
+        resolve(config.model, Path(path).resolve().parent, str(path))
     return config
