@@ -227,11 +227,15 @@ def measure(n: int, params: int, repeats: int, levels: int) -> dict[str, Any]:
     for name, values in rows.items():
         out[name] = {key: spread([v[key] for v in values]) for key in values[0]}
     p, s = out["plain"], out["secure"]
-    total = (lambda r: r["device_bytes_up"]["median"] + r["device_bytes_down"]["median"])
-    out["device_bytes_ratio"] = round(total(s) / total(p), 3)
+    out["device_bytes_ratio"] = round(_bytes_total(s) / _bytes_total(p), 3)
     out["uplink_ratio"] = round(s["device_bytes_up"]["median"] / p["device_bytes_up"]["median"], 3)
     out["aggregator_cpu_ratio"] = round(s["aggregator_cpu_s"]["median"] / p["aggregator_cpu_s"]["median"], 2)
     return out
+
+
+def _bytes_total(r: dict[str, Any]) -> float:
+    """A device's median bytes up plus down."""
+    return r["device_bytes_up"]["median"] + r["device_bytes_down"]["median"]
 
 
 def main(argv: list[str] | None = None) -> None:

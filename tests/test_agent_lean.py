@@ -50,6 +50,21 @@ def test_a_server_command_on_an_agent_only_install_says_what_to_install_in_one_l
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+IDLE_PROBE = """
+import json, sys
+from fedlite.agent.models import ModelCache
+from fedlite.runtime.interpreter import runtime_name
+import fedlite.agent.cli, fedlite.agent.service
+print(json.dumps([runtime_name(), sorted(m for m in sys.modules if m.split(".")[0] in ("ai_edge_litert",
+                                                                                     "tflite_runtime"))]))
+"""
+
+
+def test_the_runtime_is_named_without_importing_it() -> None:
+    out = subprocess.run([sys.executable, "-c", IDLE_PROBE], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == ["ai-edge-litert", []]
+
+
 HIDE_RUNTIMES = (
     "import importlib.abc, sys\n"
     "class NoRuntime(importlib.abc.MetaPathFinder):\n"

@@ -100,6 +100,7 @@ class Agent:
         self.state_dir = Path(config.device.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.models = models or ModelCache(self.state_dir / "models", threads=config.agent.threads)
+        self._release_after_round = models is None  # virtual agents share one cache: theirs stays loaded
         self.counters = Counters()
         self.notifier = Notifier()
         self.stop_event = threading.Event()
@@ -148,6 +149,8 @@ class Agent:
                 continue
             if self._should_take_part(announcement):
                 self._take_part(announcement)
+                if self._release_after_round:
+                    self.models.release()  # an idle agent holds no interpreter between rounds
                 next_status = 0.0
         self.notifier.stopping()
         self._publish_offline()
