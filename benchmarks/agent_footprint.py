@@ -3,8 +3,9 @@
 fedlite: `fedlite agent --config` (the product's .venv interpreter, as a device runs it) started through
 `LocalFederation` against a real Mosquitto over TLS, with a digits shard; a coordinator (a plain MQTT client,
 as in tests/test_agent_e2e.py) publishes the 8x8 CNN's train.tflite, the global weights and one round
-announcement. Idle = median VmRSS once the agent is connected and eligible (before its first round);
-training = VmHWM over the round (high-water mark reset just before the announcement).
+announcement per round, 3 rounds. Idle = median VmRSS once the agent is connected and eligible (before its
+first round) and 1 s after each round, with PSS; training = VmHWM over each round (high-water mark reset just
+before its announcement); the agent's CPU seconds and the load average.
 
 Flower: a process running a `ClientApp(client_fn=...)` whose `NumPyClient.fit()` does the same local training
 on the same shard, driven by a real Flower train `Message` (FitIns -> FitRes through Flower's legacy handler,
