@@ -3,8 +3,9 @@
 fedlite: `fedlite agent --config` (the product's .venv interpreter, as a device runs it) started through
 `LocalFederation` against a real Mosquitto over TLS, with a digits shard; a coordinator (a plain MQTT client,
 as in tests/test_agent_e2e.py) publishes the 8x8 CNN's train.tflite, the global weights and one round
-announcement. Idle = median VmRSS once the agent is connected and eligible (before its first round);
-training = VmHWM over the round (high-water mark reset just before the announcement).
+announcement per round, 3 rounds. Idle = median VmRSS once the agent is connected and eligible (before its
+first round) and 1 s after each round, with PSS; training = VmHWM over each round (high-water mark reset just
+before its announcement); the agent's CPU seconds and the load average.
 
 Flower: a process running a `ClientApp(client_fn=...)` whose `NumPyClient.fit()` does the same local training
 on the same shard, driven by a real Flower train `Message` (FitIns -> FitRes through Flower's legacy handler,
@@ -127,7 +128,8 @@ class Coordinator:
         self.client.disconnect()
 
 
-def fedlite_agent(model_dir: Path, epochs: int, run_dir: Path) -> dict[str, Any]:
+def fedlite_agent(model_dir: Path, epochs: int, run_dir: Path, rounds: int = 3) -> dict[str, Any]:
+    """Idle VmRSS/PSS before the first round and after each, the peak of each round, CPU time and load."""
     from fedlite.demo.cluster import LocalFederation, write_shard
     from fedlite.protocol.codec import decode
     from fedlite.protocol.layout import num_params, unflatten
@@ -147,21 +149,42 @@ def fedlite_agent(model_dir: Path, epochs: int, run_dir: Path) -> dict[str, Any]
             coordinator.wait("status", 60, lambda p: json.loads(p).get("eligible"))
             time.sleep(2.0)
             pid = agent.popen.pid
-            idle = sample_rss(pid)
-            reset_peak_rss(pid)
-            started = time.perf_counter()
-            coordinator.announce(1, weights, epochs)
-            update = decode(coordinator.wait("updates", 120))
-            seconds = time.perf_counter() - started
-            status = proc_status(pid)
-            after = sample_rss(pid)
+            idle, idle_pss, cpu_idle = sample_rss(pid), pss(pid), cpu_seconds(pid)
+            peaks, after, after_pss, seconds, examples = [], [], [], [], 0
+            for number in range(1, rounds + 1):
+                reset_peak_rss(pid)
+                started = time.perf_counter()
+                coordinator.announce(number, weights, epochs)
+                update = decode(coordinator.wait("updates", 120, lambda p, n=number: decode(p).header.round == n))
+                seconds.append(time.perf_counter() - started)
+                peaks.append(proc_status(pid)["VmHWM"])
+                time.sleep(1.0)
+                after.append(sample_rss(pid))
+                after_pss.append(pss(pid))
+                examples = update.header.num_examples
         except Exception as exc:
             raise RuntimeError(f"{exc}\n--- agent log ---\n{agent.log_tail(30)}") from exc
         finally:
             coordinator.close()
-        return {"idle_bytes": idle, "train_peak_bytes": status["VmHWM"], "after_round_bytes": after,
-                "round_seconds": seconds, "update_examples": update.header.num_examples,
+        return {"idle_bytes": idle, "idle_pss_bytes": idle_pss, "train_peak_bytes": max(peaks),
+                "round_peak_bytes": peaks, "after_round_bytes": max(after), "after_rounds_bytes": after,
+                "after_round_pss_bytes": max(after_pss), "round_seconds": seconds, "update_examples": examples,
+                "cpu_seconds_startup": cpu_idle, "cpu_seconds_total": cpu_seconds(pid), "load": os.getloadavg(),
                 "python": str(MAIN_PYTHON), "process": "fedlite agent --config (ai-edge-litert, paho-mqtt, numpy)"}
+
+
+def pss(pid: int) -> int:
+    """Proportional set size in bytes (shared pages divided among their users), from smaps_rollup."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its waited-for children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 # --- Flower client --------------------------------------------------------------------------------
@@ -341,6 +364,9 @@ def measure(cache: Path, epochs: int, flower: bool, supernode: bool, trainers: l
 def summarize(out: dict[str, Any]) -> dict[str, Any]:
     f = out["fedlite"]
     out["fedlite_idle_mb"], out["fedlite_train_mb"] = f["idle_bytes"] / MIB, f["train_peak_bytes"] / MIB
+    out["fedlite_after_round_mb"] = f["after_round_bytes"] / MIB
+    out["fedlite_idle_pss_mb"], out["fedlite_after_round_pss_mb"] = f["idle_pss_bytes"] / MIB, \
+        f["after_round_pss_bytes"] / MIB
     flower = out.get("flower_tflite")
     if flower:
         out["flower_idle_mb"], out["flower_train_mb"] = flower["idle_bytes"] / MIB, flower["train_peak_bytes"] / MIB

@@ -145,7 +145,10 @@ def footprint_rows(f: dict[str, Any]) -> list[list[str]]:
     if f.get("flower_tf"):
         train_flower += f"; {fmt_bytes(f['flower_tf']['train_peak_bytes'])} (TF trainer)"
     model = f"{f['model']}, {f['epochs']} epochs on {int(0.8 * f['shard'])} examples"
-    return [[f"3. device idle RSS ({model})", fmt_bytes(f["fedlite"]["idle_bytes"]), idle_flower, ratio,
+    mine = f["fedlite"]
+    idle_mine = (f"{fmt_bytes(mine['idle_bytes'])} (PSS {fmt_bytes(mine['idle_pss_bytes'])}); after a round "
+                 f"{fmt_bytes(mine['after_round_bytes'])} (PSS {fmt_bytes(mine['after_round_pss_bytes'])})")
+    return [[f"3. device idle RSS ({model})", idle_mine, idle_flower, ratio,
              "< 60 MiB; ≤ 0.5× Flower", f"{verdict(f['met_idle'])}; {verdict(f['met_idle_ratio'])} (ClientApp)"
              + (f"; {verdict(f['idle_ratio_vs_supernode'] <= 0.5)} (SuperNode)" if node else "")],
             [f"3. device peak RSS in one round ({model})", fmt_bytes(f["fedlite"]["train_peak_bytes"]), train_flower,

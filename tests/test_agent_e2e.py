@@ -108,6 +108,9 @@ def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
         coordinator = Coordinator(fed, manifest, train_bytes)
         agent = fed.start(DEVICE, "agent", config)
         wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
+        maps = Path(f"/proc/{agent.popen.pid}/maps").read_text()  # idle: neither the TFLite runtime nor the
+        assert not [lib for lib in ("ai_edge_litert", "tflite_runtime", "cryptography") if lib in maps]  # crypto
+        assert coordinator.statuses()[-1]["runtime"] == "ai-edge-litert"  # named without importing it
 
         # 1. selected, eligible: trains and sends an int8 update that decodes against the model's layout
         coordinator.announce(1, weights, TrainingPlan(epochs=2, batch_size=32, learning_rate=0.1))

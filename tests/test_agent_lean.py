@@ -50,6 +50,21 @@ def test_a_server_command_on_an_agent_only_install_says_what_to_install_in_one_l
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+IDLE_PROBE = """
+import json, sys
+from fedlite.agent.models import ModelCache
+from fedlite.runtime.interpreter import runtime_name
+import fedlite.agent.cli, fedlite.agent.service
+print(json.dumps([runtime_name(), sorted(m for m in sys.modules if m.split(".")[0] in ("ai_edge_litert",
+                                                                                     "tflite_runtime"))]))
+"""
+
+
+def test_the_runtime_is_named_without_importing_it() -> None:
+    out = subprocess.run([sys.executable, "-c", IDLE_PROBE], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == ["ai-edge-litert", []]
+
+
 HIDE_RUNTIMES = (
     "import importlib.abc, sys\n"
     "class NoRuntime(importlib.abc.MetaPathFinder):\n"
@@ -87,3 +102,20 @@ def test_the_missing_runtime_message_names_the_extra_that_has_wheels_for_the_pyt
     older = missing_runtime_message((3, 11))
     assert "'fedlite[agent-legacy]' (tflite-runtime 2.14 with numpy<2, Python 3.11)" in older
     assert "\n" not in newer + older
+
+
+def test_an_installed_runtime_that_does_not_import_stops_the_agent_at_start_up_in_one_line(tmp_path) -> None:
+    import os
+
+    broken = tmp_path / "site" / "ai_edge_litert"  # shadows the real package, as a half-upgraded install would
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('numpy.core.multiarray failed to import')\n")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\nclient_id = "d"\nfederation = "f"\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[data]\nsource = "npz"\npath = "{tmp_path / "data.npz"}"\n[trust]\nallow_unsigned = true\n')
+    env = os.environ | {"PYTHONPATH": str(tmp_path / "site")}
+    agent = subprocess.run([sys.executable, "-m", "fedlite.cli", "agent", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert agent.returncode == 2, agent.stderr
+    assert agent.stderr.splitlines() == ["fedlite agent: ai-edge-litert is installed but does not import: "
+                                         "ImportError: numpy.core.multiarray failed to import"], agent.stderr

@@ -63,3 +63,46 @@ def test_an_agent_without_a_pinned_key_does_not_start(tmp_path):
     path.write_text('[device]\nclient_id = "a"\nfederation = "f"\n[data]\nsource = "npz"\npath = "x.npz"\n')
     with pytest.raises(ConfigError, match="pin the aggregator's public key"):
         load_config(path)
+
+
+RFC8032_TEST_1 = ("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+                  "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b4"
+                  "6bd25bf5f0595bbe24655141438e7a100b")
+
+
+def test_the_device_verifier_accepts_rfc8032_and_openssl_signatures_and_refuses_altered_ones(keys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedlite.protocol import ed25519
+
+    public, signature = (bytes.fromhex(h) for h in RFC8032_TEST_1)
+    assert ed25519.verify(public, signature, b"") and not ed25519.verify(public, signature, b"\0")
+    key = Ed25519PrivateKey.generate()
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    for size in (0, 1, 1000):
+        message = bytes(range(256)) * (size // 256) + b"m" * (size % 256)
+        good = key.sign(message)
+        assert ed25519.verify(raw, good, message)
+        s_plus_order = (int.from_bytes(good[32:], "little") + ed25519.L).to_bytes(32, "little")  # malleated S
+        for bad in (good[:5] + bytes([good[5] ^ 1]) + good[6:], good[:40] + bytes([good[40] ^ 1]) + good[41:],
+                    good[:32] + s_plus_order):
+            assert not ed25519.verify(raw, bad, message)
+
+
+def test_a_device_verifies_without_loading_cryptography(keys):
+    (private, public), _ = keys
+    envelope = Signer.from_file(private).sign("t", b"x")
+    probe = (f"import sys; from fedlite.protocol.signing import Verifier\n"
+             f"assert Verifier.from_files([{str(public)!r}]).verify('t', {envelope!r}) == b'x'\n"
+             f"print(sorted(m for m in sys.modules if m.startswith('cryptography')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_file_that_is_not_an_ed25519_public_key_is_named(tmp_path, keys):
+    (private, _), _ = keys
+    for text in ("hello", private.read_text()):
+        (tmp_path / "k.pub").write_text(text)
+        with pytest.raises(ValueError, match=r"k\.pub is not an Ed25519 public key"):
+            Verifier.from_files([str(tmp_path / "k.pub")])

@@ -46,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from fedlite.agent.service import Agent
     from fedlite.logs import configure_logging
     from fedlite.protocol.transport import LinkError
-    from fedlite.runtime.interpreter import RuntimeMissing, runtime_name
+    from fedlite.runtime.interpreter import RuntimeMissing, probe_runtime
     from fedlite.settings import ConfigError
 
     configure_logging(args.log_level)
     try:
         config = load_config(args.config)
-        runtime_name()  # an install without a TFLite runtime: a restart would not bring one
+        probe_runtime()  # an install without a working TFLite runtime: a restart would not bring one
     except (ConfigError, RuntimeMissing) as exc:
         print(f"fedlite agent: {exc}", file=sys.stderr)
         return CONFIG_ERROR

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import json
 import os
@@ -76,8 +79,26 @@ class ModelCache:
             self._loaded = (model_hash, trainer, manifest)
         return self._loaded[1], self._loaded[2]
 
+    def release(self) -> None:
+        """Drop the loaded Trainer (its interpreter and tensors) and hand the freed heap back to the system."""
+        with self.lock:
+            self._loaded = None
+        gc.collect()
+        trim_heap()
+
     def _evict(self, keep: str) -> None:
         folders = sorted((p for p in self.directory.iterdir() if p.is_dir() and p.name != keep),
                          key=lambda p: p.stat().st_mtime)
         for old in folders[: max(0, len(folders) - (MAX_CACHED_MODELS - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim: return the free heap pages to the system (a no-op where the C library lacks it)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        return

@@ -53,10 +53,10 @@ def run_checks(config_path: str | Path) -> list[Check]:
 
 
 def _runtime() -> Check:
-    from fedlite.runtime.interpreter import RuntimeMissing, runtime_name
+    from fedlite.runtime.interpreter import RuntimeMissing, probe_runtime
 
     try:
-        return Check(PASS, "runtime", runtime_name())
+        return Check(PASS, "runtime", probe_runtime())
     except RuntimeMissing as exc:
         return Check(FAIL, "runtime", str(exc))
 

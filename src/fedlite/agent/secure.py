@@ -10,16 +10,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedlite.agent.stage import StageFailed
 from fedlite.protocol.errors import ProtocolError
 from fedlite.protocol.messages import RelayMessage, RoundAnnouncement, SecureMessage, from_json, to_json
 from fedlite.protocol.secagg import keys, masking, quantize, wire
 from fedlite.protocol.secagg.participant import Participant, StageError, round_context
 
 log = logging.getLogger("fedlite.agent")
-
-
-class StageFailed(Exception):
-    """The secure round cannot go on for this device (it aborts the round)."""
 
 
 def quantization(a: RoundAnnouncement) -> quantize.Quantization:

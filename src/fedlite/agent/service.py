@@ -25,7 +25,7 @@ from fedlite.agent.gates import describe, failed_gates
 from fedlite.agent.models import ModelCache
 from fedlite.agent.residual import FILE as RESIDUAL_FILE
 from fedlite.agent.residual import ResidualKey, ResidualStore
-from fedlite.agent.secure import SecureSession, StageFailed
+from fedlite.agent.stage import StageFailed
 from fedlite.agent.state import FileState, PsutilState, StateProvider
 from fedlite.protocol import codecs, topics
 from fedlite.protocol.codec import Header, encode_update_with_residual
@@ -100,6 +100,7 @@ class Agent:
         self.state_dir = Path(config.device.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.models = models or ModelCache(self.state_dir / "models", threads=config.agent.threads)
+        self._release_after_round = models is None  # virtual agents share one cache: theirs stays loaded
         self.counters = Counters()
         self.notifier = Notifier()
         self.stop_event = threading.Event()
@@ -151,6 +152,8 @@ class Agent:
                 continue
             if self._should_take_part(announcement):
                 self._take_part(announcement)
+                if self._release_after_round:
+                    self.models.release()  # an idle agent holds no interpreter between rounds
                 next_status = 0.0
         self.notifier.stopping()
         self._publish_offline()
@@ -294,7 +297,10 @@ class Agent:
             watermark.save(self._progress_path, self._mark)
         self.counters.rounds_trained += 1
 
-    def _secure_session(self, a: RoundAnnouncement) -> SecureSession:
+    def _secure_session(self, a: RoundAnnouncement) -> Any:
+        """The device's side of a secure round (its X25519/ChaCha20 crypto is imported for secure rounds only)."""
+        from fedlite.agent.secure import SecureSession
+
         topic = topics.relay_topic(self.federation, self.client_id)
         assert a.secure is not None
         until = a.deadline + a.secure.stage_seconds  # the unmask stage follows the masked inputs' deadline

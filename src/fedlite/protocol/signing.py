@@ -7,20 +7,24 @@ A signed payload is an envelope around the original bytes:
 The signature covers ``topic (UTF-8) | 0x00 | payload``, so a signed message cannot be replayed on
 another topic. The key id is the first 8 bytes of the sha256 of the raw 32-byte public key; agents pin
 one or more public keys (several during a key rotation) and refuse unsigned, unknown-key or forged
-messages.
+messages. Agents verify with the pure-Python `fedlite.protocol.ed25519` (no `cryptography` resident on a device);
+the aggregator signs with `cryptography`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from fedlite.protocol import ed25519
 from fedlite.protocol.errors import ProtocolError
 
 MAGIC = b"FLS\x01"
 _KEY_ID_LEN, _SIG_LEN = 8, 64
 _PREFIX = len(MAGIC) + _KEY_ID_LEN + _SIG_LEN
+Check = Callable[[bytes, bytes, bytes], bool]  # (raw public key, signature, signed bytes) -> valid
 
 
 class SignatureError(ProtocolError):
@@ -63,19 +67,19 @@ class Signer:
 
     def verifier(self) -> Verifier:
         """A verifier trusting this key alone (aggregators of one federation checking each other)."""
-        return Verifier([self._key.public_key()])
+        return Verifier([self._key.public_key()], check=openssl_verify)
 
 
 class Verifier:
-    """The public keys a device trusts."""
+    """The public keys a device trusts (raw 32-byte Ed25519 keys, or `cryptography` public-key objects)."""
 
-    def __init__(self, public_keys: list[object]) -> None:
-        from cryptography.hazmat.primitives import serialization
-
-        self._keys = {}
+    def __init__(self, public_keys: list[object], check: Check = ed25519.verify) -> None:
+        """`check(public_raw, signature, message)`: the pure-Python verifier, or OpenSSL's on a server."""
+        self._check = check
+        self._keys: dict[bytes, bytes] = {}
         for key in public_keys:
-            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            self._keys[key_id(raw)] = key
+            raw = key if isinstance(key, bytes) else _raw_public(key)
+            self._keys[key_id(raw)] = raw
 
     @classmethod
     def from_files(cls, paths: list[str]) -> Verifier:
@@ -83,8 +87,6 @@ class Verifier:
 
     def verify(self, topic: str, envelope: bytes) -> bytes:
         """The payload inside a valid envelope; SignatureError otherwise."""
-        from cryptography.exceptions import InvalidSignature
-
         if len(envelope) < _PREFIX or not envelope.startswith(MAGIC):
             raise SignatureError("unsigned", f"message on {topic} is not signed")
         kid = envelope[len(MAGIC) : len(MAGIC) + _KEY_ID_LEN]
@@ -92,24 +94,37 @@ class Verifier:
         if key is None:
             raise SignatureError("unknown_key", f"message on {topic} is signed by untrusted key {kid.hex()}")
         signature, payload = envelope[len(MAGIC) + _KEY_ID_LEN : _PREFIX], envelope[_PREFIX:]
-        try:
-            key.verify(signature, _signed_bytes(topic, payload))
-        except InvalidSignature:
-            raise SignatureError("forged", f"message on {topic} has an invalid signature") from None
+        if not self._check(key, signature, _signed_bytes(topic, payload)):
+            raise SignatureError("forged", f"message on {topic} has an invalid signature")
         return payload
 
 
-def load_public_key(path: str | Path) -> object:
-    from cryptography.hazmat.primitives import serialization
+def openssl_verify(public_raw: bytes, signature: bytes, message: bytes) -> bool:
+    """`cryptography`'s Ed25519 check (OpenSSL): fast, for the aggregator, where it is loaded anyway."""
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
+        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _raw_public(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[attr-defined]
+
+
+def load_public_key(path: str | Path) -> bytes:
+    """The raw 32 bytes of the Ed25519 public key in a PEM file; ValueError naming the file otherwise."""
+    try:
+        return ed25519.public_key_from_pem(Path(path).read_bytes())
+    except ed25519.BadPublicKey as exc:
+        raise ValueError(f"{path} is not an Ed25519 public key: {exc}") from None
+    except OSError as exc:
         raise ValueError(f"cannot load the public key {path}: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path} is not an Ed25519 public key")
-    return key
 
 
 def generate_keypair(directory: str | Path, name: str = "aggregator") -> tuple[Path, Path]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import subprocess
 import sys
 from functools import cache
 from pathlib import Path
@@ -26,6 +29,10 @@ def missing_runtime_message(version: tuple[int, int] | None = None) -> str:
             f"'fedlite[agent-legacy]' (tflite-runtime 2.14 with numpy<2, Python {major}.{minor})")
 
 
+# (the package imported, the name reported), in the order `load_interpreter` tries them
+RUNTIMES = (("ai_edge_litert", "ai-edge-litert"), ("tflite_runtime", "tflite-runtime"))
+
+
 @cache
 def _interpreter_class() -> tuple[type, str]:
     try:
@@ -42,9 +49,66 @@ def _interpreter_class() -> tuple[type, str]:
         raise RuntimeMissing(missing_runtime_message()) from e
 
 
+_PROBE = """
+import importlib, json, sys
+errors = []
+for package, name in json.loads(sys.argv[1]):
+    try:
+        importlib.import_module(package + ".interpreter")
+        print(json.dumps([name, errors]))
+        break
+    except Exception as exc:
+        errors.append(f"{name} is installed but does not import: {type(exc).__name__}: {exc}")
+else:
+    print(json.dumps([None, errors]))
+"""
+_probed: list[str] = []  # the runtime a child process imported (`probe_runtime`), once known
+
+
+@cache
+def _installed() -> tuple[tuple[str, str], ...]:
+    found = []
+    for package, name in RUNTIMES:
+        try:
+            if importlib.util.find_spec(package) is not None:
+                found.append((package, name))
+        except (ImportError, ValueError):
+            continue
+    return tuple(found)
+
+
 def runtime_name() -> str:
-    """`ai-edge-litert` or `tflite-runtime`: the runtime `load_interpreter` uses; RuntimeMissing if there is none."""
-    return _interpreter_class()[1]
+    """`ai-edge-litert` or `tflite-runtime`: the runtime `load_interpreter` uses; RuntimeMissing if there is none.
+
+    Found without importing it (an imported LiteRT keeps about 10 MiB resident in an idle agent).
+    """
+    if _probed:
+        return _probed[0]
+    installed = _installed()
+    if not installed:
+        raise RuntimeMissing(missing_runtime_message())
+    return installed[0][1]
+
+
+def probe_runtime(timeout: float = 120.0) -> str:
+    """The runtime's name after importing it in a short-lived child process; RuntimeMissing saying why if none does.
+
+    An installed runtime that does not import (tflite-runtime 2.14 beside numpy 2, say) is caught at start-up
+    this way, while the agent itself never imports it until it trains.
+    """
+    installed = _installed()
+    if not installed:
+        raise RuntimeMissing(missing_runtime_message())
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(installed)], capture_output=True, text=True,
+                             timeout=timeout, check=False).stdout
+        name, errors = json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        raise RuntimeMissing(f"could not check the TFLite runtime: {exc}") from None
+    if name is None:
+        raise RuntimeMissing("; ".join(errors))
+    _probed[:] = [name]
+    return str(name)
 
 
 def load_interpreter(model: bytes | str | os.PathLike[str], num_threads: int = 1) -> Any:
