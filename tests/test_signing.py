@@ -11,6 +11,8 @@ from fedlite.agent.config import load_config
 from fedlite.protocol.signing import SignatureError, Signer, Verifier, generate_keypair
 from fedlite.settings import ConfigError
 
+ED25519_ORDER = 2**252 + 27742317777372353535851937790883648493  # L, the base point's order (RFC 8032)
+
 
 @pytest.fixture()
 def keys(tmp_path):
@@ -84,7 +86,7 @@ def test_the_device_verifier_accepts_rfc8032_and_openssl_signatures_and_refuses_
         message = bytes(range(256)) * (size // 256) + b"m" * (size % 256)
         good = key.sign(message)
         assert ed25519.verify(raw, good, message)
-        s_plus_order = (int.from_bytes(good[32:], "little") + ed25519.L).to_bytes(32, "little")  # malleated S
+        s_plus_order = (int.from_bytes(good[32:], "little") + ED25519_ORDER).to_bytes(32, "little")  # malleated S
         for bad in (good[:5] + bytes([good[5] ^ 1]) + good[6:], good[:40] + bytes([good[40] ^ 1]) + good[41:],
                     good[:32] + s_plus_order):
             assert not ed25519.verify(raw, bad, message)

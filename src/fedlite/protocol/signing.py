@@ -7,7 +7,7 @@ A signed payload is an envelope around the original bytes:
 The signature covers ``topic (UTF-8) | 0x00 | payload``, so a signed message cannot be replayed on
 another topic. The key id is the first 8 bytes of the sha256 of the raw 32-byte public key; agents pin
 one or more public keys (several during a key rotation) and refuse unsigned, unknown-key or forged
-messages. Agents verify with the pure-Python `fedlite.protocol.ed25519` (no `cryptography` resident on a device);
+messages. Agents verify with libsodium (PyNaCl, `fedlite.protocol.ed25519`: no `cryptography` resident on a device);
 the aggregator signs with `cryptography`.
 """
 
@@ -74,7 +74,7 @@ class Verifier:
     """The public keys a device trusts (raw 32-byte Ed25519 keys, or `cryptography` public-key objects)."""
 
     def __init__(self, public_keys: list[object], check: Check = ed25519.verify) -> None:
-        """`check(public_raw, signature, message)`: the pure-Python verifier, or OpenSSL's on a server."""
+        """`check(public_raw, signature, message)`: libsodium's check on a device, or OpenSSL's on a server."""
         self._check = check
         self._keys: dict[bytes, bytes] = {}
         for key in public_keys:
