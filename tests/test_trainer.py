@@ -171,5 +171,8 @@ def test_train_head_moves_the_last_layer_alone_and_personalization_serves_the_be
     assert not np.array_equal(personalized[-head:], global_flat[-head:])
     assert comparison.personalized_accuracy > comparison.global_accuracy, comparison
     assert comparison.serving == "personalized"
-    keep(tmp_path, comparison, personalized)
+    assert keep(tmp_path, comparison, personalized)
     assert json.loads((tmp_path / SERVING_FILE).read_text())["serving"] == "personalized"
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the state dir should be")
+    assert not keep(blocked, comparison, personalized)  # a write that fails is logged, not raised

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 class StorageError(OSError):
@@ -51,6 +53,17 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         _remove(tmp)
         raise StorageError(f"cannot write {path}: {describe(exc)}", path, exc) from exc
     fsync_dir(path.parent)
+
+
+def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> None:
+    """`arrays` as one .npz file, replaced atomically (`write_atomic`: StorageError on failure)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
 
 
 def write_private(path: str | Path, data: bytes | str) -> None:

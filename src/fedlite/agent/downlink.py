@@ -8,7 +8,6 @@ round and checks the digest; otherwise, or when any of that fails, it downloads 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import zipfile
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.fsutil import StorageError, write_atomic
+from fedlite.fsutil import StorageError, write_npz
 from fedlite.protocol import topics
 from fedlite.protocol.codec import decode
 from fedlite.protocol.downlink import apply_delta, digest
@@ -66,11 +65,9 @@ class HeldWeights:
 
     def keep(self, held: Held) -> None:
         self._held, self._loaded = held, True
-        buffer = io.BytesIO()
         meta = {"run": held.run, "model_hash": held.model_hash, "round": held.round}
-        np.savez(buffer, meta=np.array(json.dumps(meta)), flat=held.flat)
         try:
-            write_atomic(self.path, buffer.getvalue())
+            write_npz(self.path, {"meta": np.array(json.dumps(meta)), "flat": held.flat})
         except StorageError as exc:  # the next round downloads the full weights; training goes on
             log.warning("held weights not saved: %s", exc)
 

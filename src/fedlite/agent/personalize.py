@@ -4,7 +4,6 @@ Nothing personalized leaves the device: only the two accuracies, in an evaluatio
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import numpy as np
 
 from fedlite.agent.config import PersonalizationSection
 from fedlite.agent.data import LocalData
-from fedlite.fsutil import write_atomic
+from fedlite.fsutil import StorageError, write_atomic, write_npz
 
 log = logging.getLogger("fedlite.agent")
 WEIGHTS_FILE = "personalized.npz"
@@ -71,10 +70,14 @@ def personalize(trainer: Any, global_flat: np.ndarray, data: LocalData, settings
     return comparison, trainer.get_weights()
 
 
-def keep(state_dir: Path, comparison: Comparison, personalized: np.ndarray) -> None:
-    """The personalized weights and what is served, in the state dir (an application reads serving.json)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, weights=personalized.astype(np.float32))
-    write_atomic(state_dir / WEIGHTS_FILE, buffer.getvalue())
-    write_atomic(state_dir / SERVING_FILE, json.dumps({**asdict(comparison), "weights_file": WEIGHTS_FILE},
-                                                      indent=1).encode())
+def keep(state_dir: Path, comparison: Comparison, personalized: np.ndarray) -> bool:
+    """The personalized weights and what is served, in the state dir (an application reads serving.json); False,
+    logged, when they cannot be written (the previous ones stay served; training goes on)."""
+    try:
+        write_npz(state_dir / WEIGHTS_FILE, {"weights": personalized.astype(np.float32)})
+        write_atomic(state_dir / SERVING_FILE, json.dumps({**asdict(comparison), "weights_file": WEIGHTS_FILE},
+                                                          indent=1).encode())
+    except StorageError as exc:
+        log.warning("personalized model not saved: %s", exc)
+        return False
+    return True

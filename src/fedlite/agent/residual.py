@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import zipfile
@@ -12,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlite.fsutil import StorageError, write_atomic
+from fedlite.fsutil import StorageError, write_npz
 from fedlite.protocol.codecs.ternary_ef import MAX_RESIDUAL_AGE
 
 log = logging.getLogger("fedlite.agent")
@@ -69,10 +68,8 @@ class ResidualStore:
             return
         key, residual = self._staged
         self._staged = None
-        buffer = io.BytesIO()
-        np.savez(buffer, **{_META: np.array(json.dumps(asdict(key)))}, **residual)
         try:
-            write_atomic(self.path, buffer.getvalue())
+            write_npz(self.path, {_META: np.array(json.dumps(asdict(key))), **residual})
         except StorageError as exc:  # the next update then starts without feedback; training goes on
             log.warning("error-feedback residual not saved: %s", exc)
 

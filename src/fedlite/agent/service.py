@@ -281,9 +281,10 @@ class Agent:
         if done is None:
             return
         comparison, weights = done
-        keep(self.state_dir, comparison, weights)
-        log.info("round %d: personalized accuracy %.3f vs global %.3f on the held-out split: serving the %s model",
-                 a.round, comparison.personalized_accuracy, comparison.global_accuracy, comparison.serving)
+        kept = keep(self.state_dir, comparison, weights)  # not kept: logged, what was served before stays
+        log.info("round %d: personalized accuracy %.3f vs global %.3f on the held-out split%s", a.round,
+                 comparison.personalized_accuracy, comparison.global_accuracy,
+                 f": serving the {comparison.serving} model" if kept else "")
         report = DeviceReport(client_id=self.client_id, round=a.round, kind="evaluation", reason="personalization",
                               metrics=comparison.metrics(), sent_at=time.time(), run=a.run, session=a.session)
         try:
