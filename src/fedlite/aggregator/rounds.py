@@ -369,8 +369,17 @@ class RoundAttempt:
         return True
 
     def answered(self) -> set[str]:
-        """The devices that answered: an admitted update, a decline or an abort."""
-        return self.accepted | set(self.declined) | set(self.aborted)
+        """The devices that answered: an admitted update, a decline or an abort (a copy, taken under the lock:
+        the inbox's workers add to them)."""
+        with self._lock:
+            return self.accepted | set(self.declined) | set(self.aborted)
+
+    def add_traffic(self, up: int = 0, down: int = 0, downloads: int = 0) -> None:
+        """Count bytes that reached the attempt another way than `offer` (a secure round's stage messages)."""
+        with self._lock:
+            self.bytes_up += up
+            self.bytes_down += down
+            self.downloads += downloads
 
     def _decide(self, now: float) -> str | None:
         """None while open; "complete" or "abandoned" once the closing rule says so (lock held; called at every

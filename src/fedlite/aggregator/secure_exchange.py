@@ -62,13 +62,11 @@ class SecureExchange:
         except ProtocolError as exc:
             self.refuse("secagg", exc.reason, f"secure message from {client}: {exc}")
             return
-        a = self.attempt
         problem = self._misaddressed(client, message)
         if problem:
             self.refuse("secagg", *problem)
             return
-        with a._lock:
-            a.bytes_up += len(payload)
+        self.attempt.add_traffic(up=len(payload))
         try:
             self._apply(client, message, body)
         except Refused as exc:
@@ -102,9 +100,7 @@ class SecureExchange:
                 raise Refused("shape", f"{m.length} values of {m.bits} bits, not {s.length} of {s.plan.bits}")
             s.masked(client, masking.unpack(body, m.bits, m.length))
             self.device_cpu[client] = m.cpu_seconds
-            with self.attempt._lock:
-                self.attempt.bytes_down += m.bytes_down
-                self.attempt.downloads += 1
+            self.attempt.add_traffic(down=m.bytes_down, downloads=1)
         elif m.stage == "unmask":
             s.reveal(client, wire.revealed_of(m.revealed))
         else:
@@ -144,8 +140,7 @@ class SecureExchange:
 
     def _answered(self, sent: Any, expected: Any) -> int:
         """Of the devices `expected` in a stage: those that sent its message, declined or aborted."""
-        a = self.attempt
-        return len((set(sent) | set(a.declined) | set(a.aborted)) & set(expected))
+        return len((set(sent) | self.attempt.answered()) & set(expected))
 
     def _stage_deadline(self) -> float:
         return time.time() + self.stage_seconds
@@ -161,8 +156,8 @@ class SecureExchange:
         return not self.stopping.is_set()
 
     def _holds(self, done: Callable[[], bool]) -> bool:
-        """`done()` with the stage machine and the attempt's bookkeeping still (the inbox's workers change them)."""
-        with self.secure._lock, self.attempt._lock:
+        """`done()` with the stage machine still (the inbox's workers change it)."""
+        with self.secure.lock:
             return done()
 
     def _relay(self, client: str, stage: str, **fields: Any) -> None:

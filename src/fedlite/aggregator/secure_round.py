@@ -45,7 +45,7 @@ def _locked(method: F) -> F:
     """Devices' messages arrive on several inbox workers while the orchestrator closes stages: one at a time."""
     @functools.wraps(method)
     def run(self: SecureRound, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
+        with self.lock:
             return method(self, *args, **kwargs)
     return run  # type: ignore[return-value]
 
@@ -77,7 +77,7 @@ class SecureRound:
     _sum: np.ndarray | None = None
     revealed: dict[str, dict[str, tuple[int, str, bytes]]] = field(default_factory=dict)
     _asked: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)  # revealer -> (survivors, dropped)
-    _lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: threading.RLock = field(default_factory=threading.RLock)  # held by each stage; hold it to read the sets
 
     # --- stage 1: adverts -------------------------------------------------------------------------
 
