@@ -22,7 +22,7 @@ log = logging.getLogger("fedlite.agent")
 def quantization(a: RoundAnnouncement) -> quantize.Quantization:
     p = a.secure
     assert p is not None
-    plan = quantize.Quantization(p.clip, p.bound, p.levels, p.max_examples, p.participants, p.rotation)
+    plan = quantize.Quantization.of(p)
     if plan.bits != p.bits:
         raise StageFailed(f"the announced ring of {p.bits} bits does not hold {p.participants} inputs at "
                           f"{p.levels} levels")

@@ -16,7 +16,6 @@ from fedlite.aggregator.secure_exchange import SecureExchange, SecureResult
 from fedlite.aggregator.secure_round import RoundAborted, SecureRound
 from fedlite.aggregator.strategies import dp
 from fedlite.protocol.layout import num_params, unflatten
-from fedlite.protocol.messages import SecurePlan
 from fedlite.protocol.secagg import quantize, rotation
 from fedlite.protocol.secagg.participant import round_context
 from fedlite.protocol.selection import Selection
@@ -33,8 +32,7 @@ class SecureRounds(SyncRounds):
         attempt = self._attempt(number, selected, selection)  # its bookkeeping; the exchange collects
         q = self._quantization(selected, attempt.session)
         parameters, sa = num_params(host.manifest), cfg.secure_aggregation
-        plan = SecurePlan(clip=q.clip, bound=q.bound, levels=q.levels, max_examples=q.max_examples,
-                          participants=q.participants, bits=q.bits, rotation=q.rotation, stage_seconds=sa.stage_seconds)
+        plan = q.plan(sa.stage_seconds)
         secure = SecureRound(round_context(host.federation, host.run_id(), number, attempt.session), selected, q,
                              seed=attempt.session, length=q.length(parameters), threshold_fraction=sa.threshold,
                              neighbours_wanted=sa.neighbours, parameters=parameters)

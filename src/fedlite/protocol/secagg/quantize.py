@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlite.protocol.messages import SecurePlan
 from fedlite.protocol.secagg import rotation as rotations
 
 TAIL = 2  # the weight and the norm, after the delta
@@ -37,6 +38,17 @@ class Quantization:
     max_examples: int  # n_cap: the example count at which the weight reaches 1
     participants: int  # N: how many masked inputs may be summed
     rotation: str = ""  # the public seed of the random rotation ("" none)
+
+    @classmethod
+    def of(cls, plan: SecurePlan) -> Quantization:
+        """The quantization an announcement's `secure` plan describes."""
+        return cls(plan.clip, plan.bound, plan.levels, plan.max_examples, plan.participants, plan.rotation)
+
+    def plan(self, stage_seconds: float) -> SecurePlan:
+        """The announcement's `secure` plan for this quantization."""
+        return SecurePlan(clip=self.clip, bound=self.bound, levels=self.levels, max_examples=self.max_examples,
+                          participants=self.participants, bits=self.bits, rotation=self.rotation,
+                          stage_seconds=stage_seconds)
 
     def length(self, parameters: int) -> int:
         """Integers in one device's vector for a model of `parameters`: the (rotated, padded) delta and the weight."""
