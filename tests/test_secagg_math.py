@@ -214,9 +214,11 @@ def test_a_secure_round_unmasks_exactly_the_survivors_quantized_sum_with_drop_ou
     drop = {"advertise": {"dev-000"}, "share": {"dev-001", "dev-002"}, "masked": {"dev-003", "dev-004", "dev-005"},
             "unmask": {"dev-006"}}  # 7 of 40: about 18 %
     server, ints, deltas, examples, plan = _secure_round(40, drop)
-    mean, weight, count = server.finish()
+    total, count = server.unmasked()
+    mean, weight = quantize.decode(total, plan)
     assert count == len(ints) == 34
     exact = np.sum(list(ints.values()), axis=0)  # the plain sum of the same quantized updates, in integers
+    assert np.array_equal(total, exact)
     assert not np.array_equal(masking.to_signed(server._sum, plan.bits), exact)  # the sum the server holds is masked
     plain_mean, plain_weight = quantize.decode(exact, plan)
     assert weight == plain_weight and np.array_equal(mean, plain_mean)

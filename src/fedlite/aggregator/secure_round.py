@@ -187,12 +187,6 @@ class SecureRound:
         self.stage = "done"
         return total, len(self.senders)
 
-    def finish(self) -> tuple[np.ndarray, float, int]:
-        """(the weighted mean delta, flat; the total weight; how many inputs it sums): `unmasked`, decoded."""
-        total, count = self.unmasked()
-        mean, weight = quantize.decode(total, self.plan, self.parameters or self.length - quantize.TAIL)
-        return mean, weight, count
-
     @_locked
     def admits(self, stage: str, client: str) -> None:
         """Refused unless `client` may send a `stage` message now (before its payload is decoded)."""
