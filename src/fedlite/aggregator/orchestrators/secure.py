@@ -77,7 +77,7 @@ class SecureRounds(SyncRounds):
         """The example-weighted mean; with DP, the noised sum over the fixed denominator K (weights are all 1)."""
         p = self.config.privacy
         if not p.enabled:
-            return result.summed / result.weight if result.weight > 0 else np.zeros_like(result.summed)
+            return quantize.weighted_mean(result.summed, result.weight)
         params = dp.DpParams(p.clip_norm, p.noise_multiplier, float(self.config.rounds.clients_per_round))
         noise = dp.noise_rng(p.seed, number).normal(0.0, params.noise_std, size=result.summed.shape)
         return (result.summed + noise) / params.denominator

@@ -91,8 +91,12 @@ def decode(total: np.ndarray, plan: Quantization, parameters: int | None = None)
     """(the weighted mean delta, flat float32; the total weight) from the signed integer sum; the mean is zeros
     when no weight arrived. `parameters`: the model's (needed to undo a rotation)."""
     summed, weight = decode_sum(total, plan, parameters)
-    mean = summed / weight if weight > 0 else np.zeros_like(summed)
-    return mean.astype(np.float32), weight
+    return weighted_mean(summed, weight).astype(np.float32), weight
+
+
+def weighted_mean(summed: np.ndarray, weight: float) -> np.ndarray:
+    """Σ w x / Σ w; zeros when no weight arrived."""
+    return summed / weight if weight > 0 else np.zeros_like(summed)
 
 
 def decode_sum(total: np.ndarray, plan: Quantization, parameters: int | None = None) -> tuple[np.ndarray, float]:
