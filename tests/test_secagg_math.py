@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,3 +280,27 @@ def test_a_secure_rounds_aggregate_is_the_weighted_mean_or_with_privacy_the_nois
     assert abs(float(np.std(noise)) - 2.0 * 0.5) < 0.01 and abs(float(np.mean(noise))) < 0.01
     assert np.array_equal(noised, rounds._aggregate(3, result))  # the seeded noise of round 3, again
     assert not np.array_equal(noised, rounds._aggregate(4, result))
+
+
+def test_the_dispatcher_refuses_secure_messages_out_of_a_secure_round_and_evaluations_it_cannot_use(
+        tmp_path: Path) -> None:
+    """A real aggregator (never connected), fed through its network-thread handler: a secure stage message with no
+    secure round open is `late`; an evaluation report for another run is `run`, one without the personalization
+    A/B is `metrics`; one with it reaches the KPIs. Each refusal is counted."""
+    from fedlite.aggregator.config import AggregatorConfig, FederationSection
+    from fedlite.aggregator.ledger import Ledger
+    from fedlite.aggregator.service import Aggregator
+    from fedlite.protocol import topics
+    from fedlite.protocol.messages import DeviceReport, SecureMessage, to_json
+
+    aggregator = Aggregator(AggregatorConfig(federation=FederationSection(name="f", state_dir=str(tmp_path))))
+    aggregator.ledger = aggregator.dispatch.ledger = Ledger()
+    on = aggregator.dispatch.on_message
+    on(topics.secagg_topic("f", "d1"), to_json(SecureMessage("d1", "", 1, "s", "advertise")))
+    ab = {"personalized_accuracy": 0.9, "global_accuracy": 0.8}
+    on(topics.report_topic("f", "d1"), to_json(DeviceReport("d1", 1, "evaluation", metrics=ab, run="another")))
+    on(topics.report_topic("f", "d2"), to_json(DeviceReport("d2", 1, "evaluation", metrics={"accuracy": 0.5})))
+    on(topics.report_topic("f", "d3"), to_json(DeviceReport("d3", 1, "evaluation", metrics=ab)))
+    assert aggregator.inbox.drain()
+    assert aggregator.ledger.totals() == {"secagg": {"late": 1}, "report": {"run": 1, "metrics": 1}}
+    assert aggregator.kpis.evaluations == {"d3": (0.9, 0.8)}

@@ -14,7 +14,7 @@ from federation_helpers import Seen, Tap, announcement, ghost, history, initial_
 
 from fedlite.demo.cluster import LocalFederation, wait_for
 from fedlite.protocol import topics
-from fedlite.protocol.codec import decode
+from fedlite.protocol.codec import Header, decode, encode_update
 from fedlite.protocol.layout import flatten
 from fedlite.protocol.messages import SecureMessage, split_frame, to_json
 from fedlite.protocol.secagg import masking, quantize
@@ -126,6 +126,11 @@ def test_drop_outs_at_each_stage_are_unmasked_and_hostile_messages_are_refused(t
               b"\x00" * 8)  # a masked input without keys shared: refused (stage)
         _send(hostile, "dev-7", SecureMessage("dev-7", run, 1, "another", "advertise"))  # another session: late
         _send(hostile, "dev-7", SecureMessage("dev-6", run, 1, session, "advertise"))  # for another device: sender
+        manifest = json.loads((model / "manifest.json").read_text())
+        zeros = {w["name"]: np.zeros(w["shape"], np.float32) for w in manifest["weights"]}
+        header = Header(kind="update", federation=FED, round=1, model_hash=manifest["model_hash"], client_id="dev-7",
+                        num_examples=10, run=run)
+        hostile.publish(topics.update_topic(FED, "dev-7"), encode_update(zeros, header))  # in the clear: refused
         tap.wait(_secure("advertise", "dev-6"), 30, "dev-6's keys", fed.processes.values())
         fed.kill("dev-6")  # before its shares: the aggregator waits out the stage (dev-7 never advertises either)
         tap.wait(_secure("share", "dev-5"), 30, "dev-5's shares", fed.processes.values())
@@ -139,6 +144,7 @@ def test_drop_outs_at_each_stage_are_unmasked_and_hostile_messages_are_refused(t
         refused = record["refusals"]["secagg"]
         assert refused.get("stage", 0) >= 1 and refused.get("late", 0) >= 1 and refused.get("sender", 0) >= 1, \
             refused
+        assert record["refusals"]["update"] == {"secure_aggregation": 1}, record["refusals"]
         tap.close()
         hostile.close()
 
