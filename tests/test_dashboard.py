@@ -299,6 +299,7 @@ def test_dashboard_in_chromium_during_a_demo(tmp_path: Path) -> None:
         gain = f"{'+' if ab['mean_gain'] >= 0 else ''}{100 * ab['mean_gain']:.1f} pt"
         _wait(lambda: browser.find_element("id", "t-personal").text == gain, 15, f"the personalization tile: {gain}")
         assert f"of {ab['devices']} devices" in browser.find_element("id", "t-personal-sub").text
+        assert browser.find_element("id", "t-personal-sub2").text == f"worst decile {100 * ab['gain_p10']:.1f} pt"
 
         screenshot = run_dir / "report" / "dashboard.png"
         screenshot.parent.mkdir(parents=True, exist_ok=True)

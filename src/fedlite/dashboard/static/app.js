@@ -305,8 +305,9 @@ function renderTiles(state) {
   const ab = t.personalization;  // the devices' personalized vs global model on their own held-out data
   const on = ab && ab.devices > 0 && isNum(ab.mean_gain);
   setText("t-personal", on ? `${ab.mean_gain >= 0 ? "+" : ""}${(100 * ab.mean_gain).toFixed(1)} pt` : (last ? "off" : "–"));
-  setText("t-personal-sub", on ? `better on ${Math.round(ab.win_share * ab.devices)} of ${ab.devices} devices · `
-    + `worst decile ${(100 * ab.gain_p10).toFixed(1)} pt` : (last ? "no device reports personalization" : ""));
+  setText("t-personal-sub", on ? `better on ${Math.round(ab.win_share * ab.devices)} of ${ab.devices} devices`
+    : (last ? "no device reports personalization" : ""));
+  setText("t-personal-sub2", on ? `worst decile ${(100 * ab.gain_p10).toFixed(1)} pt` : "");
   if (fleet && fleet.counts) {
     const c = fleet.counts;
     setText("t-fleet", `${c.online ?? "–"} / ${c.known ?? "–"}`);
