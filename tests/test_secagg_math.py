@@ -171,9 +171,10 @@ def test_a_share_from_a_device_that_is_not_a_neighbour_or_does_not_open_is_refus
 
 # --- the server's stage machine, with the devices' side (in process) -------------------------------------
 
-def _secure_round(n: int, drop_at: dict[str, set[str]], dim: int = 200, seed: int = 2):
-    """Run every stage; `drop_at[stage]` are the devices that vanish before sending that stage's message.
-    Returns (the round, the devices' deltas, example counts, plan)."""
+def _secure_round(n: int, drop_at: dict[str, set[str]], dim: int = 200, seed: int = 2, forger: str = ""):
+    """Run every stage; `drop_at[stage]` are the devices that vanish before sending that stage's message; `forger`
+    sends uniform ring elements instead of its masked input. Returns (the round, the devices' deltas, example
+    counts, plan)."""
     from fedlite.aggregator.secure_round import SecureRound
 
     rng = np.random.default_rng(seed)
@@ -202,7 +203,10 @@ def _secure_round(n: int, drop_at: dict[str, set[str]], dim: int = 200, seed: in
     gone |= drop_at.get("masked", set())
     for c in sorted(server.dealers - gone):
         ints[c] = quantize.encode(deltas[c], examples[c], plan, rng)
-        server.masked(c, people[c].masked(ints[c], plan.bits, alive=set(people[c].held)))
+        masked = people[c].masked(ints[c], plan.bits, alive=set(people[c].held))
+        if c == forger:
+            masked = rng.integers(0, 1 << plan.bits, size=masked.shape).astype(np.uint64)
+        server.masked(c, masked)
     asked = server.close_masked()
     gone |= drop_at.get("unmask", set())
     for c, (survivors, dropped) in asked.items():
@@ -304,3 +308,16 @@ def test_the_dispatcher_refuses_secure_messages_out_of_a_secure_round_and_evalua
     assert aggregator.inbox.drain()
     assert aggregator.ledger.totals() == {"secagg": {"late": 1}, "report": {"run": 1, "metrics": 1}}
     assert aggregator.kpis.evaluations == {"d3": (0.9, 0.8)}
+
+
+def test_a_forged_masked_input_unmasks_out_of_range_and_aborts_the_round() -> None:
+    """A device that sends arbitrary ring elements instead of its masked input: the unmasked sum leaves the range
+    any K honest inputs can reach, and the round aborts instead of committing it."""
+    from fedlite.aggregator.secure_round import RoundAborted
+
+    server, *_ = _secure_round(12, {}, forger="dev-003")
+    with pytest.raises(RoundAborted, match="out of range"):
+        server.unmasked()
+    honest, ints, *_ = _secure_round(12, {})
+    total, _ = honest.unmasked()  # the same round without the forger unmasks
+    assert np.array_equal(total, np.sum(list(ints.values()), axis=0))

@@ -181,8 +181,9 @@ class SecureRound:
                                set(self.senders), dropped, self.revealed)
         except UnmaskError as exc:
             raise RoundAborted(f"unmasking failed: {exc}") from None
-        most = len(self.senders) * self.plan.levels  # the weight and norm coordinates are each in [0, L]
-        if not (0 <= int(total[-quantize.TAIL]) <= most and 0 <= int(total[-1]) <= most):
+        most = len(self.senders) * self.plan.levels  # each input's coordinates are in [-L, L], weight and norm [0, L]
+        tail = total[-quantize.TAIL:]
+        if int(np.abs(total[:-quantize.TAIL]).max(initial=0)) > most or tail.min() < 0 or tail.max() > most:
             raise RoundAborted("the unmasked sum is out of range (an input was tampered with or lost)")
         self.stage = "done"
         return total, len(self.senders)
