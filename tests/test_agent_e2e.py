@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import queue
 import signal
 import time
@@ -262,3 +263,72 @@ def test_agent_sends_ternary_updates_with_a_residual_that_survives_a_restart_and
         key, _ = ResidualStore(residual_file)._read()
         assert (key.run, key.round) == (other, 3)
         assert "error-feedback residual of round 2 reset: a new run" in agent.log_tail(200)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_each_round_trains_in_a_child_process_the_agent_never_loads_numpy_and_survives_its_crash(tmp_path: Path,
+                                                                                                 exported):
+    manifest, train_bytes, weights = exported
+    x_train, y_train, _, _ = digits_split()
+    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
+        fed.start_broker()
+        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
+        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "max_epochs": 100000})
+        coordinator = Coordinator(fed, manifest, train_bytes)
+        agent = fed.start(DEVICE, "agent", config)
+        pid = agent.popen.pid
+        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
+        assert coordinator.statuses()[-1]["num_examples"] == 480  # counted by the start-up job's process
+
+        # 1. a round trains in a child; afterwards the agent holds neither numpy nor the runtime, and no child
+        coordinator.announce(1, weights, TrainingPlan(epochs=2, batch_size=32, learning_rate=0.1))
+        wait_for(lambda: coordinator.drain() or coordinator.inbox["updates"], 60, "the round 1 update", [agent])
+        wait_for(lambda: not _children(pid), 30, "the round's process to exit", [agent])
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "_multiarray_umath" not in maps and "ai_edge_litert" not in maps and "tflite_runtime" not in maps
+        status = wait_for(lambda: [s for s in coordinator.statuses() if s["weights_round"] == 1], 30,
+                          "a status naming the held weights")[-1]  # read by the round's process, reported by the agent
+        assert status["weights_run"] == RUN and status["cached_models"] == [manifest["model_hash"]]
+
+        # 2. the round's process dies mid-training (SIGKILL): the round is reported aborted, the agent goes on
+        seen = len(coordinator.statuses())
+        coordinator.announce(2, weights, TrainingPlan(epochs=20000, batch_size=8, learning_rate=0.01))
+        wait_for(lambda: any(s["state"] == "training" for s in coordinator.statuses()[seen:]), 30, "training",
+                 [agent])
+        (child,) = _children(pid)
+        os.kill(child, signal.SIGKILL)
+        report = wait_for(lambda: [r for r in coordinator.reports() if r["round"] == 2], 30, "an abort", [agent])[0]
+        assert report["kind"] == "aborted" and report["reason"] == (
+            "the round's process failed: its process was killed by SIGKILL"), report
+        assert agent.popen.poll() is None
+
+        # 3. and trains the next round as before
+        coordinator.announce(3, weights, TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1))
+        wait_for(lambda: len(coordinator.drain() or coordinator.inbox["updates"]) == 2, 60, "the round 3 update",
+                 [agent])
+        assert decode(coordinator.inbox["updates"][1]).header.round == 3
+
+
+def test_keep_process_seconds_serves_the_next_round_from_the_same_process_then_lets_it_go(tmp_path: Path, exported):
+    manifest, train_bytes, weights = exported
+    x_train, y_train, _, _ = digits_split()
+    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
+        fed.start_broker()
+        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
+        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "keep_process_seconds": 4})
+        coordinator = Coordinator(fed, manifest, train_bytes)
+        agent = fed.start(DEVICE, "agent", config)
+        pid = agent.popen.pid
+        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
+        coordinator.announce(1, weights, TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1))
+        wait_for(lambda: coordinator.drain() or coordinator.inbox["updates"], 60, "the round 1 update", [agent])
+        (kept,) = _children(pid)  # kept after round 1, waiting for the next job
+        coordinator.announce(2, weights, TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1))
+        wait_for(lambda: len(coordinator.drain() or coordinator.inbox["updates"]) == 2, 60, "the round 2 update",
+                 [agent])
+        assert _children(pid) == [kept]
+        wait_for(lambda: not _children(pid), 20, "the kept process to be let go", [agent])
+        assert agent.popen.poll() is None

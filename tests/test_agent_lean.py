@@ -52,15 +52,15 @@ def test_a_server_command_on_an_agent_only_install_says_what_to_install_in_one_l
 
 IDLE_PROBE = """
 import json, sys
-from fedlite.agent.models import ModelCache
 from fedlite.runtime.interpreter import runtime_name
-import fedlite.agent.cli, fedlite.agent.service
+import fedlite.agent.cli, fedlite.agent.service, fedlite.agent.supervisor, fedlite.agent.models
 print(json.dumps([runtime_name(), sorted(m for m in sys.modules if m.split(".")[0] in ("ai_edge_litert",
-                                                                                     "tflite_runtime"))]))
+                                                                                     "tflite_runtime", "numpy"))]))
 """
 
 
-def test_the_runtime_is_named_without_importing_it() -> None:
+def test_the_runtime_is_named_without_importing_it_or_numpy() -> None:
+    """The agent process: numpy and the runtime load only in its rounds' processes (`agent.worker`)."""
     out = subprocess.run([sys.executable, "-c", IDLE_PROBE], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == ["ai-edge-litert", []]
 

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from fedlite.agent.config import load_config
-from fedlite.agent.service import _shuffle_seed
+from fedlite.agent.round import round_seed
 from fedlite.settings import ConfigError
 
 
-def test_the_default_seed_is_each_devices_own_and_the_same_in_every_run() -> None:
-    assert _shuffle_seed(0, "pi-1") == _shuffle_seed(0, "pi-1") != _shuffle_seed(0, "pi-2")
-    assert _shuffle_seed(7, "pi-1") == 7 and _shuffle_seed(-1, "pi-1") is None
+def test_the_default_seed_is_each_devices_own_the_same_in_every_run_and_each_rounds_own() -> None:
+    assert round_seed(0, "pi-1", 3) == round_seed(0, "pi-1", 3) != round_seed(0, "pi-2", 3)
+    assert round_seed(0, "pi-1", 3) != round_seed(0, "pi-1", 4)
+    assert round_seed(7, "pi-1", 3) == [7, 3] and round_seed(-1, "pi-1", 3) is None
 
 
 def test_seed_minus_one_means_unseeded_and_below_is_refused(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def test_demo_matches_centralized_accuracy_within_three_points_and_secure_aggreg
         assert demo.returncode == 0, out[-3000:] + err[-3000:]
     assert seconds < 400, f"the two demos side by side took {seconds:.0f} s"
     result = subprocess.CompletedProcess([], 0, *outputs[0])
-    _check_secure_demo(json.loads((run_dir / "report" / "summary.json").read_text()), secure_dir, outputs[1][0])
+    _check_secure_demo(run_dir, secure_dir, outputs[1][0])
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
     history = json.loads((run_dir / "aggregator" / "history.json").read_text())
     complete = [r for r in history if r["status"] == "complete"]
@@ -82,13 +82,22 @@ def test_demo_matches_centralized_accuracy_within_three_points_and_secure_aggreg
     assert not _children_named(str(run_dir)), "processes of the demo are still running"
 
 
-def _check_secure_demo(plain: dict, secure_dir: Path, stdout: str) -> None:
-    """The secure demo: within 1 point of the plain one's final accuracy, every round a secure one that kept nothing
-    per device, its stages' costs reported."""
+def _last_rounds_accuracy(run_dir: Path, rounds: int = 5) -> float:
+    """The mean accuracy of the last `rounds` complete rounds: one round's accuracy moves by 2 points near the end
+    of a run with devices dropping out, the mean of five by a fraction of one."""
+    complete = [r for r in json.loads((run_dir / "aggregator" / "history.json").read_text())
+                if r["status"] == "complete"]
+    return float(np.mean([r["accuracy"] for r in complete[-rounds:]]))
+
+
+def _check_secure_demo(plain_dir: Path, secure_dir: Path, stdout: str) -> None:
+    """The secure demo: within 1 point of the plain one's accuracy over the last five rounds, every round a secure
+    one that kept nothing per device, its stages' costs reported."""
     summary = json.loads((secure_dir / "report" / "summary.json").read_text())
+    plain = json.loads((plain_dir / "report" / "summary.json").read_text())
     assert summary["secure_aggregation"] is True and plain["secure_aggregation"] is False
-    assert summary["final_accuracy"] >= plain["final_accuracy"] - 0.01, (summary["final_accuracy"],
-                                                                         plain["final_accuracy"])
+    secure, clear = _last_rounds_accuracy(secure_dir), _last_rounds_accuracy(plain_dir)
+    assert secure >= clear - 0.01, (secure, clear, summary["final_accuracy"], plain["final_accuracy"])
     complete = [r for r in json.loads((secure_dir / "aggregator" / "history.json").read_text())
                 if r["status"] == "complete"]
     assert len(complete) == 40 and all(r["secure_aggregation"]["survivors"] >= 3 for r in complete)

@@ -31,6 +31,7 @@ AGENT = {
     "StateDirectory": "fedlite-agent",
     "ReadOnlyPaths": "/var/lib/fedlite-data",
     "MemoryMax": "200M",
+    "KillMode": "mixed",  # SIGTERM to the agent alone: it stops its round's process itself
     "CPUQuota": "50%",
     "CPUSchedulingPolicy": "idle",
     "IOSchedulingClass": "idle",

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         return check(args.config)
     from fedlite.agent.config import load_config
-    from fedlite.agent.data import DataError
+    from fedlite.agent.dataspec import DataError
     from fedlite.agent.service import Agent
     from fedlite.logs import configure_logging
     from fedlite.protocol.transport import LinkError
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedlite agent: {exc}", file=sys.stderr)
         return CONFIG_ERROR
     try:
-        agent = Agent(config)
+        agent = Agent(config, log_level=args.log_level)
     except DataError as exc:
         print(f"fedlite agent: {exc}", file=sys.stderr)
         return DATA_ERROR

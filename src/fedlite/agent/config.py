@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from fedlite.agent.data import SOURCES, DataSpec
+from fedlite.agent.dataspec import SOURCES, DataSpec
 from fedlite.agent.deploy import DeploySection
 from fedlite.agent.gates import GateThresholds
 from fedlite.protocol.topics import check_id
@@ -68,6 +68,10 @@ class AgentSection:
     max_examples: Annotated[int, Range(ge=1, special=0, means="all local examples")] = 0
     # the local shuffles' seed: 0 derives one from the client id (a run repeats exactly); -1 draws from the OS
     seed: Annotated[int, Range(ge=0, special=-1, means="unseeded shuffles")] = 0
+    # each round (and deployment) runs in a child process that exits after it, so an idle agent holds neither numpy
+    # nor the TFLite runtime; > 0 keeps it this many seconds for the next job (rounds that follow within seconds,
+    # many simulated devices on one machine), holding its memory until then
+    keep_process_seconds: Annotated[float, Range(ge=0, special=0, means="a process per job")] = 0.0
 
 
 @dataclass

@@ -9,23 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCES = ("npz", "csv", "shards", "hook")
+from fedlite.agent.dataspec import SOURCES, DataError, DataSpec
 
-
-class DataError(ValueError):
-    """Local data that cannot be loaded; the message says what to fix."""
-
-
-@dataclass
-class DataSpec:
-    source: str = "npz"
-    path: str = ""
-    features_key: str = "x"
-    labels_key: str = "y"
-    label_column: str = "label"
-    hook: str = ""
-    holdout_fraction: float = 0.2
-    seed: int = 0
+__all__ = ["SOURCES", "DataError", "DataSpec", "LocalData", "load_local_data", "split"]
 
 
 @dataclass

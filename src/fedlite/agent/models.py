@@ -1,19 +1,15 @@
-"""The device's cache of trainable models, keyed by model hash, so a model crosses the network once."""
+"""The device's cache of trainable models, keyed by model hash, so a model crosses the network once.
+
+The agent lists it (`cached_models`) without numpy; a round's process stores and loads models (`ModelCache`)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import hashlib
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
-
-from fedlite.protocol.codec import CodecError, decode
 
 MAX_CACHED_MODELS = 3
 
@@ -23,28 +19,22 @@ class ModelCache:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.threads = threads
-        self.lock = threading.RLock()
         self._loaded: tuple[str, Any, dict[str, Any]] | None = None
-
-    @property
-    def runtime(self) -> str:
-        from fedlite.runtime.interpreter import runtime_name
-
-        return runtime_name()
 
     def has(self, model_hash: str) -> bool:
         return (self.directory / model_hash / "manifest.json").is_file()
 
     def hashes(self) -> list[str]:
-        return sorted(p.name for p in self.directory.iterdir() if (p / "manifest.json").is_file())
+        return cached_models(self.directory)
 
     def store(self, model_hash: str, payload: bytes) -> None:
         """Check a model message against its hash and manifest, then write it atomically."""
-        with self.lock:
-            if not self.has(model_hash):
-                self._store(model_hash, payload)
+        if not self.has(model_hash):
+            self._store(model_hash, payload)
 
     def _store(self, model_hash: str, payload: bytes) -> None:
+        from fedlite.protocol.codec import CodecError, decode
+
         message = decode(payload)
         header = message.header
         manifest = header.extra.get("manifest")
@@ -66,10 +56,6 @@ class ModelCache:
 
     def trainer(self, model_hash: str) -> tuple[Any, dict[str, Any]]:
         """A Trainer for the cached model (kept loaded while the model stays the same)."""
-        with self.lock:
-            return self._trainer(model_hash)
-
-    def _trainer(self, model_hash: str) -> tuple[Any, dict[str, Any]]:
         if self._loaded is None or self._loaded[0] != model_hash:
             from fedlite.runtime.trainer import Trainer
 
@@ -79,13 +65,6 @@ class ModelCache:
             self._loaded = (model_hash, trainer, manifest)
         return self._loaded[1], self._loaded[2]
 
-    def release(self) -> None:
-        """Drop the loaded Trainer (its interpreter and tensors) and hand the freed heap back to the system."""
-        with self.lock:
-            self._loaded = None
-        gc.collect()
-        trim_heap()
-
     def _evict(self, keep: str) -> None:
         folders = sorted((p for p in self.directory.iterdir() if p.is_dir() and p.name != keep),
                          key=lambda p: p.stat().st_mtime)
@@ -93,12 +72,8 @@ class ModelCache:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def trim_heap() -> None:
-    """glibc's malloc_trim: return the free heap pages to the system (a no-op where the C library lacks it)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        return
+def cached_models(directory: Path) -> list[str]:
+    """The model hashes in the cache at `directory`, read without loading any."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if (p / "manifest.json").is_file())

@@ -149,7 +149,7 @@ def _broker(config: Any) -> tuple[Check, dict[str, bytes]]:
 
 def _fit(data: Any, models: dict[str, bytes], verifier: Any) -> Check:
     """Whether the data fits every model the broker holds for the federation (signed by a pinned key)."""
-    from fedlite.agent.service import data_mismatch
+    from fedlite.agent.round import data_mismatch
     from fedlite.protocol.codec import Limits, read_header
     from fedlite.protocol.errors import ProtocolError
 

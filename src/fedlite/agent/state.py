@@ -36,7 +36,8 @@ class StateProvider(Protocol):
 
 
 class PsutilState:
-    """Real readings from psutil; CPU use excludes this process so training does not veto itself."""
+    """Real readings from psutil; CPU use excludes this process and its children (a round's process trains for it),
+    so training does not veto itself."""
 
     def __init__(self, window_seconds: float = 30.0, min_interval: float = 0.2) -> None:
         import psutil
@@ -50,7 +51,7 @@ class PsutilState:
         self._cached: DeviceState | None = None
         self._cached_at = 0.0
         psutil.cpu_percent(None)  # the first call only primes the counters
-        self._me.cpu_percent(None)
+        self._own = (time.monotonic(), self._own_cpu_seconds())
 
     def read(self) -> DeviceState:
         now = time.monotonic()
@@ -61,7 +62,7 @@ class PsutilState:
 
     def _measure(self, now: float) -> DeviceState:
         ps = self._psutil
-        others = max(0.0, ps.cpu_percent(None) - self._me.cpu_percent(None) / self._cpus)
+        others = max(0.0, ps.cpu_percent(None) - self._own_percent(now))
         self._samples.append((now, others))
         while self._samples and now - self._samples[0][0] > self._window:
             self._samples.popleft()
@@ -75,6 +76,25 @@ class PsutilState:
             temperature_c=_hottest(ps),
             available_memory_mb=ps.virtual_memory().available / 2**20,
         )
+
+
+    def _own_percent(self, now: float) -> float:
+        """This process's and its children's share of all CPUs since the last reading, 0-100."""
+        (then, before), seconds = self._own, self._own_cpu_seconds()
+        self._own = (now, seconds)
+        return max(0.0, seconds - before) / max(now - then, 1e-3) / self._cpus * 100
+
+    def _own_cpu_seconds(self) -> float:
+        """CPU seconds of this process, of its children that have exited, and of those still running."""
+        times = self._me.cpu_times()
+        seconds = times.user + times.system + times.children_user + times.children_system
+        for child in self._me.children():
+            try:
+                child_times = child.cpu_times()
+            except self._psutil.Error:
+                continue
+            seconds += child_times.user + child_times.system
+        return seconds
 
 
 def _hottest(psutil_module) -> float | None:  # noqa: ANN001

@@ -32,6 +32,10 @@ from fedlite.protocol.signing import Signer, generate_keypair
 from fedlite.settings import dump_toml
 
 AGGREGATOR_USER = "aggregator"
+# Devices simulated on one machine keep their round's process between rounds (`[agent] keep_process_seconds`):
+# ten agents starting one each per second on two cores would spend the rounds starting interpreters. A real
+# device runs one agent, whose round process exits after each round (the default).
+SIMULATED_KEEP_PROCESS_SECONDS = 30.0
 
 
 @dataclass

@@ -15,7 +15,14 @@ import numpy as np
 from fedlite.aggregator.config import DEFAULT_ENCODING
 from fedlite.aggregator.record import RoundRecord
 from fedlite.dashboard.embed import start_for_demo
-from fedlite.demo.cluster import AGGREGATOR_USER, LocalFederation, agent_seed, follow_history, write_shard
+from fedlite.demo.cluster import (
+    AGGREGATOR_USER,
+    SIMULATED_KEEP_PROCESS_SECONDS,
+    LocalFederation,
+    agent_seed,
+    follow_history,
+    write_shard,
+)
 from fedlite.demo.datasets import Task, load_task
 from fedlite.demo.partition import describe, format_description, from_file, partition
 from fedlite.demo.report import format_progress, human_bytes, write_report
@@ -127,7 +134,8 @@ def _with_overrides(task: Task, plan: DemoPlan) -> Task:
 def _start_agent(fed: LocalFederation, device: str, shard: Path, holdout: float = 0.2, seed: int = 0) -> None:
     """An agent whose shuffles follow the demo's --seed (a run with the same seed repeats its devices' batches)."""
     fed.start(device, "agent", fed.agent_config(device, shard, data={"holdout_fraction": holdout},
-                                                agent={"seed": agent_seed(seed, device)},
+                                                agent={"seed": agent_seed(seed, device),
+                                                       "keep_process_seconds": SIMULATED_KEEP_PROCESS_SECONDS},
                                                 personalization={"enabled": True}))
 
 
@@ -152,7 +160,7 @@ def _aggregator_config(fed: LocalFederation, task: Task, plan: DemoPlan, run_dir
         evaluation={"test_data": str(run_dir / "data" / "test.npz")},
         **_privacy_table(plan), **fed.cluster_tables(plan.aggregators),
         # short key stages: the demo's vanishing and busy devices would otherwise hold each stage for 15 s
-        **({"secure_aggregation": {"enabled": True, "stage_seconds": 3.0}} if plan.secagg else {}),
+        **({"secure_aggregation": {"enabled": True, "stage_seconds": 5.0}} if plan.secagg else {}),
     )
 
 

@@ -19,6 +19,7 @@ from fedlite import __version__
 from fedlite.agent.data import LocalData, split
 from fedlite.agent.downlink import HeldWeights, Receive, fetch
 from fedlite.agent.residual import ResidualKey, ResidualStore
+from fedlite.agent.round import round_seed
 from fedlite.aggregator import orchestrators
 from fedlite.aggregator.announcer import Announcer
 from fedlite.aggregator.bootstrap import Evaluator, RunFailed
@@ -59,7 +60,7 @@ class VirtualDevice:
         home.mkdir(parents=True, exist_ok=True)
         self.held = HeldWeights(home / "held_weights.npz")
         self.residuals = ResidualStore(home / "residual.npz")
-        self.rng = np.random.default_rng(agent_seed(seed, client_id))  # as an agent's with that [agent] seed
+        self.seed = agent_seed(seed, client_id)  # its [agent] seed
         self.has_model = False
 
     def status(self) -> DeviceStatus:
@@ -73,17 +74,18 @@ class VirtualDevice:
         verified payloads of retained topics, `model_bytes` is what the model costs a device that lacks it."""
         received = 0 if self.has_model else model_bytes
         self.has_model = True
+        rng = np.random.default_rng(round_seed(self.seed, self.client_id, a.round))  # as the agent's round process
         fetched = fetch(a, trainer.manifest, self.held, receive, lambda reason: log.warning(
             "%s: bad downlink frame (%s)", self.client_id, reason))
         plan, data = a.plan, self.data
         x, y = data.x_train, data.y_train
         if 0 < plan.max_examples < len(x):
-            pick = self.rng.choice(len(x), size=plan.max_examples, replace=False)
+            pick = rng.choice(len(x), size=plan.max_examples, replace=False)
             x, y = x[pick], y[pick]
         trainer.set_weights(fetched.flat)
         before = trainer.evaluate(data.x_holdout, data.y_holdout) if len(data.x_holdout) else None
         delta, result = local_update(trainer, fetched.flat, x, y, plan.epochs, plan.batch_size, plan.learning_rate,
-                                     plan.proximal_mu, self.rng)
+                                     plan.proximal_mu, rng)
         if result.aborted:
             return DeviceReport(client_id=self.client_id, round=a.round, kind="aborted", reason=str(result.reason),
                                 sent_at=time.time(), run=a.run, session=a.session)
@@ -99,7 +101,7 @@ class VirtualDevice:
         key = ResidualKey(a.run, a.model_hash, plan.encoding, a.round)
         residual = self.residuals.load(key) if codecs.get(plan.encoding).residual else None
         payload, left = encode_update_with_residual(delta, header, encoding=plan.encoding, residual=residual,
-                                                    stochastic=plan.stochastic_rounding, rng=self.rng)
+                                                    stochastic=plan.stochastic_rounding, rng=rng)
         self.residuals.stage(key, left)
         self.residuals.commit()
         return payload

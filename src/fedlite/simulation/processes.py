@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 
 from fedlite.aggregator.record import RoundRecord
-from fedlite.demo.cluster import LocalFederation, agent_seed, follow_history, write_shard
+from fedlite.demo.cluster import (
+    SIMULATED_KEEP_PROCESS_SECONDS,
+    LocalFederation,
+    agent_seed,
+    follow_history,
+    write_shard,
+)
 
 Arrays = tuple[np.ndarray, np.ndarray]
 Weights = dict[str, np.ndarray]
@@ -35,7 +41,8 @@ def run_processes(tables: dict[str, dict[str, Any]], devices: dict[str, Arrays],
         for name, shard in shards.items():
             fed.start(name, "agent", fed.agent_config(
                 name, shard, data={"holdout_fraction": holdout, "seed": seed},
-                agent={"seed": agent_seed(seed, name), "status_interval_seconds": STATUS_SECONDS}))
+                agent={"seed": agent_seed(seed, name), "status_interval_seconds": STATUS_SECONDS,
+                       "keep_process_seconds": SIMULATED_KEEP_PROCESS_SECONDS}))
         config = fed.aggregator_config(**{k: v for k, v in tables.items() if k != "federation"},
                                        evaluation=evaluation)
         aggregator = fed.start("aggregator", "aggregator", config)
