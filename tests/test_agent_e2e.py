@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import queue
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,16 +102,24 @@ class Coordinator:
         return [json.loads(p) for p in self.inbox["status"] if p]
 
 
-def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
-    manifest, train_bytes, weights = exported
+@contextlib.contextmanager
+def eligible_agent(tmp_path: Path, manifest: dict, train_bytes: bytes,
+                   **agent: object) -> Iterator[tuple[LocalFederation, Coordinator, Any]]:
+    """A broker, the coordinator and a real agent on 600 digits, once the agent has said it is eligible."""
     x_train, y_train, _, _ = digits_split()
     with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
         fed.start_broker()
         shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
-        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "max_epochs": 100000})
+        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "max_epochs": 100000} | agent)
         coordinator = Coordinator(fed, manifest, train_bytes)
-        agent = fed.start(DEVICE, "agent", config)
-        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
+        process = fed.start(DEVICE, "agent", config)
+        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [process])
+        yield fed, coordinator, process
+
+
+def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
+    manifest, train_bytes, weights = exported
+    with eligible_agent(tmp_path, manifest, train_bytes) as (fed, coordinator, agent):
         maps = Path(f"/proc/{agent.popen.pid}/maps").read_text()  # idle: neither the TFLite runtime nor the
         assert not [lib for lib in ("ai_edge_litert", "tflite_runtime", "cryptography") if lib in maps]  # crypto
         assert coordinator.statuses()[-1]["runtime"] == "ai-edge-litert"  # named without importing it
@@ -178,14 +189,7 @@ def test_agent_trains_declines_and_aborts(tmp_path: Path, exported):
 def test_a_closed_round_stops_training_for_its_session_and_its_announcement_is_not_followed_again(tmp_path: Path,
                                                                                                     exported):
     manifest, train_bytes, weights = exported
-    x_train, y_train, _, _ = digits_split()
-    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
-        fed.start_broker()
-        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
-        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "max_epochs": 100000})
-        coordinator = Coordinator(fed, manifest, train_bytes)
-        agent = fed.start(DEVICE, "agent", config)
-        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
+    with eligible_agent(tmp_path, manifest, train_bytes) as (fed, coordinator, agent):
 
         # 1. the attempt closes (its quorum reached by others) while this device trains: it stops, sends nothing
         coordinator.announce(1, weights, TrainingPlan(epochs=20000, batch_size=8, learning_rate=0.01))
@@ -272,15 +276,8 @@ def _children(pid: int) -> list[int]:
 def test_each_round_trains_in_a_child_process_the_agent_never_loads_numpy_and_survives_its_crash(tmp_path: Path,
                                                                                                  exported):
     manifest, train_bytes, weights = exported
-    x_train, y_train, _, _ = digits_split()
-    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
-        fed.start_broker()
-        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
-        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "max_epochs": 100000})
-        coordinator = Coordinator(fed, manifest, train_bytes)
-        agent = fed.start(DEVICE, "agent", config)
+    with eligible_agent(tmp_path, manifest, train_bytes) as (fed, coordinator, agent):
         pid = agent.popen.pid
-        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
         assert coordinator.statuses()[-1]["num_examples"] == 480  # counted by the start-up job's process
 
         # 1. a round trains in a child; afterwards the agent holds neither numpy nor the runtime, and no child
@@ -314,15 +311,8 @@ def test_each_round_trains_in_a_child_process_the_agent_never_loads_numpy_and_su
 
 def test_keep_process_seconds_serves_the_next_round_from_the_same_process_then_lets_it_go(tmp_path: Path, exported):
     manifest, train_bytes, weights = exported
-    x_train, y_train, _, _ = digits_split()
-    with LocalFederation(tmp_path / "run", FED, [DEVICE]) as fed:
-        fed.start_broker()
-        shard = write_shard(tmp_path / "dev-a.npz", x_train[:600], y_train[:600])
-        config = fed.agent_config(DEVICE, shard, agent={"status_interval_seconds": 0.5, "keep_process_seconds": 4})
-        coordinator = Coordinator(fed, manifest, train_bytes)
-        agent = fed.start(DEVICE, "agent", config)
+    with eligible_agent(tmp_path, manifest, train_bytes, keep_process_seconds=4) as (fed, coordinator, agent):
         pid = agent.popen.pid
-        wait_for(lambda: any(s["eligible"] for s in coordinator.statuses()), 30, "an eligible status", [agent])
         coordinator.announce(1, weights, TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1))
         wait_for(lambda: coordinator.drain() or coordinator.inbox["updates"], 60, "the round 1 update", [agent])
         (kept,) = _children(pid)  # kept after round 1, waiting for the next job
