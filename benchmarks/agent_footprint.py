@@ -7,7 +7,7 @@ announcement per round, 3 rounds. The agent trains each round in a child process
 median VmRSS of the agent (no child is running then) once it is connected and eligible (before its first round)
 and 1 s after each round, with PSS; training = the largest sum of the agent's and its round process's VmRSS,
 sampled every 10 ms over each round; the CPU seconds of both and the load average. Spawn = the start-up job
-(`agent.supervisor.run_job` of a probe: a new interpreter importing numpy, the data and the codecs), repeated:
+(`agent.supervisor.Jobs.run` of a probe: a new interpreter importing numpy, the data and the codecs), repeated:
 what a round's process adds to the round before its work starts.
 
 Flower: a process running a `ClientApp(client_fn=...)` whose `NumPyClient.fit()` does the same local training
@@ -230,11 +230,11 @@ def spawn_seconds(config: Path, repeats: int = 10) -> dict[str, list[float]]:
         "from fedlite.agent.host import Job\n"
         "class Idle:  # the probe asks its host nothing; the supervisor asks whether to stop it\n"
         "    def closed(self, attempt=True): return ''\n"
-        "from fedlite.agent.supervisor import run_job\n"
+        "from fedlite.agent.supervisor import Jobs\n"
         "config, walls, cpus = load_config(sys.argv[1]), [], []\n"
         "for _ in range(int(sys.argv[2])):\n"
         "    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()\n"
-        "    assert run_job(Job('probe', config), Idle(), lambda: None).kind == 'probed'\n"
+        "    assert Jobs().run(Job('probe', config), Idle(), lambda: None).kind == 'probed'\n"
         "    after = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
         "    walls.append(time.perf_counter() - t)\n"
         "    cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)\n"

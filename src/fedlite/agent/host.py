@@ -41,7 +41,6 @@ class Outcome:
     num_examples: int = -1  # the training examples the job loaded (-1: it did not load them)
     held: tuple[str, int] | None = None  # (run, round) of the global weights held after the job (None: not read)
     encodings: tuple[str, ...] = ()  # probe: the update encodings this agent can produce
-    data_error: bool = False  # failed: the local data did not load
 
 
 class Host(Protocol):

@@ -24,9 +24,6 @@ class ModelCache:
     def has(self, model_hash: str) -> bool:
         return (self.directory / model_hash / "manifest.json").is_file()
 
-    def hashes(self) -> list[str]:
-        return cached_models(self.directory)
-
     def store(self, model_hash: str, payload: bytes) -> None:
         """Check a model message against its hash and manifest, then write it atomically."""
         if not self.has(model_hash):

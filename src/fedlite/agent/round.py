@@ -61,6 +61,7 @@ class RoundRunner:
         # personalization's own shuffles: turning it on leaves the rounds' shuffles as they were
         self.personal_rng = np.random.default_rng(None if seed is None else [*seed, 1])
         self.received = 0  # payload bytes received for this round (model, weights, deltas, secure stages)
+        self.fetched = False  # whether the held weights were read (and perhaps replaced) this round
 
     def run(self) -> Outcome:
         try:
@@ -72,7 +73,8 @@ class RoundRunner:
         return self._outcome("trained")
 
     def _outcome(self, kind: str, reason: str = "") -> Outcome:
-        return Outcome(kind, reason, num_examples=len(self.data.x_train), held=self.held.status())
+        held = self.held.status() if self.fetched else None  # a round declined early leaves them unread
+        return Outcome(kind, reason, num_examples=len(self.data.x_train), held=held)
 
     def _take_part(self) -> None:
         a = self.a
@@ -190,6 +192,7 @@ class RoundRunner:
 
     def _fetch_weights(self, manifest: dict[str, Any]) -> np.ndarray:
         a = self.a
+        self.fetched = True
         try:
             fetched = fetch(a, manifest, self.held, self._receive, self.host.bad)
         except WeightsRefused as exc:

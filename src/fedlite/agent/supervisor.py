@@ -25,7 +25,7 @@ from fedlite.protocol.errors import ProtocolError
 log = logging.getLogger("fedlite.agent")
 SILENCE_SECONDS = 120.0  # a job that asks nothing for this long is stopped (training asks every 0.1 s)
 STOP_GRACE_SECONDS = 10.0  # after the agent is told to stop, its job has this long to wind down
-CALLS = frozenset({"subscribe", "unsubscribe", "wait", "publish", "reading", "closed", "finished", "status", "bad"})
+CALLS = frozenset(name for name in vars(Host) if not name.startswith("_"))  # what a job may ask
 
 
 class Jobs:
@@ -76,11 +76,6 @@ class Jobs:
         with contextlib.suppress(PipeClosed):  # it died at once: serving it reports how
             pipe.send(job)
         return process, pipe
-
-
-def run_job(job: Job, host: Host, tick: Callable[[], None]) -> Outcome:
-    """One job in a process of its own (`Jobs` without keeping it)."""
-    return Jobs().run(job, host, tick)
 
 
 def _spawn() -> tuple[subprocess.Popen[bytes], Pipe]:

@@ -127,7 +127,7 @@ def run(j: Job, host: Host) -> Outcome:
     try:
         return JOBS[j.kind](j, host)
     except DataError as exc:
-        return Outcome("failed", str(exc), data_error=True)
+        return Outcome("failed", str(exc))
 
 
 def main(argv: list[str]) -> int:
